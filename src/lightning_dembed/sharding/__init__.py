@@ -1,0 +1,16 @@
+"""Planning and machinery for sharded embedding tables (no Lightning in here)."""
+
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer
+from lightning_dembed.sharding.planner import MemoryBudgetError, PlanSummary, plan_sharding
+from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
+from lightning_dembed.sharding.sharders import default_sharders
+
+__all__ = [
+    "EmbeddingOptimizer",
+    "MemoryBudgetError",
+    "PlanSummary",
+    "ShardingPolicy",
+    "decide_tables",
+    "default_sharders",
+    "plan_sharding",
+]

@@ -1,0 +1,103 @@
+"""Hooks that make a sharded embedding module behave like its unsharded twin.
+
+- Input checks: FBGEMM's kernels clamp or read past an out-of-range id without saying which
+  feature sent it, and a sharded module fed an unknown feature fails deep in the input all-to-all.
+  The checks run before the lookup (so no optimizer update has happened) and name the feature and
+  table at fault.
+- Output order: a sharded `EmbeddingBagCollection` returns its features grouped by shard, not in
+  the order of its tables, so ``KeyedTensor.values()`` would silently mean something else after
+  sharding. The original order is restored (nothing is done when the orders already agree).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.types import LazyAwaitable
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from lightning_dembed.sharding.planner import embedding_configs
+
+__all__ = ["register_input_checks", "register_output_order"]
+
+
+class _FeatureCheck:
+    def __init__(self, module_path: str, configs: list) -> None:
+        self.module_path = module_path
+        self.table_of: dict[str, str] = {}
+        self.rows_of: dict[str, int] = {}
+        for config in configs:
+            for feature in config.feature_names:
+                self.table_of[feature] = config.name
+                self.rows_of[feature] = min(self.rows_of.get(feature, config.num_embeddings), config.num_embeddings)
+        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def _limits_for(self, keys: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        cached = self._limits.get((keys, device))
+        if cached is None:
+            cached = torch.tensor([self.rows_of[k] for k in keys], dtype=torch.int64, device=device)
+            self._limits[(keys, device)] = cached
+        return cached
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        features = args[0] if args else None
+        if not isinstance(features, KeyedJaggedTensor):
+            return
+        keys = tuple(features.keys())
+        unknown = [k for k in keys if k not in self.table_of]
+        if unknown:
+            raise ValueError(
+                f"{self.module_path}: feature(s) {unknown} are fed to the embedding module but no table consumes "
+                f"them; its features are {sorted(self.table_of)}"
+            )
+        missing = [k for k in self.table_of if k not in keys]
+        if missing:
+            raise ValueError(
+                f"{self.module_path}: feature(s) {missing} (tables "
+                f"{sorted({self.table_of[k] for k in missing})}) are missing from the input"
+            )
+        values = features.values()
+        if values.numel() == 0:
+            return
+        # One vectorised pass: each id against its own feature's table size.
+        limit = torch.repeat_interleave(
+            self._limits_for(keys, values.device),
+            torch.tensor(features.length_per_key(), device=values.device),
+        )
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            ends = torch.tensor(features.length_per_key()).cumsum(0)
+            feature = keys[int(torch.searchsorted(ends, first, right=True))]
+            raise ValueError(
+                f"{self.module_path}: feature {feature!r} has id {int(values[first])} outside table "
+                f"{self.table_of[feature]!r}, which has {self.rows_of[feature]} rows (valid ids: 0.."
+                f"{self.rows_of[feature] - 1}); map or hash ids into the table size before the lookup"
+            )
+
+
+def register_input_checks(sharded: nn.Module, unsharded: nn.Module, module_path: str) -> None:
+    """Check every input of ``sharded`` against the tables of its unsharded twin ``unsharded``."""
+    sharded.register_forward_pre_hook(_FeatureCheck(module_path, embedding_configs(unsharded)))
+
+
+def _restore_order(keys: list[str]):
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, LazyAwaitable):
+            output = output.wait()
+        if not isinstance(output, KeyedTensor) or output.keys() == keys:
+            return output
+        by_key = output.to_dict()
+        return KeyedTensor.from_tensor_list(keys, [by_key[k] for k in keys], key_dim=output.key_dim())
+
+    return hook
+
+
+def register_output_order(sharded: nn.Module, unsharded: nn.Module) -> None:
+    """Make ``sharded`` return pooled features in the order its unsharded twin did."""
+    if isinstance(unsharded, EmbeddingBagCollection):
+        keys = [f for config in unsharded.embedding_bag_configs() for f in config.feature_names]
+        sharded.register_forward_hook(_restore_order(keys))

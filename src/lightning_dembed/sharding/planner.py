@@ -1,0 +1,313 @@
+"""From a model and a `ShardingPolicy` to a TorchRec `ShardingPlan`, checked against memory.
+
+`plan_sharding` finds every TorchRec embedding module, turns the policy into either TorchRec
+planner constraints or Merlin's explicit placement, and refuses a plan that would not fit a rank's
+memory budget before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+from torchrec.distributed.sharding_plan import (
+    column_wise,
+    construct_module_sharding_plan,
+    data_parallel,
+    row_wise,
+    table_row_wise,
+    table_wise,
+)
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, data_type_to_dtype
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from lightning_dembed.sharding.policy import ShardingPolicy, TableSpec, decide_tables
+
+__all__ = [
+    "MemoryBudgetError",
+    "PlanSummary",
+    "TableShardingInfo",
+    "default_memory_budget",
+    "find_embedding_modules",
+    "plan_sharding",
+    "table_specs",
+]
+
+EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
+
+
+class MemoryBudgetError(ValueError):
+    """The plan needs more memory on some rank than its budget allows."""
+
+
+def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Every TorchRec embedding collection in ``module``, by its path (not looking inside one)."""
+    found: dict[str, nn.Module] = {}
+
+    def visit(mod: nn.Module, path: str) -> None:
+        if isinstance(mod, EMBEDDING_MODULE_TYPES):
+            found[path] = mod
+            return
+        for name, child in mod.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(module, "")
+    return found
+
+
+def embedding_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
+    """The table configs of an `EmbeddingBagCollection` or `EmbeddingCollection`."""
+    if isinstance(module, EmbeddingBagCollection):
+        return list(module.embedding_bag_configs())
+    return list(module.embedding_configs())
+
+
+def table_specs(modules: dict[str, nn.Module]) -> list[TableSpec]:
+    """The tables of the given modules; refuses what TorchRec would fail on later, naming the table."""
+    specs: list[TableSpec] = []
+    seen: dict[str, str] = {}
+    for path, module in modules.items():
+        for config in embedding_configs(module):
+            if config.name in seen:
+                raise ValueError(
+                    f"table {config.name!r} appears in both {seen[config.name]!r} and {path!r}: "
+                    "table names must be unique across the model's embedding modules"
+                )
+            seen[config.name] = path
+            if not config.feature_names:
+                raise ValueError(f"table {config.name!r} in {path!r} is fed by no feature: set its feature_names")
+            if config.embedding_dim % 4 != 0:
+                raise ValueError(
+                    f"table {config.name!r}: embedding_dim {config.embedding_dim} is not divisible by 4, "
+                    "which FBGEMM's kernels require"
+                )
+            specs.append(TableSpec(config.name, config.num_embeddings, config.embedding_dim, path))
+    return specs
+
+
+def default_memory_budget(device: torch.device, local_world_size: int) -> int:
+    """Bytes one rank may use: the GPU's memory, or this host's RAM shared by its local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world_size, 1)
+
+
+@dataclass(frozen=True)
+class TableShardingInfo:
+    """One table in the plan: how it is sharded, where, and how big it is."""
+
+    name: str
+    module_path: str
+    num_embeddings: int
+    embedding_dim: int
+    sharding_type: str
+    compute_kernel: str
+    ranks: tuple[int, ...]
+    size_bytes: int
+
+
+@dataclass
+class PlanSummary:
+    """A sharding plan as plain data, for the log at start-up and for loggers such as W&B."""
+
+    tables: list[TableShardingInfo]
+    rank_bytes: list[int]
+    memory_budget: int
+    optimizer_state_factor: float = field(default=0.0)
+
+    def as_rows(self) -> list[list]:
+        """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
+        return [
+            [t.name, t.num_embeddings, t.embedding_dim, t.sharding_type, t.compute_kernel,
+             ",".join(map(str, t.ranks)), round(t.size_bytes / 2**20, 3)]
+            for t in self.tables
+        ]
+
+    COLUMNS = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB"]
+
+    def __str__(self) -> str:
+        rows = [self.COLUMNS] + [[str(v) for v in row] for row in self.as_rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+        lines.append(
+            "per-rank memory (tables + optimizer state): "
+            + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_bytes))
+            + f" (budget {self.memory_budget / 2**20:.0f} MiB)"
+        )
+        return "\n".join(lines)
+
+
+def _shard_ranks_and_sizes(ps: ParameterSharding, shape: tuple[int, int], world_size: int) -> list[tuple[int, int]]:
+    if ps.sharding_type == ShardingType.DATA_PARALLEL.value or ps.sharding_spec is None:
+        return [(rank, shape[0] * shape[1]) for rank in range(world_size)]
+    return [
+        (shard.placement.rank(), shard.shard_sizes[0] * shard.shard_sizes[1])
+        for shard in ps.sharding_spec.shards  # type: ignore[attr-defined]
+    ]
+
+
+def summarize_plan(
+    plan: ShardingPlan,
+    modules: dict[str, nn.Module],
+    world_size: int,
+    memory_budget: int,
+    optimizer_state_factor: float,
+) -> PlanSummary:
+    """Per-table placement and per-rank bytes of ``plan`` (tables plus fused optimizer state)."""
+    tables: list[TableShardingInfo] = []
+    rank_bytes = [0] * world_size
+    for path, module in modules.items():
+        module_plan = plan.get_plan_for_module(path) or {}
+        for config in embedding_configs(module):
+            ps = module_plan[config.name]
+            elem = torch.empty((), dtype=data_type_to_dtype(config.data_type)).element_size()
+            per_rank = _shard_ranks_and_sizes(ps, (config.num_embeddings, config.embedding_dim), world_size)
+            # A replicated table also holds a full dense gradient.
+            factor = 1 + optimizer_state_factor + (ps.sharding_type == ShardingType.DATA_PARALLEL.value)
+            for rank, numel in per_rank:
+                rank_bytes[rank] += int(numel * elem * factor)
+            tables.append(
+                TableShardingInfo(
+                    name=config.name,
+                    module_path=path,
+                    num_embeddings=config.num_embeddings,
+                    embedding_dim=config.embedding_dim,
+                    sharding_type=ps.sharding_type,
+                    compute_kernel=ps.compute_kernel,
+                    ranks=tuple(sorted({r for r, _ in per_rank})),
+                    size_bytes=config.num_embeddings * config.embedding_dim * elem,
+                )
+            )
+    return PlanSummary(tables, rank_bytes, memory_budget, optimizer_state_factor)
+
+
+def check_memory_budget(summary: PlanSummary) -> None:
+    """Refuse a plan that does not fit, saying which rank, which tables, and what to change."""
+    over = [r for r, b in enumerate(summary.rank_bytes) if b > summary.memory_budget]
+    if not over:
+        return
+    worst = max(over, key=lambda r: summary.rank_bytes[r])
+    on_worst = sorted((t for t in summary.tables if worst in t.ranks), key=lambda t: -t.size_bytes)[:3]
+    raise MemoryBudgetError(
+        f"the sharding plan needs {summary.rank_bytes[worst] / 2**30:.2f} GiB on rank {worst}, over its budget of "
+        f"{summary.memory_budget / 2**30:.2f} GiB (ranks over budget: {over}). Largest tables there: "
+        + ", ".join(f"{t.name} ({t.sharding_type}, {t.size_bytes / 2**30:.2f} GiB)" for t in on_worst)
+        + ". Shard them row-wise (sharding_types={'<table>': 'row_wise'} or a lower row_slice_threshold), "
+        "use more processes, shrink the tables, or raise memory_budget_per_rank if the budget is too low."
+    )
+
+
+def _merlin_plan(
+    modules: dict[str, nn.Module],
+    specs: list[TableSpec],
+    policy: ShardingPolicy,
+    sharders: dict[type, ModuleSharder[nn.Module]],
+    world_size: int,
+    local_world_size: int,
+    device_type: str,
+) -> ShardingPlan:
+    decisions = decide_tables(specs, world_size, policy)
+    num_hosts = max(world_size // local_world_size, 1)
+    row_wise_tables = 0
+    plan = ShardingPlan(plan={})
+    for path, module in modules.items():
+        generators = {}
+        for config in embedding_configs(module):
+            decision = decisions[config.name]
+            kind = decision.sharding_type
+            if kind == ShardingType.TABLE_WISE.value:
+                generators[config.name] = table_wise(rank=decision.ranks[0])  # type: ignore[index]
+            elif kind == ShardingType.COLUMN_WISE.value:
+                generators[config.name] = column_wise(ranks=list(decision.ranks or ()))
+            elif kind == ShardingType.ROW_WISE.value:
+                generators[config.name] = row_wise()
+            elif kind == ShardingType.DATA_PARALLEL.value:
+                generators[config.name] = data_parallel()
+            elif kind == ShardingType.TABLE_ROW_WISE.value:
+                generators[config.name] = table_row_wise(host_index=row_wise_tables % num_hosts)
+                row_wise_tables += 1
+            else:
+                raise ValueError(
+                    f"table {config.name!r}: {kind!r} is placed by TorchRec's planner only; "
+                    "leave placement and the thresholds unset to use it"
+                )
+        plan.plan[path] = construct_module_sharding_plan(
+            module,
+            generators,
+            sharder=sharders[type(module)],
+            local_size=local_world_size,
+            world_size=world_size,
+            device_type=device_type,
+        )
+    return plan
+
+
+def _torchrec_plan(
+    root: nn.Module,
+    policy: ShardingPolicy,
+    sharders: list[ModuleSharder[nn.Module]],
+    world_size: int,
+    local_world_size: int,
+    device_type: str,
+    memory_budget: int,
+    process_group: Optional[dist.ProcessGroup],
+) -> ShardingPlan:
+    constraints: dict[str, ParameterConstraints] = dict(policy.constraints)
+    for table, sharding_type in policy.sharding_types.items():
+        constraints[table] = replace(constraints.get(table, ParameterConstraints()), sharding_types=[sharding_type])
+    cap = {"hbm_cap": memory_budget} if device_type == "cuda" else {"ddr_cap": memory_budget}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(
+            world_size=world_size, local_world_size=local_world_size, compute_device=device_type, **cap
+        ),
+        constraints=constraints,
+    )
+    try:
+        if process_group is not None:
+            return planner.collective_plan(root, sharders, process_group)
+        return planner.plan(root, sharders)
+    except PlannerError as err:
+        raise MemoryBudgetError(
+            f"TorchRec's planner found no plan within {memory_budget / 2**30:.2f} GiB per rank. Use more "
+            "processes, allow row_wise for the largest tables (sharding_types={'<table>': 'row_wise'}), shrink "
+            f"the tables, or raise memory_budget_per_rank. Planner said: {err}"
+        ) from err
+
+
+def plan_sharding(
+    root: nn.Module,
+    policy: ShardingPolicy,
+    sharders: list[ModuleSharder[nn.Module]],
+    world_size: int,
+    local_world_size: int,
+    device: torch.device,
+    memory_budget: int,
+    optimizer_state_factor: float,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[ShardingPlan, PlanSummary]:
+    """Plan every embedding module of ``root`` and check the plan against ``memory_budget``.
+
+    Returns the TorchRec plan and its summary. Raises `MemoryBudgetError` before any table is
+    allocated when a rank would hold more than its budget.
+    """
+    modules = find_embedding_modules(root)
+    specs = table_specs(modules)
+    policy.check_tables(specs)
+    if policy.uses_merlin_rules:
+        sharder_map = {s.module_type: s for s in sharders}
+        plan = _merlin_plan(modules, specs, policy, sharder_map, world_size, local_world_size, device.type)
+    else:
+        plan = _torchrec_plan(
+            root, policy, sharders, world_size, local_world_size, device.type, memory_budget, process_group
+        )
+    summary = summarize_plan(plan, modules, world_size, memory_budget, optimizer_state_factor)
+    check_memory_budget(summary)
+    return plan, summary
+

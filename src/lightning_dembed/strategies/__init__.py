@@ -1,0 +1,3 @@
+from lightning_dembed.strategies.hybrid_parallel import HybridParallelStrategy
+
+__all__ = ["HybridParallelStrategy"]

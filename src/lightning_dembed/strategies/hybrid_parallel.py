@@ -1,0 +1,304 @@
+"""`HybridParallelStrategy`: embedding tables model-parallel with TorchRec, the rest under DDP."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import torch
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from typing_extensions import override
+
+from lightning_dembed._lightning_private import ShardedMultiProcessingLauncher
+from lightning_dembed.checkpoint import copy_full_into_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from lightning_dembed.sharding.hooks import register_input_checks, register_output_order
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, apply_embedding_optimizer, first_optimizer
+from lightning_dembed.sharding.planner import (
+    PlanSummary,
+    default_memory_budget,
+    find_embedding_modules,
+    plan_sharding,
+)
+from lightning_dembed.sharding.policy import Placement, ShardingPolicy
+from lightning_dembed.sharding.sharders import default_sharders
+
+__all__ = ["HybridParallelStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+def _parse_bytes(value: Union[int, str, None]) -> Optional[int]:
+    if value is None or isinstance(value, int):
+        return value
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1}
+    text = value.strip().lower()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"memory_budget_per_rank must be bytes (int) or a string like '4GiB', got {value!r}")
+
+
+class HybridParallelStrategy(DDPStrategy):
+    """Shard every TorchRec embedding module of a LightningModule; keep the dense rest under DDP.
+
+    On setup the strategy finds each `EmbeddingBagCollection` and `EmbeddingCollection` (built on
+    the meta device or not), plans their sharding (TorchRec's planner, or Merlin Distributed
+    Embeddings' thresholds and placement when those knobs are set), shards them with TorchRec's
+    `DistributedModelParallel`, and wraps the remaining parameters in DDP. Tables train with the
+    fused FBGEMM twin of the optimizer ``configure_optimizers`` returns. Checkpoints are sharded
+    directories written with torch.distributed.checkpoint and load into any number of processes.
+
+    Args:
+        placement: Merlin placement of table-parallel slices: ``"basic"``, ``"memory_balanced"`` or
+            ``"memory_optimized"``. Setting it (or a threshold) uses Merlin's rules instead of the planner.
+        column_slice_threshold: largest table-parallel slice, in elements (``rows * dim``).
+        row_slice_threshold: tables of at least this many elements are sharded row-wise.
+        data_parallel_threshold: tables of at most this many elements are replicated.
+        sharding_types: a sharding type per table name (``table_wise``, ``row_wise``, ``column_wise``,
+            ``table_row_wise``, ``table_column_wise``, ``data_parallel``).
+        constraints: TorchRec ``ParameterConstraints`` per table name, for the planner.
+        embedding_optimizer: the tables' optimizer; by default derived from ``configure_optimizers``.
+        memory_budget_per_rank: bytes (or ``"8GiB"``) a rank may hold in tables and optimizer state;
+            defaults to the GPU's memory, or the host's RAM divided by its local processes.
+        **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...).
+
+    Example::
+
+        trainer = Trainer(strategy="hybrid_parallel", accelerator="cpu", devices=2)
+        trainer = Trainer(strategy=HybridParallelStrategy(sharding_types={"t_user": "row_wise"}), devices=8)
+    """
+
+    strategy_name = "hybrid_parallel"
+
+    def __init__(
+        self,
+        placement: Optional[Placement] = None,
+        column_slice_threshold: Optional[int] = None,
+        row_slice_threshold: Optional[int] = None,
+        data_parallel_threshold: Optional[int] = None,
+        sharding_types: Optional[Mapping[str, str]] = None,
+        constraints: Optional[Mapping[str, ParameterConstraints]] = None,
+        embedding_optimizer: Optional[EmbeddingOptimizer] = None,
+        memory_budget_per_rank: Union[int, str, None] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.policy = ShardingPolicy(
+            placement=placement,
+            column_slice_threshold=column_slice_threshold,
+            row_slice_threshold=row_slice_threshold,
+            data_parallel_threshold=data_parallel_threshold,
+            sharding_types=dict(sharding_types or {}),
+            constraints=dict(constraints or {}),
+        )
+        if embedding_optimizer is not None and not isinstance(embedding_optimizer, EmbeddingOptimizer):
+            raise TypeError(
+                f"embedding_optimizer must be an EmbeddingOptimizer, got {type(embedding_optimizer).__name__}"
+            )
+        self._embedding_optimizer = embedding_optimizer
+        self._memory_budget = _parse_bytes(memory_budget_per_rank)
+        self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
+        self._dmp: Optional[DistributedModelParallel] = None
+        self.sharding_plan: Optional[ShardingPlan] = None
+        self.plan_summary: Optional[PlanSummary] = None
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (
+            ("hybrid_parallel", "popen"),
+            ("hybrid_parallel_spawn", "spawn"),
+            ("hybrid_parallel_fork", "fork"),
+        ):
+            if name in strategy_registry:
+                continue  # spawned processes import the package again
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"TorchRec-sharded embeddings + DDP, start_method '{start_method}'",
+                start_method=start_method,
+            )
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._start_method != "popen":
+            self._launcher = ShardedMultiProcessingLauncher(self, start_method=self._start_method)
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Shards exist only after sharding: load into them, not into the unsharded module.
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    @property
+    def embedding_optimizer(self) -> Optional[EmbeddingOptimizer]:
+        """The tables' fused optimizer (known once setup has run)."""
+        return self._embedding_optimizer
+
+    @property
+    def fused_optimizer(self) -> Any:
+        """TorchRec's combined in-backward optimizer over every sharded table (after setup)."""
+        return self._dmp.fused_optimizer if self._dmp is not None else None
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self.model = self._shard(self.lightning_module, wrap_dense_in_ddp=fitting)
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    @override
+    def model_to_device(self) -> None:
+        # Tables may live on the meta device; DistributedModelParallel materialises and places them.
+        pass
+
+    def _shard(self, module: "pl.LightningModule", wrap_dense_in_ddp: bool) -> nn.Module:
+        if self._dmp is not None and self._dmp.module is module:
+            if wrap_dense_in_ddp:
+                self._dmp.init_data_parallel()
+            return self._dmp
+        embedding_modules = find_embedding_modules(module)
+        if not embedding_modules:
+            raise TypeError(
+                f"{type(module).__name__} has no torchrec EmbeddingBagCollection or EmbeddingCollection to shard; "
+                "use strategy='ddp' for a model without embedding tables, or wrap plain nn.Embedding / "
+                "nn.EmbeddingBag layers in lightning_dembed.DistributedEmbedding"
+            )
+        optimizer = self._embedding_optimizer or EmbeddingOptimizer.from_optimizer(
+            first_optimizer(module.configure_optimizers())
+        )
+        optimizer.check_device(self.root_device)
+        self._embedding_optimizer = optimizer
+
+        # Weights the user already initialised are kept; meta tables are initialised by TorchRec.
+        initial_tables = {
+            path: {k: v for k, v in m.state_dict().items() if not v.is_meta} for path, m in embedding_modules.items()
+        }
+        apply_embedding_optimizer(embedding_modules.values(), optimizer)
+        world_size = self.world_size
+        local_world_size = self.num_processes
+        budget = self._memory_budget or default_memory_budget(self.root_device, local_world_size)
+        plan, summary = plan_sharding(
+            module,
+            self.policy,
+            self._sharders,
+            world_size=world_size,
+            local_world_size=local_world_size,
+            device=self.root_device,
+            memory_budget=budget,
+            optimizer_state_factor=optimizer.state_factor,
+            process_group=torch.distributed.group.WORLD,
+        )
+        self.sharding_plan, self.plan_summary = plan, summary
+        rank_zero_info(f"HybridParallelStrategy sharding plan ({world_size} ranks):\n{summary}")
+
+        dmp = DistributedModelParallel(
+            module,
+            env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+            device=self.root_device,
+            plan=plan,
+            sharders=self._sharders,
+            init_data_parallel=wrap_dense_in_ddp,
+        )
+        for path, unsharded in embedding_modules.items():
+            sharded = module.get_submodule(path)
+            register_input_checks(sharded, unsharded, path)
+            register_output_order(sharded, unsharded)
+            if initial_tables[path]:
+                copy_full_into_sharded(sharded.state_dict(), initial_tables[path])
+        # TorchRec's own DDP wrapping moves the whole module the same way; needed here when not fitting.
+        module.to(self.root_device)
+        self._dmp = dmp
+        return dmp
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        super().setup_optimizers(trainer)
+        # Tables are stepped inside backward by FBGEMM; keep them out of the dense optimizers.
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                dense = dict(in_backward_optimizer_filter((str(i), p) for i, p in enumerate(group["params"])))
+                for p in group["params"]:
+                    if all(p is not q for q in dense.values()):
+                        optimizer.state.pop(p, None)
+                group["params"] = list(dense.values())
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _checkpoint_tensors(self, with_optimizer: bool) -> dict[str, Any]:
+        tensors: dict[str, Any] = {"state_dict": self.lightning_module.state_dict()}
+        if with_optimizer and self._dmp is not None:
+            tensors["embedding_optimizer"] = self._dmp.fused_optimizer.state_dict()
+        return tensors
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Saved by save_checkpoint through DCP; the sharded tensors never pass through torch.save.
+        return {}
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
+                            "storage_options is not supported")
+        save_sharded_checkpoint(
+            filepath,
+            self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint),
+            checkpoint,
+            is_global_zero=self.is_global_zero,
+            barrier=self.barrier,
+        )
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Union[str, Path]) -> dict[str, Any]:
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        tensors = self._checkpoint_tensors(with_optimizer=fitting)
+        meta = load_sharded_checkpoint(checkpoint_path, tensors)
+        if fitting and self._dmp is not None:
+            self._dmp.fused_optimizer.load_state_dict(tensors["embedding_optimizer"])
+        return meta
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # load_checkpoint already loaded the weights into the shards in place.
+        pass
+
+    @override
+    def remove_checkpoint(self, filepath: Union[str, Path]) -> None:
+        if self.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    @override
+    def teardown(self) -> None:
+        # The base teardown moves the module to CPU, which sharded (and meta) tables cannot do.
+        self.model = self.lightning_module
+        assert self.accelerator is not None
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+

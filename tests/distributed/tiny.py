@@ -1,0 +1,113 @@
+"""A tiny recommender and its data, shared by the distributed tests and their single-process references."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
+
+TABLES = [
+    # name, rows, dim: sizes differ so that every sharding type has something to split
+    ("t0", 64, 8),
+    ("t1", 40, 16),
+    ("t2", 96, 8),
+    ("t3", 24, 4),
+]
+NUM_DENSE = 3
+HOTNESS = 2
+
+
+def tables() -> list[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=[f"f_{n}"]) for n, r, d in TABLES]
+
+
+class TinyRecModule(LightningModule):
+    """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.ebc = EmbeddingBagCollection(tables=tables(), device=torch.device(device))
+        width = sum(d for _, _, d in TABLES) + NUM_DENSE
+        self.mlp = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.losses: list[float] = []
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.ebc(sparse).values()
+        return self.mlp(torch.cat([dense, pooled], dim=1)).squeeze(1)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        logits = self(batch.dense_features, batch.sparse_features)
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.losses.append(float(loss))
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch), sync_dist=True)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self(batch.dense_features, batch.sparse_features))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adagrad":
+            return torch.optim.Adagrad(self.parameters(), lr=self.hparams.lr, eps=1e-8)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def make_batch(seed: int, size: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    keys = [f"f_{n}" for n, _, _ in TABLES]
+    values = torch.cat([torch.randint(r, (size * HOTNESS,), generator=g) for _, r, _ in TABLES])
+    lengths = torch.full((len(TABLES) * size,), HOTNESS, dtype=torch.int64)
+    return Batch(
+        dense_features=torch.randn(size, NUM_DENSE, generator=g),
+        sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths),
+        labels=torch.randint(2, (size,), generator=g).float(),
+    )
+
+
+def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rows ``rank::world_size``-contiguous share of a global batch, as a rank sees it."""
+    size = batch.labels.numel() // world_size
+    rows = slice(rank * size, (rank + 1) * size)
+    kjt = batch.sparse_features
+    per_key = [kjt[k] for k in kjt.keys()]
+    values = torch.cat([jt.values()[rows.start * HOTNESS: rows.stop * HOTNESS] for jt in per_key])
+    lengths = torch.full((len(per_key) * size,), HOTNESS, dtype=torch.int64)
+    return Batch(
+        dense_features=batch.dense_features[rows],
+        sparse_features=KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths),
+        labels=batch.labels[rows],
+    )
+
+
+class GlobalBatches(torch.utils.data.IterableDataset):
+    """The same global batches on every rank, each rank taking its slice."""
+
+    def __init__(self, steps: int, global_size: int, rank: int, world_size: int, seed: int = 0) -> None:
+        self.steps, self.global_size, self.rank, self.world_size, self.seed = steps, global_size, rank, world_size, seed
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield rank_slice(make_batch(self.seed + step, self.global_size), self.rank, self.world_size)
+
+
+def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0):
+    """Plain single-process training on the global batches: losses and final state dict."""
+    torch.manual_seed(init_seed)
+    module = TinyRecModule(optimizer=optimizer, lr=lr)
+    opt = module.configure_optimizers()
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = module.loss(make_batch(seed + step, global_size))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}

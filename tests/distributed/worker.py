@@ -1,0 +1,98 @@
+"""Trains `TinyRecModule` with HybridParallelStrategy on N gloo processes; run by the distributed tests.
+
+    python tests/distributed/worker.py --out DIR --devices 2 --steps 4 --sharding row_wise
+
+Writes ``DIR/rank{r}.pt`` (that rank's losses) and, with ``--save``, a sharded checkpoint at
+``DIR/<save>``; rank 0 also consolidates it to ``DIR/<save>.full.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import TABLES, GlobalBatches, TinyRecModule  # noqa: E402
+
+from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint  # noqa: E402
+
+
+class Data(LightningDataModule):
+    def __init__(self, steps: int, global_size: int, seed: int) -> None:
+        super().__init__()
+        self.steps, self.global_size, self.seed = steps, global_size, seed
+
+    def train_dataloader(self):
+        t = self.trainer
+        return torch.utils.data.DataLoader(
+            GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed), batch_size=None
+        )
+
+    val_dataloader = train_dataloader
+    predict_dataloader = train_dataloader
+
+
+class Dump(Callback):
+    """Runs in every rank (under fork the parent never sees the shards): losses, checkpoint, consolidation."""
+
+    def __init__(self, out: Path, save: str | None) -> None:
+        self.out, self.save = out, save
+
+    def on_fit_end(self, trainer: Trainer, module: TinyRecModule) -> None:
+        plan = [t.__dict__ for t in trainer.strategy.plan_summary.tables]
+        torch.save({"losses": module.losses, "plan": plan}, self.out / f"rank{trainer.global_rank}.pt")
+        if self.save:
+            trainer.save_checkpoint(self.out / self.save)
+            if trainer.is_global_zero:
+                consolidate_checkpoint(self.out / self.save, self.out / f"{self.save}.full.pt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="batches per epoch")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--sharding", default=None, help="one sharding type for every table")
+    p.add_argument("--policy", default="{}", help="JSON kwargs for HybridParallelStrategy")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--save", default=None)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--start-method", default="fork")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    policy = json.loads(args.policy)
+    if args.sharding:
+        policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
+    seed_everything(0, workers=True)
+    module = TinyRecModule(optimizer=args.optimizer, lr=args.lr)
+    strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=args.devices,
+        max_steps=args.max_steps or args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Dump(out, args.save)],
+    )
+    data = Data(args.steps, args.global_batch, args.data_seed)
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()
