@@ -28,14 +28,24 @@ class Data(LightningDataModule):
         super().__init__()
         self.steps, self.global_size, self.seed = steps, global_size, seed
 
+    bad_id = False
+
     def train_dataloader(self):
         t = self.trainer
-        return torch.utils.data.DataLoader(
-            GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed), batch_size=None
-        )
+        batches = GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed)
+        if self.bad_id:
+            batches = [_with_bad_id(b) for b in batches]
+        return torch.utils.data.DataLoader(batches, batch_size=None)
 
     val_dataloader = train_dataloader
     predict_dataloader = train_dataloader
+
+
+def _with_bad_id(batch):
+    kjt = batch.sparse_features
+    offset = sum(kjt.length_per_key()[:2])  # first id of f_t2
+    kjt.values()[offset] = 10_000
+    return batch
 
 
 class Dump(Callback):
@@ -68,6 +78,7 @@ def main() -> None:
     p.add_argument("--save", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--start-method", default="fork")
+    p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -91,6 +102,7 @@ def main() -> None:
         callbacks=[Dump(out, args.save)],
     )
     data = Data(args.steps, args.global_batch, args.data_seed)
+    data.bad_id = args.bad_id
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
 
 

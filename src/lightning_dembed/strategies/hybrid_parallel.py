@@ -273,7 +273,7 @@ class HybridParallelStrategy(DDPStrategy):
         )
 
     @override
-    def load_checkpoint(self, checkpoint_path: Union[str, Path]) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         tensors = self._checkpoint_tensors(with_optimizer=fitting)
         meta = load_sharded_checkpoint(checkpoint_path, tensors)
