@@ -81,8 +81,6 @@ def table_specs(modules: dict[str, nn.Module]) -> list[TableSpec]:
                     "table names must be unique across the model's embedding modules"
                 )
             seen[config.name] = path
-            if not config.feature_names:
-                raise ValueError(f"table {config.name!r} in {path!r} is fed by no feature: set its feature_names")
             if config.embedding_dim % 4 != 0:
                 raise ValueError(
                     f"table {config.name!r}: embedding_dim {config.embedding_dim} is not divisible by 4, "

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec import optim as trec_optim
+
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, first_optimizer
+
+PARAMS = [torch.nn.Parameter(torch.zeros(2))]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs"),
+    [
+        (torch.optim.SGD(PARAMS, lr=0.5), {"lr": 0.5, "weight_decay": 0, "momentum": 0, "nesterov": False}),
+        (torch.optim.Adagrad(PARAMS, lr=0.1, eps=1e-8), {"lr": 0.1, "eps": 1e-8, "weight_decay": 0,
+                                                         "lr_decay": 0, "initial_accumulator_value": 0}),
+    ],
+)
+def test_from_configured_optimizer(optimizer: torch.optim.Optimizer, kwargs: dict) -> None:
+    fused = EmbeddingOptimizer.from_optimizer(optimizer)
+    assert fused.optimizer_class is type(optimizer)
+    assert fused.kwargs == kwargs
+
+
+def test_no_fused_equivalent_lists_alternatives() -> None:
+    with pytest.raises(ValueError, match=r"RMSprop has no fused FBGEMM equivalent.*Adagrad.*embedding_optimizer"):
+        EmbeddingOptimizer.from_optimizer(torch.optim.RMSprop(PARAMS))
+
+
+def test_unsupported_hyper_parameter_value() -> None:
+    with pytest.raises(ValueError, match=r"SGD\(momentum=0.9\) cannot be fused"):
+        EmbeddingOptimizer.from_optimizer(torch.optim.SGD(PARAMS, lr=0.1, momentum=0.9))
+
+
+def test_adam_is_gpu_only() -> None:
+    with pytest.raises(ValueError, match="no fused Adam on cpu"):
+        EmbeddingOptimizer(torch.optim.Adam, {"lr": 1e-3}).check_device(torch.device("cpu"))
+
+
+def test_rowwise_adagrad_state_is_per_row() -> None:
+    assert EmbeddingOptimizer(trec_optim.RowWiseAdagrad, {"lr": 0.1}).state_factor == 0.0
+    assert EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.1}).state_factor == 1.0
+
+
+def test_first_optimizer_in_every_lightning_form() -> None:
+    opt = torch.optim.SGD(PARAMS, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    for configured in (opt, [opt], ([opt], [sched]), {"optimizer": opt, "lr_scheduler": sched}):
+        assert first_optimizer(configured) is opt
+    with pytest.raises(ValueError, match="embedding_optimizer"):
+        first_optimizer(None)

@@ -1,0 +1,87 @@
+"""DistributedEmbedding against plain layers, and the checks hooked onto embedding modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from lightning_dembed import DistributedEmbedding
+from lightning_dembed.sharding.hooks import register_input_checks, register_output_order
+
+
+def test_distributed_embedding_matches_plain_layers() -> None:
+    torch.manual_seed(0)
+    layers = [nn.EmbeddingBag(100, 16, mode="sum"), nn.Embedding(50, 8), nn.EmbeddingBag(30, 4, mode="mean")]
+    embedding = DistributedEmbedding(layers)
+    inputs = [torch.randint(100, (4, 3)), torch.randint(50, (4, 2, 5)), torch.randint(30, (4, 5))]
+    for got, layer, x in zip(embedding(inputs), layers, inputs):
+        torch.testing.assert_close(got, layer(x))
+    # Gradients flow into the collection's tables as they would into the layers.
+    sum(o.sum() for o in embedding(inputs)).backward()
+    assert embedding.bags.embedding_bags["table_0"].weight.grad is not None
+
+
+def test_distributed_embedding_on_meta_and_bad_layers() -> None:
+    with torch.device("meta"):
+        layers = [nn.EmbeddingBag(10**9, 64)]
+    assert DistributedEmbedding(layers).bags.embedding_bags["table_0"].weight.is_meta
+    with pytest.raises(ValueError, match=r"layer 0 .* sets \['padding_idx'\]"):
+        DistributedEmbedding([nn.Embedding(10, 4, padding_idx=0)])
+    with pytest.raises(ValueError, match="mode='max'"):
+        DistributedEmbedding([nn.EmbeddingBag(10, 4, mode="max")])
+    with pytest.raises(ValueError, match=r"input for nn.EmbeddingBag 'table_0' must be \[batch, ids per bag\]"):
+        DistributedEmbedding([nn.EmbeddingBag(10, 4)])([torch.tensor([1, 2])])
+
+
+def ebc() -> EmbeddingBagCollection:
+    return EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name="t_user", num_embeddings=10, embedding_dim=4, feature_names=["user"]),
+            EmbeddingBagConfig(name="t_item", num_embeddings=5, embedding_dim=4, feature_names=["item"]),
+        ]
+    )
+
+
+def kjt(keys: list[str], values: list[int]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values), lengths=torch.ones(len(values), dtype=torch.int64))
+
+
+def checked() -> EmbeddingBagCollection:
+    module = ebc()
+    register_input_checks(module, module, "model.sparse")
+    return module
+
+
+def test_valid_input_passes() -> None:
+    checked()(kjt(["user", "item"], [9, 4]))
+
+
+def test_out_of_range_id_names_feature_and_table() -> None:
+    with pytest.raises(ValueError, match=r"feature 'item' has id 5 outside table 't_item', which has 5 rows"):
+        checked()(kjt(["user", "item"], [9, 5]))
+    with pytest.raises(ValueError, match=r"feature 'user' has id -1"):
+        checked()(kjt(["user", "item"], [-1, 0]))
+
+
+def test_unknown_and_missing_features_are_named() -> None:
+    with pytest.raises(ValueError, match=r"feature\(s\) \['age'\] are fed .* no table consumes them"):
+        checked()(kjt(["user", "item", "age"], [1, 1, 1]))
+    with pytest.raises(ValueError, match=r"feature\(s\) \['item'\] \(tables \['t_item'\]\) are missing"):
+        checked()(KeyedJaggedTensor(keys=["user"], values=torch.tensor([1]), lengths=torch.tensor([1])))
+
+
+def test_output_order_restored() -> None:
+    module = ebc()
+
+    class Shuffled(nn.Module):
+        def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+            out = module(features).to_dict()
+            return KeyedTensor.from_tensor_list(["item", "user"], [out["item"], out["user"]])
+
+    shuffled = Shuffled()
+    register_output_order(shuffled, module)
+    features = kjt(["user", "item"], [3, 2])
+    assert shuffled(features).keys() == ["user", "item"]
+    torch.testing.assert_close(shuffled(features).values(), module(features).values())
