@@ -1,0 +1,109 @@
+"""The ``lightning-dembed`` console command.
+
+    lightning-dembed run recipes/configs/dlrm_synthetic_tiny.yaml --devices 2 [-- --trainer.max_steps=50]
+    lightning-dembed preprocess-criteo --input day_0 --output data/criteo --num-embeddings 100000
+    lightning-dembed consolidate checkpoints/last.ckpt last-full.ckpt
+
+``run`` starts the recipe a config belongs to (``recipes/<name>.py`` for ``configs/<name>_*.yaml``)
+on N local processes per node through torch's elastic launcher (``torch.distributed.run``, what
+``torchrun`` and ``fabric run`` use); Lightning reads the ranks it sets. Anything after ``--`` is
+passed to the recipe as LightningCLI overrides, as is any option ``run`` does not know itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "recipe_for_config"]
+
+
+def recipe_for_config(config: Path) -> Path:
+    """``recipes/configs/meta_dlrm_synthetic.yaml`` -> ``recipes/meta_dlrm.py`` (longest matching name)."""
+    recipes_dir = config.resolve().parent.parent
+    candidates = sorted(recipes_dir.glob("*.py"), key=lambda p: -len(p.stem))
+    for recipe in candidates:
+        if config.stem == recipe.stem or config.stem.startswith(recipe.stem + "_"):
+            return recipe
+    raise FileNotFoundError(
+        f"no recipe for config {config}: expected recipes/<name>.py beside configs/ with the config named "
+        f"<name>_*.yaml; recipes found: {[p.name for p in candidates]}"
+    )
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from torch.distributed.run import main as elastic_main
+
+    config = Path(args.config)
+    if not config.is_file():
+        raise SystemExit(f"config file not found: {config}")
+    recipe = recipe_for_config(config)
+    launcher = [
+        f"--nproc-per-node={args.devices}",
+        f"--nnodes={args.num_nodes}",
+        f"--node-rank={args.node_rank}",
+        f"--master-addr={args.main_address}",
+        f"--master-port={args.main_port}",
+    ]
+    recipe_args = [
+        str(recipe), "fit", "--config", str(config),
+        f"--trainer.devices={args.devices}", f"--trainer.num_nodes={args.num_nodes}",
+        *overrides,
+    ]
+    elastic_main(launcher + recipe_args)
+    return 0
+
+
+def _preprocess_criteo(argv: list[str]) -> int:
+    from lightning_dembed.data.criteo import preprocess_main
+
+    preprocess_main(argv)
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from lightning_dembed.checkpoint import consolidate_checkpoint
+
+    consolidate_checkpoint(args.checkpoint, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(prog="lightning-dembed", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe config on N processes (per node)")
+    run.add_argument("config", help="recipes/configs/<recipe>_*.yaml")
+    run.add_argument("--devices", type=int, default=1, help="processes per node (one per GPU, or CPU processes)")
+    run.add_argument("--num-nodes", type=int, default=1)
+    run.add_argument("--node-rank", type=int, default=0)
+    run.add_argument("--main-address", default="127.0.0.1", help="address of node 0")
+    run.add_argument("--main-port", type=int, default=29500)
+
+    sub.add_parser("preprocess-criteo", help="convert Criteo TSV files to Arrow (see --help)", add_help=False)
+
+    consolidate = sub.add_parser("consolidate", help="sharded checkpoint -> one plain Lightning checkpoint")
+    consolidate.add_argument("checkpoint")
+    consolidate.add_argument("output")
+
+    if argv[:1] == ["preprocess-criteo"]:
+        return _preprocess_criteo(argv[1:] + overrides)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "run":
+        # LightningCLI overrides such as --trainer.max_steps=50 may also come without "--".
+        return _run(args, unknown + overrides)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return _consolidate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
