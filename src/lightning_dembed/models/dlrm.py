@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Union
+from typing import Literal, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -14,13 +15,6 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from lightning_dembed.data.batch import Batch
 
 __all__ = ["DLRMModule"]
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def _adagrad(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adagrad(params, lr=0.01, eps=1e-8)
-
 
 class DLRMModule(LightningModule):
     """TorchRec's ``DLRM`` (dot interaction) or ``DLRM_DCN`` (low-rank cross net), trained on click labels.
@@ -31,7 +25,7 @@ class DLRMModule(LightningModule):
     the looked-up ``[B, F, D]`` tensor.
 
     Args:
-        tables: embedding tables, all of one ``embedding_dim`` (DLRM interacts them pairwise).
+        tables: embedding tables, all of one width (DLRM interacts them pairwise).
         num_dense_features: width of the dense input.
         dense_arch_layer_sizes: bottom MLP; its last size must equal the tables' ``embedding_dim``.
         over_arch_layer_sizes: top MLP; ends in 1 (the logit).
@@ -57,7 +51,7 @@ class DLRMModule(LightningModule):
         interaction: Literal["dot", "dcn"] = "dot",
         dcn_num_layers: int = 3,
         dcn_low_rank_dim: int = 32,
-        optimizer: OptimizerFactory = _adagrad,
+        optimizer: OptimizerCallable = torch.optim.Adagrad,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tables", "optimizer"])

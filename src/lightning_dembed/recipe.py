@@ -1,0 +1,46 @@
+"""What every recipe shares: a LightningCLI that wires the model to its data and tests after fit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+__all__ = ["RecipeCLI"]
+
+
+class _LogConfig(SaveConfigCallback):
+    """Saves the resolved config beside the logs and sends it to the loggers (W&B run config)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="json")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for a recommender recipe.
+
+    The model's ``tables`` and ``num_dense_features`` come from the datamodule (the data decides
+    which features exist and how many rows each table has), so configs set them in one place. After
+    ``fit`` the model is tested on the held-out split.
+
+    Example::
+
+        RecipeCLI(DLRMModule, RecDataModule)  # python recipes/dlrm.py fit --config recipes/configs/...yaml
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", _LogConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data", "model.tables", compute_fn=lambda data: data.tables(), apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.num_dense_features", compute_fn=lambda data: data.num_dense_features, apply_on="instantiate"
+        )
+
+    def after_fit(self) -> None:
+        self.trainer.test(self.model, datamodule=self.datamodule)
