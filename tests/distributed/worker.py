@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--save", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--start-method", default="fork")
+    p.add_argument("--accelerator", default="cpu")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     args = p.parse_args()
 
@@ -90,7 +91,7 @@ def main() -> None:
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
     trainer = Trainer(
         strategy=strategy,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.max_steps or args.steps,
         logger=False,

@@ -64,6 +64,7 @@ class DLRMModule(LightningModule):
             )
         if over_arch_layer_sizes[-1] != 1:
             raise ValueError(f"over_arch_layer_sizes must end in 1 (the logit), got {list(over_arch_layer_sizes)}")
+        self.feature_names = [f for t in tables for f in t.feature_names]
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
         common = dict(
             embedding_bag_collection=ebc,

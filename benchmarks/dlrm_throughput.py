@@ -1,0 +1,111 @@
+"""DLRM training samples/s with HybridParallelStrategy, on Merlin's scaled synthetic models.
+
+    python benchmarks/dlrm_throughput.py --model tiny --scale 0.001 --devices 2
+    python benchmarks/dlrm_throughput.py --model small --scale 0.001 --devices 1 --accelerator gpu
+
+Runs the DLRM recipe's pieces (RecDataModule + DLRMModule + HybridParallelStrategy) for
+``--steps`` steps and times the steady state (after ``--warmup`` steps, all ranks, global
+samples). Appends one record to ``benchmarks/results/dlrm_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import lightning
+import torch
+import torchrec
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+import lightning_dembed  # noqa: F401  registers strategy="hybrid_parallel"
+from lightning_dembed.data import RecDataModule
+from lightning_dembed.models import DLRMModule
+
+RESULTS = Path(__file__).parent / "results" / "dlrm_throughput.json"
+
+
+class SteadyStateTimer(Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = 0.0
+        self.samples = 0
+        self.seconds = 0.0
+
+    def _sync(self, trainer: Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == self.warmup:
+            self._sync(trainer)
+            self.start = time.perf_counter()
+        elif batch_idx + 1 > self.warmup:
+            self.samples += batch.labels.numel() * trainer.world_size
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sync(trainer)
+        self.seconds = time.perf_counter() - self.start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--scale", type=float, default=0.001)
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--global-batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
+    p.add_argument("--label", default="", help="free text stored with the record (e.g. the device name)")
+    args = p.parse_args()
+
+    seed_everything(0)
+    data = RecDataModule(
+        synthetic_model=args.model, scale=args.scale, embedding_dim=args.embedding_dim,
+        global_batch_size=args.global_batch, train_batches=args.steps, val_batches=1, test_batches=1,
+        num_workers=args.num_workers,
+    )
+    model = DLRMModule(
+        data.tables(), num_dense_features=data.num_dense_features,
+        dense_arch_layer_sizes=(64, args.embedding_dim), over_arch_layer_sizes=(128, 64, 1),
+    )
+    timer = SteadyStateTimer(args.warmup)
+    trainer = Trainer(
+        strategy="hybrid_parallel", accelerator=args.accelerator, devices=args.devices, max_steps=args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=data)
+    if not trainer.is_global_zero:
+        return
+    record = {
+        "date": date.today().isoformat(),
+        "model": args.model, "scale": args.scale, "tables": len(data.tables()),
+        "table_bytes": sum(t.num_embeddings * t.embedding_dim * 4 for t in data.tables()),
+        "embedding_dim": args.embedding_dim, "global_batch": args.global_batch,
+        "accelerator": args.accelerator, "devices": args.devices,
+        "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else platform.processor() or "cpu",
+        "cpu_count": torch.get_num_threads(),
+        "timed_steps": args.steps - args.warmup, "seconds": timer.seconds,
+        "samples_per_sec": timer.samples / timer.seconds,
+        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__, "lightning": lightning.__version__},
+        "label": args.label,
+        "command": "python benchmarks/dlrm_throughput.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ""),
+    }
+    print(json.dumps(record))
+    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(records + [record], indent=1))
+
+
+if __name__ == "__main__":
+    main()

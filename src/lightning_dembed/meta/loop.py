@@ -1,0 +1,216 @@
+"""`MetaLearningLoop`: fit's training step becomes a G-Meta meta-step; evaluation adapts per task.
+
+Lightning runs each training step through the strategy, inside the DDP (and TorchRec) wrapper's
+forward, and then does backward, the optimizer step, ``global_step``, logging and checkpoints.
+The loop installs its meta-step there, so all of that stays Lightning's own: one step is one
+meta-batch, ``max_steps`` counts meta-batches, resume works as in any fit. Per meta-batch and
+rank the step does:
+
+1. one embedding lookup for the support and query rows of all its tasks together (with sharded
+   tables: one input distribution and one output all-to-all forward, and one of each backward);
+2. the inner loop on each task's support set, vectorised over tasks, entirely local;
+3. one outer loss on the query sets, whose single backward updates the tables through their fused
+   optimizer and all-reduces the dense gradients once.
+
+Nothing in it depends on how many tasks a meta-batch holds or how many inner steps are taken.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_dembed.data.batch import TaskBatch
+from lightning_dembed.meta.config import MetaLearningConfig
+from lightning_dembed.meta.functional import adapt_and_predict, meta_step
+
+__all__ = ["MetaLearningLoop"]
+
+_STEPS = ("training_step", "validation_step", "test_step")
+
+
+def _feature_names(module: nn.Module, batch: TaskBatch) -> list[str]:
+    # The order of the looked-up [R, F, D] tensor: the module's, when it says (DLRM: its tables').
+    return list(getattr(module, "feature_names", None) or batch.sparse_features.keys())
+
+
+class MetaLearningLoop(Callback):
+    """Optimization-based meta-learning (MAML family) in ``trainer.fit``.
+
+    Install it on any Trainer in one line, ``Trainer(callbacks=[MetaLearningLoop(...)])`` (or in a
+    recipe's YAML under ``trainer.callbacks``), and feed `TaskBatch` meta-batches. The module stays
+    an ordinary model; it must provide:
+
+    - ``embed(sparse_features: KeyedJaggedTensor) -> Tensor[R, F, D]``, the embedding lookup;
+    - ``forward(dense_features, sparse_features)`` returning ``[R]`` logits, where
+      ``sparse_features`` is a `KeyedJaggedTensor` or the looked-up ``[R, F, D]`` tensor.
+
+    The loss is binary cross-entropy on click labels. The outer optimizer is the one
+    ``configure_optimizers`` returns; embedding tables keep their fused optimizer. Validation and
+    test adapt on each held-out task's support set and score its query set (cold start), with
+    gradients enabled although Lightning evaluates under inference mode; they log query AUC and
+    loss after adaptation and without it.
+
+    Args:
+        algorithm: ``"maml"`` (second order) or ``"fomaml"`` (first order).
+        inner_steps: gradient steps on each support set.
+        inner_lr: their learning rate (the initial one, with ``learn_inner_lr``).
+        adapt: parameter-name prefixes that adapt in the inner loop (ANIL-style); by default the
+            DLRM top MLP, as MeLU.
+        learn_inner_lr: Meta-SGD; the module must own an `InnerLearningRates` as ``inner_lrs``.
+        adapt_embeddings: feature names whose looked-up vectors get a per-task offset adapted in
+            the inner loop (cold-start users or items); done locally, tables stay as they are.
+
+    Example::
+
+        trainer = Trainer(strategy="hybrid_parallel", devices=2, max_steps=1000,
+                          callbacks=[MetaLearningLoop(inner_steps=2, inner_lr=0.1)])
+        trainer.fit(model, datamodule=meta_data)   # meta_data yields TaskBatch
+    """
+
+    def __init__(
+        self,
+        algorithm: str = "maml",
+        inner_steps: int = 1,
+        inner_lr: float = 0.1,
+        adapt: Sequence[str] = ("dlrm.over_arch",),
+        learn_inner_lr: bool = False,
+        adapt_embeddings: Sequence[str] = (),
+    ) -> None:
+        self.config = MetaLearningConfig(
+            algorithm=algorithm,  # type: ignore[arg-type]
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            adapt=tuple(adapt),
+            learn_inner_lr=learn_inner_lr,
+            adapt_embeddings=tuple(adapt_embeddings),
+        )
+        self._module: Optional[LightningModule] = None
+        self._auc: dict[str, dict[str, BinaryAUROC]] = {}
+
+    # -- installation ----------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        missing = [name for name in ("embed",) if not callable(getattr(pl_module, name, None))]
+        if missing:
+            raise TypeError(
+                f"MetaLearningLoop needs {type(pl_module).__name__} to define {missing}: embed(sparse_features) "
+                "returning the looked-up [rows, features, dim] tensor, and forward(dense_features, sparse_features) "
+                "accepting it in place of the KeyedJaggedTensor"
+            )
+        self._check_adapt(pl_module)
+        self._module = pl_module
+        # Lightning resolves the step methods on the instance, inside the strategy's wrapped forward.
+        pl_module.training_step = self._training_step  # type: ignore[method-assign]
+        pl_module.validation_step = self._validation_step  # type: ignore[method-assign]
+        pl_module.test_step = self._test_step  # type: ignore[method-assign]
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for name in _STEPS:
+            pl_module.__dict__.pop(name, None)
+
+    def _check_adapt(self, module: LightningModule) -> None:
+        names = [n for n, _ in module.named_parameters()]
+        for prefix in self.config.adapt:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise ValueError(
+                    f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
+                    f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
+                )
+        if self.config.learn_inner_lr and not isinstance(getattr(module, "inner_lrs", None), nn.Module):
+            raise TypeError("learn_inner_lr (Meta-SGD) needs the module to own an InnerLearningRates as `inner_lrs`")
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        module = self._module
+        assert module is not None
+        embedded = module.embed(batch.sparse_features)
+        out = meta_step(
+            module,
+            batch.dense_features,
+            embedded,
+            batch.labels,
+            batch.task_offsets,
+            batch.support_sizes,
+            self.config,
+            _feature_names(module, batch),
+            inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
+        )
+        tasks = batch.num_tasks
+        module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
+        module.log("train/support_loss", out.support_loss, batch_size=tasks)
+        module.log("train/query_loss_unadapted", out.query_loss_unadapted, batch_size=tasks)
+        module.log("train/tasks_per_step", float(tasks), batch_size=tasks, reduce_fx="sum", sync_dist=True)
+        return out.query_loss
+
+    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+        module = self._module
+        assert module is not None
+        # Lightning evaluates under inference mode; adaptation needs autograd, on ordinary tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = _plain_tensors(batch)
+            embedded = module.embed(batch.sparse_features)
+            result = adapt_and_predict(
+                module,
+                batch.dense_features,
+                embedded,
+                batch.labels,
+                batch.task_offsets,
+                batch.support_sizes,
+                self.config,
+                _feature_names(module, batch),
+                inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
+            )
+        aucs = self._metrics(stage, result.labels.device)
+        aucs["adapted"].update(torch.sigmoid(result.adapted_logits), result.labels.long())
+        aucs["unadapted"].update(torch.sigmoid(result.unadapted_logits), result.labels.long())
+        rows = result.labels.numel()
+        module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=rows)
+        module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=rows)
+
+    def _validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def _test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _metrics(self, stage: str, device: torch.device) -> dict[str, BinaryAUROC]:
+        if stage not in self._auc:
+            self._auc[stage] = {"adapted": BinaryAUROC().to(device), "unadapted": BinaryAUROC().to(device)}
+        return self._auc[stage]
+
+    def _log_auc(self, stage: str, pl_module: LightningModule) -> None:
+        for kind, metric in self._auc.get(stage, {}).items():
+            # compute() gathers every rank's scores: the AUC of all query rows, not a mean of ranks'.
+            pl_module.log(f"{stage}/query_auc_{kind}", metric.compute(), rank_zero_only=True)
+            metric.reset()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_auc("val", pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_auc("test", pl_module)
+
+
+def _plain_tensors(batch: TaskBatch) -> TaskBatch:
+    """Copies of inference-mode tensors, which autograd refuses to save."""
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.is_inference() else t
+
+    kjt = batch.sparse_features
+    return TaskBatch(
+        dense_features=plain(batch.dense_features),
+        sparse_features=KeyedJaggedTensor(keys=kjt.keys(), values=plain(kjt.values()), lengths=plain(kjt.lengths())),
+        labels=plain(batch.labels),
+        task_offsets=plain(batch.task_offsets),
+        support_sizes=plain(batch.support_sizes),
+        task_keys=plain(batch.task_keys),
+    )
+
