@@ -157,7 +157,9 @@ def gather_full_state_dict(state: dict[str, Any], is_global_zero: bool) -> dict[
     full: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if isinstance(value, ShardedTensor):
-            out = torch.empty(value.size(), dtype=value.dtype) if is_global_zero else None
+            # NCCL gathers into device memory; gloo into host memory.
+            device = _collective_device(value)
+            out = torch.empty(value.size(), dtype=value.dtype, device=device) if is_global_zero else None
             value.gather(dst=0, out=out)
             tensor = out
         elif isinstance(value, DTensor):
@@ -167,3 +169,11 @@ def gather_full_state_dict(state: dict[str, Any], is_global_zero: bool) -> dict[
         if is_global_zero and tensor is not None:
             full[key] = tensor.detach().cpu()
     return full
+
+
+def _collective_device(tensor: ShardedTensor) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

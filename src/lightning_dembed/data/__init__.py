@@ -1,0 +1,48 @@
+"""Click data for recommender training: synthetic models' streams, Criteo logs, a Lightning data module.
+
+Every data set here yields `Batch` (TorchRec's): dense features, a `KeyedJaggedTensor` of sparse
+features, labels.
+"""
+
+from lightning_dembed.data.batch import Batch, TaskBatch
+from lightning_dembed.data.criteo import (
+    CRITEO_1TB_NUM_EMBEDDINGS,
+    ClickDataInfo,
+    ClickDataWriter,
+    CriteoDataset,
+    CriteoTsvReader,
+    criteo_tables,
+    map_categorical,
+    preprocess,
+    preprocess_main,
+    write_fake_criteo_tsv,
+)
+from lightning_dembed.data.datamodule import RecDataModule
+from lightning_dembed.data.synthetic import (
+    SYNTHETIC_MODELS,
+    SyntheticClickDataset,
+    SyntheticModelConfig,
+    TableGroup,
+    materialize,
+)
+
+__all__ = [
+    "CRITEO_1TB_NUM_EMBEDDINGS",
+    "SYNTHETIC_MODELS",
+    "Batch",
+    "ClickDataInfo",
+    "ClickDataWriter",
+    "CriteoDataset",
+    "CriteoTsvReader",
+    "RecDataModule",
+    "SyntheticClickDataset",
+    "SyntheticModelConfig",
+    "TableGroup",
+    "TaskBatch",
+    "criteo_tables",
+    "map_categorical",
+    "materialize",
+    "preprocess",
+    "preprocess_main",
+    "write_fake_criteo_tsv",
+]

@@ -1,0 +1,238 @@
+"""`RecDataModule`: synthetic or Criteo click data for a Lightning trainer, sharded by rank."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal, Optional
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from lightning_dembed.data.criteo import (
+    CRITEO_NUM_DENSE,
+    ClickDataInfo,
+    CriteoDataset,
+    criteo_tables,
+    preprocess,
+)
+from lightning_dembed.data.synthetic import SYNTHETIC_MODELS, SyntheticClickDataset
+
+__all__ = ["RecDataModule"]
+
+log = logging.getLogger(__name__)
+
+_PREPROCESSED = "preprocessed"
+
+
+def _raw_criteo_files(directory: Path) -> list[Path]:
+    days = sorted(
+        (path for path in directory.iterdir() if re.fullmatch(r"day_\d+", path.name)),
+        key=lambda path: int(path.name[4:]),
+    )
+    if days:
+        return days
+    if (directory / "train.txt").is_file():
+        return [directory / "train.txt"]
+    return []
+
+
+class RecDataModule(LightningDataModule):
+    """Click data for recommender training: a synthetic model's stream or Criteo logs.
+
+    Every rank gets ``global_batch_size / world_size`` rows per batch and the same number of
+    batches (``train_batches``, ``val_batches``, ``test_batches``, per rank, i.e. steps), from data
+    no other rank sees. The data sets shard themselves (iterable data sets get no
+    ``DistributedSampler``) by the trainer's ``global_rank`` and ``world_size``.
+
+    ``source="synthetic"``: `SyntheticClickDataset` streams of ``synthetic_model`` at ``scale``,
+    ``split`` ``"train"``/``"val"``/``"test"`` of one hidden model.
+
+    ``source="criteo"``: ``criteo_dir`` is either a directory `preprocess` wrote or one holding the
+    raw TSV files (``day_0``..``day_23`` or ``train.txt``), which `prepare_data` preprocesses once
+    into ``criteo_dir/preprocessed`` (with ``criteo_num_embeddings`` rows per table,
+    ``criteo_mapping`` and ``skip_malformed``). The last ``test_batches * global_batch_size`` rows
+    are the test set, the ``val_batches * global_batch_size`` before them the validation set, and
+    training reads the rest (all of it when ``train_batches`` is ``None``) in a shuffled batch order.
+
+    Args:
+        source: ``"synthetic"`` or ``"criteo"``.
+        synthetic_model: a key of `SYNTHETIC_MODELS`.
+        scale: synthetic table rows scale (see `SyntheticModelConfig.tables`).
+        global_batch_size: rows per step over all ranks; must divide by the world size.
+        train_batches: training batches per rank (required for synthetic data).
+        val_batches: validation batches per rank.
+        test_batches: test batches per rank.
+        seed: seeds the synthetic streams and hidden model, and Criteo's batch order.
+        criteo_dir: Criteo data directory (preprocessed or raw).
+        criteo_num_embeddings: rows per Criteo table when preprocessing raw files.
+        criteo_mapping: ``"modulo"`` or ``"hash"``, how raw hex values become row ids.
+        embedding_dim: width of every table `tables` describes (required for Criteo; for synthetic
+            models ``None`` keeps Merlin's per-table widths).
+        skip_malformed: skip (and count) malformed raw Criteo lines instead of failing.
+        num_workers: DataLoader worker processes per rank.
+
+    Example::
+
+        # YAML: data: {class_path: lightning_dembed.data.RecDataModule,
+        #              init_args: {synthetic_model: tiny, scale: 0.01, global_batch_size: 8192}}
+        data = RecDataModule(synthetic_model="tiny", scale=0.01, global_batch_size=8192)
+        tables = data.tables()  # 55 EmbeddingBagConfigs: build the model's EmbeddingBagCollection from them
+        data.num_dense_features  # 10
+        trainer.fit(model, datamodule=data)  # 2 ranks: 4096 rows per rank and step
+    """
+
+    def __init__(
+        self,
+        source: Literal["synthetic", "criteo"] = "synthetic",
+        synthetic_model: str = "tiny",
+        scale: float = 1.0,
+        global_batch_size: int = 65536,
+        train_batches: Optional[int] = 100,
+        val_batches: int = 10,
+        test_batches: int = 10,
+        seed: int = 0,
+        criteo_dir: Optional[str] = None,
+        criteo_num_embeddings: Optional[int] = None,
+        criteo_mapping: Literal["modulo", "hash"] = "modulo",
+        embedding_dim: Optional[int] = None,
+        skip_malformed: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if source == "synthetic":
+            if synthetic_model not in SYNTHETIC_MODELS:
+                raise ValueError(
+                    f"synthetic_model must be one of {sorted(SYNTHETIC_MODELS)}, got {synthetic_model!r}"
+                )
+            if train_batches is None:
+                raise ValueError("synthetic data needs train_batches: the stream has no end of its own")
+        elif source == "criteo":
+            if criteo_dir is None:
+                raise ValueError("source='criteo' needs criteo_dir")
+            if embedding_dim is None:
+                raise ValueError("source='criteo' needs embedding_dim, the width of its 26 tables")
+        else:
+            raise ValueError(f"source must be 'synthetic' or 'criteo', got {source!r}")
+        self.save_hyperparameters()
+        self.source = source
+        self.synthetic_model = synthetic_model
+        self.scale = scale
+        self.global_batch_size = global_batch_size
+        self.train_batches = train_batches
+        self.val_batches = val_batches
+        self.test_batches = test_batches
+        self.seed = seed
+        self.criteo_dir = Path(criteo_dir) if criteo_dir is not None else None
+        self.criteo_num_embeddings = criteo_num_embeddings
+        self.criteo_mapping = criteo_mapping
+        self.embedding_dim = embedding_dim
+        self.skip_malformed = skip_malformed
+        self.num_workers = num_workers
+        self._datasets: dict[str, IterableDataset] = {}
+
+    @property
+    def num_dense_features(self) -> int:
+        if self.source == "synthetic":
+            return SYNTHETIC_MODELS[self.synthetic_model].num_dense_features
+        return CRITEO_NUM_DENSE
+
+    def tables(self) -> list[EmbeddingBagConfig]:
+        """The embedding tables the data's sparse features index, to build the model from."""
+        if self.source == "synthetic":
+            tables = SYNTHETIC_MODELS[self.synthetic_model].tables(self.scale)
+            # Merlin's widths vary per table; models that interact tables pairwise (DLRM) need one.
+            if self.embedding_dim is None:
+                return tables
+            return [replace(table, embedding_dim=self.embedding_dim) for table in tables]
+        if (self.criteo_dir / "metadata.json").is_file():
+            return ClickDataInfo.load(self.criteo_dir).tables(self.embedding_dim)
+        if self.criteo_num_embeddings is None:
+            raise ValueError(
+                f"{self.criteo_dir} holds raw Criteo files: set criteo_num_embeddings to size their tables"
+            )
+        return criteo_tables(self.criteo_num_embeddings, self.embedding_dim)
+
+    def _preprocessed_dir(self) -> Path:
+        if (self.criteo_dir / "metadata.json").is_file():
+            return self.criteo_dir
+        return self.criteo_dir / _PREPROCESSED
+
+    def prepare_data(self) -> None:
+        """Preprocess raw Criteo files once (Lightning runs this on one process per node)."""
+        if self.source != "criteo" or self._preprocessed_dir().exists():
+            return
+        if not self.criteo_dir.is_dir():
+            raise FileNotFoundError(f"criteo_dir {self.criteo_dir} does not exist")
+        raw_files = _raw_criteo_files(self.criteo_dir)
+        if not raw_files:
+            raise FileNotFoundError(
+                f"{self.criteo_dir} holds neither preprocessed data (metadata.json) nor Criteo TSV files "
+                "(day_0..day_23 or train.txt)"
+            )
+        if self.criteo_num_embeddings is None:
+            raise ValueError(
+                f"{self.criteo_dir} holds raw Criteo files: set criteo_num_embeddings to preprocess them"
+            )
+        info = preprocess(
+            raw_files, self._preprocessed_dir(), self.criteo_num_embeddings, self.criteo_mapping,
+            self.skip_malformed,
+        )
+        if info.num_malformed:
+            log.warning("skipped %d malformed lines in %s", info.num_malformed, self.criteo_dir)
+
+    def setup(self, stage: str) -> None:
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} does not divide by the world size {world_size}; "
+                f"use a multiple of {world_size}"
+            )
+        batch_size = self.global_batch_size // world_size
+        shard = {"rank": rank, "world_size": world_size}
+        if self.source == "synthetic":
+            config = SYNTHETIC_MODELS[self.synthetic_model]
+            splits = {"train": self.train_batches, "val": self.val_batches, "test": self.test_batches}
+            for split, num_batches in splits.items():
+                self._datasets[split] = SyntheticClickDataset(
+                    config, batch_size, num_batches, self.scale, self.seed, split, **shard,
+                )
+            return
+        path = self._preprocessed_dir()
+        num_rows = ClickDataInfo.load(path).num_rows
+        test_start = num_rows - self.test_batches * self.global_batch_size
+        val_start = test_start - self.val_batches * self.global_batch_size
+        if val_start < self.global_batch_size:
+            raise ValueError(
+                f"{path} has {num_rows} rows: too few for {self.val_batches} validation and "
+                f"{self.test_batches} test batches of {self.global_batch_size} rows plus at least one "
+                "training batch"
+            )
+        self._datasets = {
+            "train": CriteoDataset(
+                path, batch_size, (0, val_start), self.train_batches, shuffle=True, seed=self.seed, **shard,
+            ),
+            "val": CriteoDataset(path, batch_size, (val_start, test_start), **shard),
+            "test": CriteoDataset(path, batch_size, (test_start, num_rows), **shard),
+        }
+
+    def _loader(self, split: str) -> DataLoader:
+        # The data sets yield whole batches, hence batch_size=None; persistent workers keep each
+        # worker's pass counter, which reshuffles Criteo's batch order every epoch.
+        return DataLoader(
+            self._datasets[split], batch_size=None, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
