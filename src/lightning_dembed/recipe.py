@@ -28,10 +28,12 @@ class RecipeCLI(LightningCLI):
 
     Example::
 
-        RecipeCLI(DLRMModule, RecDataModule)  # python recipes/dlrm.py fit --config recipes/configs/...yaml
+        RecipeCLI(DLRMModule, LightningDataModule)  # python recipes/dlrm.py fit --config recipes/configs/...yaml
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The data class is chosen in the YAML (data.class_path): synthetic, Criteo or task data.
+        kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", _LogConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)

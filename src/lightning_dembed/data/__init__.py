@@ -18,6 +18,9 @@ from lightning_dembed.data.criteo import (
     write_fake_criteo_tsv,
 )
 from lightning_dembed.data.datamodule import RecDataModule
+from lightning_dembed.data.meta_datamodule import TaskDataModule
+from lightning_dembed.data.meta_io import MetaBatchDataset, QueryRowDataset, TaskStore, build_task_store
+from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions
 from lightning_dembed.data.synthetic import (
     SYNTHETIC_MODELS,
     SyntheticClickDataset,
@@ -27,6 +30,13 @@ from lightning_dembed.data.synthetic import (
 )
 
 __all__ = [
+    "MetaBatchDataset",
+    "QueryRowDataset",
+    "SyntheticTaskConfig",
+    "TaskDataModule",
+    "TaskStore",
+    "build_task_store",
+    "generate_interactions",
     "CRITEO_1TB_NUM_EMBEDDINGS",
     "SYNTHETIC_MODELS",
     "Batch",

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
@@ -32,6 +33,26 @@ from lightning_dembed.meta.functional import adapt_and_predict, meta_step
 __all__ = ["MetaLearningLoop"]
 
 _STEPS = ("training_step", "validation_step", "test_step")
+
+
+def _embed_all_rows(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
+    """The one lookup of a meta-batch, padded so every rank sends the same number of rows.
+
+    Sharded lookups exchange pooled rows between ranks (all-to-all, reduce-scatter), which needs
+    one row count on all ranks; meta-batches of whole tasks differ in rows. Empty bags make up the
+    difference (one scalar all-reduce per meta-batch, whatever its tasks) and are sliced off.
+    """
+    rows = features.stride()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return module.embed(features)
+    most = torch.tensor([rows], device=features.values().device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    padding = int(most) - rows
+    if padding:
+        lengths = features.lengths().reshape(len(features.keys()), rows)
+        lengths = torch.cat([lengths, lengths.new_zeros(lengths.shape[0], padding)], dim=1).reshape(-1)
+        features = KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=lengths)
+    return module.embed(features)[:rows]
 
 
 def _feature_names(module: nn.Module, batch: TaskBatch) -> list[str]:
@@ -130,7 +151,7 @@ class MetaLearningLoop(Callback):
     def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         module = self._module
         assert module is not None
-        embedded = module.embed(batch.sparse_features)
+        embedded = _embed_all_rows(module, batch.sparse_features)
         out = meta_step(
             module,
             batch.dense_features,
@@ -155,7 +176,7 @@ class MetaLearningLoop(Callback):
         # Lightning evaluates under inference mode; adaptation needs autograd, on ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
             batch = _plain_tensors(batch)
-            embedded = module.embed(batch.sparse_features)
+            embedded = _embed_all_rows(module, batch.sparse_features)
             result = adapt_and_predict(
                 module,
                 batch.dense_features,
@@ -188,7 +209,7 @@ class MetaLearningLoop(Callback):
     def _log_auc(self, stage: str, pl_module: LightningModule) -> None:
         for kind, metric in self._auc.get(stage, {}).items():
             # compute() gathers every rank's scores: the AUC of all query rows, not a mean of ranks'.
-            pl_module.log(f"{stage}/query_auc_{kind}", metric.compute(), rank_zero_only=True)
+            pl_module.log(f"{stage}/query_auc_{kind}", metric.compute(), sync_dist=True)
             metric.reset()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,0 +1,123 @@
+"""`TaskDataModule`: task-grouped data for meta-learning, or the same rows as plain batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from lightning_dembed.data.meta_io import MetaBatchDataset, QueryRowDataset, TaskStore, build_task_store
+from lightning_dembed.data.tasks import SyntheticTaskConfig, write_interactions
+
+__all__ = ["TaskDataModule"]
+
+
+class TaskDataModule(LightningDataModule):
+    """Tasks (users, scenarios...) for meta-learning, built once into a Meta-IO task store.
+
+    With ``interactions=None`` the interactions come from `SyntheticTaskConfig` (``num_users``
+    users with their own tastes); otherwise from a parquet or CSV file with the named columns.
+    Training uses the ``train`` tasks; validation and test use the two halves of the ``cold_start``
+    tasks (users never seen in training).
+
+    ``as_tasks=True`` yields `TaskBatch` meta-batches of ``tasks_per_batch`` tasks per rank (for
+    `MetaLearningLoop`). ``as_tasks=False`` yields plain `Batch`es of ``batch_size`` rows of the
+    same training tasks, and scores on the cold-start tasks' query rows only, so a model trained
+    without meta-learning is measured on exactly the rows a meta-learned one is.
+
+    Example::
+
+        data = TaskDataModule(store_dir="outputs/tasks", num_users=4000, tasks_per_batch=32)
+        model = DLRMModule(data.tables(), num_dense_features=data.num_dense_features, ...)
+    """
+
+    def __init__(
+        self,
+        store_dir: str = "outputs/task_store",
+        interactions: Optional[str] = None,
+        num_users: int = 4000,
+        task_key: str = "user_id",
+        categorical: tuple[str, ...] = ("user_id", "item_id", "category"),
+        dense: tuple[str, ...] = ("d0", "d1", "d2", "d3"),
+        label: Optional[str] = "label",
+        label_rule: Optional[str] = None,
+        time_column: Optional[str] = "timestamp",
+        split: Literal["time", "random"] = "time",
+        support_fraction: float = 0.5,
+        min_rows_per_task: int = 4,
+        holdout_fraction: float = 0.2,
+        num_embeddings: int = 8192,
+        embedding_dim: int = 16,
+        as_tasks: bool = True,
+        tasks_per_batch: int = 32,
+        batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.store_dir = Path(store_dir)
+        self._datasets: dict[str, IterableDataset] = {}
+
+    def tables(self) -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name=f"t_{c}", num_embeddings=self.hparams.num_embeddings,
+                               embedding_dim=self.hparams.embedding_dim, feature_names=[c])
+            for c in self.hparams.categorical
+        ]
+
+    @property
+    def num_dense_features(self) -> int:
+        return len(self.hparams.dense)
+
+    def prepare_data(self) -> None:
+        if (self.store_dir / "stats.json").is_file():
+            return
+        h = self.hparams
+        source = h.interactions
+        if source is None:
+            source = write_interactions(
+                SyntheticTaskConfig(num_users=h.num_users, num_dense=len(h.dense), seed=h.seed),
+                self.store_dir.with_name(self.store_dir.name + "_interactions.parquet"),
+            )
+        build_task_store(
+            source, self.store_dir, task_key=h.task_key, categorical=h.categorical,
+            num_embeddings={c: h.num_embeddings for c in h.categorical}, dense=h.dense, label=h.label,
+            label_rule=h.label_rule, time_column=h.time_column, split=h.split,
+            support_fraction=h.support_fraction, min_rows_per_task=h.min_rows_per_task,
+            holdout_fraction=h.holdout_fraction, seed=h.seed,
+        )
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        shard = {"rank": rank, "world_size": world, "seed": h.seed}
+        train = TaskStore.load(self.store_dir, "train")
+        cold = TaskStore.load(self.store_dir, "cold_start")
+        half = cold.num_tasks // 2
+        held_out = {"val": cold.task_range(0, half), "test": cold.task_range(half, cold.num_tasks)}
+        if h.as_tasks:
+            self._datasets["train"] = MetaBatchDataset(train, h.tasks_per_batch, **shard)
+            for split, store in held_out.items():
+                self._datasets[split] = MetaBatchDataset(store, h.tasks_per_batch, shuffle=False, **shard)
+        else:
+            self._datasets["train"] = QueryRowDataset(train, h.batch_size, **shard)
+            for split, store in held_out.items():
+                self._datasets[split] = QueryRowDataset(store, h.batch_size, query_only=True, shuffle=False, **shard)
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self._datasets[split], batch_size=None, num_workers=workers,
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
