@@ -111,3 +111,94 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
         opt.step()
         losses.append(float(loss))
     return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+META_FEATURES = ["user", "item", "category"]
+META_DIM = 8
+
+
+class TinyMetaModule(LightningModule):
+    """The meta-learning contract: embed() is the one lookup; forward takes its [R, F, D] output."""
+
+    def __init__(self, lr: float = 0.1, device: str = "cpu") -> None:
+        super().__init__()
+        self.feature_names = META_FEATURES
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=f"t_{f}", num_embeddings=30, embedding_dim=META_DIM, feature_names=[f])
+                    for f in META_FEATURES],
+            device=torch.device(device),
+        )
+        self.bottom = nn.Linear(NUM_DENSE, META_DIM)
+        self.over_arch = nn.Sequential(nn.Linear(META_DIM * (len(META_FEATURES) + 1), 8), nn.Tanh(), nn.Linear(8, 1))
+        self.lr = lr
+
+    def embed(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.ebc(features).values().reshape(-1, len(META_FEATURES), META_DIM)
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        embedded = self.embed(sparse) if isinstance(sparse, KeyedJaggedTensor) else sparse
+        return self.over_arch(torch.cat([torch.tanh(self.bottom(dense)), embedded.flatten(-2)], -1)).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):  # replaced by MetaLearningLoop
+        raise AssertionError("MetaLearningLoop should have installed its own training step")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def meta_tasks(seed: int, num_tasks: int):
+    """Tasks of different sizes: (dense, ids [rows, F], labels, support size) each."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(num_tasks):
+        rows = int(torch.randint(4, 9, (1,), generator=g))
+        tasks.append((torch.randn(rows, NUM_DENSE, generator=g), torch.randint(30, (rows, len(META_FEATURES)), generator=g),
+                      torch.randint(2, (rows,), generator=g).float(), int(torch.randint(2, rows - 1, (1,), generator=g))))
+    return tasks
+
+
+def task_batch(tasks):
+    from lightning_dembed.data import TaskBatch
+
+    ids = torch.cat([t[1] for t in tasks])
+    rows = ids.shape[0]
+    sizes = torch.tensor([t[0].shape[0] for t in tasks])
+    return TaskBatch(
+        dense_features=torch.cat([t[0] for t in tasks]),
+        sparse_features=KeyedJaggedTensor(keys=META_FEATURES, values=ids.t().reshape(-1),
+                                          lengths=torch.ones(rows * len(META_FEATURES), dtype=torch.int64)),
+        labels=torch.cat([t[2] for t in tasks]),
+        task_offsets=torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]),
+        support_sizes=torch.tensor([t[3] for t in tasks]),
+        task_keys=torch.arange(len(tasks)),
+    )
+
+
+class MetaBatches(torch.utils.data.IterableDataset):
+    """Global meta-batch ``step`` has ``num_tasks`` tasks; rank r takes tasks r, r + world, ..."""
+
+    def __init__(self, steps: int, num_tasks: int, rank: int, world_size: int) -> None:
+        self.steps, self.num_tasks, self.rank, self.world_size = steps, num_tasks, rank, world_size
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield task_batch(meta_tasks(step, self.num_tasks)[self.rank:: self.world_size])
+
+
+def meta_reference_run(steps: int, num_tasks: int, config, lr: float, init_seed: int = 0):
+    """Single process, plain tables, autograd through the inner loop: losses and final weights."""
+    from lightning_dembed.meta import meta_step
+
+    torch.manual_seed(init_seed)
+    module = TinyMetaModule(lr=lr)
+    opt = module.configure_optimizers()
+    losses = []
+    for step in range(steps):
+        batch = task_batch(meta_tasks(step, num_tasks))
+        opt.zero_grad()
+        out = meta_step(module, batch.dense_features, module.embed(batch.sparse_features), batch.labels,
+                        batch.task_offsets, batch.support_sizes, config, META_FEATURES)
+        out.query_loss.backward()
+        opt.step()
+        losses.append(float(out.query_loss))
+    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
