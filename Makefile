@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICES ?= 2
 
-.PHONY: install demo test bench docs clean
+.PHONY: install demo test docs clean
 
 install: $(VENV)/.installed
 
@@ -23,9 +23,6 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
-
-bench: install
-	$(BIN)/python benchmarks/run_all.py
 
 docs: install
 	$(BIN)/pip install -q -e '.[docs]'
