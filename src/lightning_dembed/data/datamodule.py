@@ -21,7 +21,7 @@ from lightning_dembed.data.criteo import (
 )
 from lightning_dembed.data.synthetic import SYNTHETIC_MODELS, SyntheticClickDataset
 
-__all__ = ["RecDataModule"]
+__all__ = ["RecDataModule", "SplitDataModule"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,25 @@ def _raw_criteo_files(directory: Path) -> list[Path]:
     return []
 
 
-class RecDataModule(LightningDataModule):
+class SplitDataModule(LightningDataModule):
+    """Holds one data set per split in ``_datasets``; subclasses say how a split is loaded."""
+
+    _datasets: dict[str, IterableDataset]
+
+    def _loader(self, split: str) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class RecDataModule(SplitDataModule):
     """Click data for recommender training: a synthetic model's stream or Criteo logs.
 
     Every rank gets ``global_batch_size / world_size`` rows per batch and the same number of
@@ -227,12 +245,3 @@ class RecDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

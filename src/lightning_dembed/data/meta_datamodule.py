@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from lightning_dembed.data.datamodule import SplitDataModule
 from lightning_dembed.data.meta_io import MetaBatchDataset, QueryRowDataset, TaskStore, build_task_store
 from lightning_dembed.data.tasks import SyntheticTaskConfig, write_interactions
 
 __all__ = ["TaskDataModule"]
 
 
-class TaskDataModule(LightningDataModule):
+class TaskDataModule(SplitDataModule):
     """Tasks (users, scenarios...) for meta-learning, built once into a Meta-IO task store.
 
     With ``interactions=None`` the interactions come from `SyntheticTaskConfig` (``num_users``
@@ -112,12 +112,3 @@ class TaskDataModule(LightningDataModule):
         workers = self.hparams.num_workers
         return DataLoader(self._datasets[split], batch_size=None, num_workers=workers,
                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

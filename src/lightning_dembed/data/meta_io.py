@@ -194,8 +194,9 @@ def build_task_store(
         task_rows = [np.arange(s, s + n) for s, n in zip(starts[chosen], counts[chosen])]
         take = np.concatenate(task_rows) if task_rows else np.zeros(0, dtype=np.int64)
         sizes = counts[chosen]
+        # One shard even when the split is empty, which load_from_disk can read back.
         Dataset(InMemoryTable(pa.table({c: v[take] for c, v in columns.items()}))).save_to_disk(
-            str(partial / name / "rows")
+            str(partial / name / "rows"), num_shards=1
         )
         np.savez(
             partial / name / _TASKS_FILE,

@@ -138,7 +138,7 @@ class MetaLearningLoop(Callback):
     def _check_adapt(self, module: LightningModule) -> None:
         names = [n for n, _ in module.named_parameters()]
         for prefix in self.config.adapt:
-            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            if not any(MetaLearningConfig(adapt=(prefix,)).adapts(n) for n in names):
                 raise ValueError(
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
@@ -148,14 +148,14 @@ class MetaLearningLoop(Callback):
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+    def _adapt(self, function, batch: TaskBatch):
+        """The one lookup of the meta-batch, then ``function`` (meta_step or adapt_and_predict) on it."""
         module = self._module
         assert module is not None
-        embedded = _embed_all_rows(module, batch.sparse_features)
-        out = meta_step(
+        return function(
             module,
             batch.dense_features,
-            embedded,
+            _embed_all_rows(module, batch.sparse_features),
             batch.labels,
             batch.task_offsets,
             batch.support_sizes,
@@ -163,6 +163,11 @@ class MetaLearningLoop(Callback):
             _feature_names(module, batch),
             inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
         )
+
+    def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        module = self._module
+        assert module is not None
+        out = self._adapt(meta_step, batch)
         tasks = batch.num_tasks
         module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
         module.log("train/support_loss", out.support_loss, batch_size=tasks)
@@ -175,19 +180,7 @@ class MetaLearningLoop(Callback):
         assert module is not None
         # Lightning evaluates under inference mode; adaptation needs autograd, on ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
-            batch = _plain_tensors(batch)
-            embedded = _embed_all_rows(module, batch.sparse_features)
-            result = adapt_and_predict(
-                module,
-                batch.dense_features,
-                embedded,
-                batch.labels,
-                batch.task_offsets,
-                batch.support_sizes,
-                self.config,
-                _feature_names(module, batch),
-                inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
-            )
+            result = self._adapt(adapt_and_predict, _plain_tensors(batch))
         aucs = self._metrics(stage, result.labels.device)
         aucs["adapted"].update(torch.sigmoid(result.adapted_logits), result.labels.long())
         aucs["unadapted"].update(torch.sigmoid(result.unadapted_logits), result.labels.long())
