@@ -196,7 +196,8 @@ def meta_reference_run(steps: int, num_tasks: int, config, lr: float, init_seed:
     for step in range(steps):
         batch = task_batch(meta_tasks(step, num_tasks))
         opt.zero_grad()
-        out = meta_step(module, batch.dense_features, module.embed(batch.sparse_features), batch.labels,
+        params = {n: p for n, p in module.named_parameters() if config.adapts(n)}
+        out = meta_step(module, params, batch.dense_features, module.embed(batch.sparse_features), batch.labels,
                         batch.task_offsets, batch.support_sizes, config, META_FEATURES)
         out.query_loss.backward()
         opt.step()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -233,7 +233,7 @@ class _MetaBatch:
                 raise ValueError(f"{len(names)} feature names for {embedded.shape[1]} looked-up features per row")
             # [F, A] one-hot: scatters the A adapted offsets into a row's [F, D] layout by a matmul,
             # which vmap batches without an in-place write.
-            self.layout = torch.zeros(len(names), len(missing) + len(config.adapt_embeddings),
+            self.layout = torch.zeros(len(names), len(config.adapt_embeddings),
                                       dtype=embedded.dtype, device=embedded.device)
             for column, feature in enumerate(config.adapt_embeddings):
                 self.layout[names.index(feature), column] = 1.0
@@ -390,7 +390,7 @@ def meta_step(
 
 def _plain(t: Tensor) -> Tensor:
     # Tensors made under inference mode cannot be saved for backward: copy them out of it.
-    return (t.clone() if t.is_inference() else t).detach()
+    return t.clone() if t.is_inference() else t
 
 
 def adapt_and_predict(
@@ -409,7 +409,7 @@ def adapt_and_predict(
 
     Same arguments as `meta_step`. Safe to call from Lightning's evaluation loops: it works under
     ``torch.inference_mode`` and ``torch.no_grad`` (inputs made under inference mode are copied),
-    builds no graph back to ``params`` or ``embedded``, and returns detached tensors.
+    builds no graph back to ``params`` or ``embedded``, and returns tensors that need no grad.
 
     Example::
 
@@ -422,34 +422,21 @@ def adapt_and_predict(
     """
     if config.learn_inner_lr and inner_lrs is None:
         raise ValueError("config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns")
-    # torch.func.grad differentiates whatever the grad mode, so no_grad costs the adaptation
-    # nothing and keeps the outer graph (never backpropagated here) from being built.
+    # torch.func.grad differentiates whatever the grad mode, so under no_grad the adaptation is
+    # the same and no outer graph (never backpropagated here) is built.
     with torch.inference_mode(False), torch.no_grad():
-        plain_params = {n: _plain(p) for n, p in params.items()}
         batch = _MetaBatch(
-            module, plain_params, _plain(dense), _plain(embedded), _plain(labels), _plain(task_offsets),
-            _plain(support_sizes), config, feature_names, inner_lrs if config.learn_inner_lr else None,
+            module, {n: _plain(p) for n, p in params.items()}, _plain(dense), _plain(embedded), _plain(labels),
+            task_offsets, support_sizes, config, feature_names, inner_lrs if config.learn_inner_lr else None,
         )
-        if batch.rates is not None and config.learn_inner_lr:
-            batch.rates = _detached(batch.rates)
         query_losses, _, adapted = batch.run()
         unadapted = batch.unadapted_query_logits()
-        _, _, query_labels, query_mask_f = batch.query
+        _, _, query_labels, query_weights = batch.query
         mask = batch.index.query_mask
         return AdaptResult(
             adapted_logits=adapted[mask],
             unadapted_logits=unadapted[mask],
             labels=query_labels[mask],
             adapted_loss=query_losses.mean(),
-            unadapted_loss=_masked_bce(unadapted, query_labels, query_mask_f).mean(),
+            unadapted_loss=_masked_bce(unadapted, query_labels, query_weights).mean(),
         )
-
-
-def _detached(rates: dict) -> dict:
-    detach: Callable[[Union[Tensor, float]], Union[Tensor, float]] = (
-        lambda r: _plain(r) if isinstance(r, Tensor) else r
-    )
-    out = {"params": {n: detach(r) for n, r in rates["params"].items()}}
-    if "offsets" in rates:
-        out["offsets"] = detach(rates["offsets"])
-    return out

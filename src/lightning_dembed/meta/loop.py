@@ -154,6 +154,8 @@ class MetaLearningLoop(Callback):
         assert module is not None
         return function(
             module,
+            # Only what adapts is passed: the module's own parameters stand in for the rest.
+            {n: p for n, p in module.named_parameters() if self.config.adapts(n)},
             batch.dense_features,
             _embed_all_rows(module, batch.sparse_features),
             batch.labels,

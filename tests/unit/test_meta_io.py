@@ -1,0 +1,239 @@
+"""Meta-IO: task store building (grouping, splits, drops, flags, holdout) and task-consistent batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dembed.data.batch import TaskBatch
+from lightning_dembed.data.meta_io import MetaBatchDataset, TaskStore, build_task_store, parse_label_rule
+from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions, write_interactions
+
+
+def interactions(num_tasks: int = 40, seed: int = 0, string_keys: bool = False) -> pa.Table:
+    """Rows of tasks of 1..12 rows, interleaved; ``row`` is each row's position."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 13, size=num_tasks)
+    user = np.repeat(np.arange(num_tasks), sizes)
+    n = user.size
+    shuffle = rng.permutation(n)
+    columns = {
+        "user": np.array([f"user-{u}" for u in user]) if string_keys else user * 7 + 3,
+        "item": rng.integers(0, 1000, size=n),
+        "rating": rng.integers(1, 6, size=n),
+        "ts": rng.permutation(n) * 10,
+    }
+    return pa.table({**{k: v[shuffle] for k, v in columns.items()}, "row": np.arange(n, dtype=np.float64)})
+
+
+def build(table: pa.Table, out_dir=None, **kwargs) -> TaskStore:
+    args = dict(task_key="user", categorical=["user", "item"], num_embeddings={"user": 10**6, "item": 100},
+                dense=["row"], label_rule="rating >= 4", time_column="ts", holdout_fraction=0.0)
+    args.update(kwargs)
+    return build_task_store(table, out_dir, **args)
+
+
+def task_rows(split, t: int) -> np.ndarray:
+    """Input row ids of task t of a split, in stored order."""
+    return split.column("row")[split.offsets[t]: split.offsets[t + 1]].astype(np.int64)
+
+
+def test_grouping_and_time_split() -> None:
+    table = interactions()
+    user, ts = table.column("user").to_numpy(), table.column("ts").to_numpy()
+    store = build(table, support_size=0.5, min_rows_per_task=2)
+    split = store.train
+    seen = []
+    for t in range(split.num_tasks):
+        rows = task_rows(split, t)
+        assert len(set(user[rows])) == 1 and split.keys[t] == user[rows[0]]
+        # All of the task's input rows, earliest first; the support set is the earliest half.
+        assert sorted(rows) == sorted(np.flatnonzero(user == user[rows[0]]))
+        assert np.all(np.diff(ts[rows]) > 0)
+        assert split.support_sizes[t] == max(1, len(rows) // 2)
+        seen.extend(rows)
+    assert len(seen) == len(set(seen)) == split.num_rows == store.stats["rows"]
+    # Categorical ids: integers modulo the table size.
+    assert np.array_equal(split.column("item"), table.column("item").to_numpy()[split.column("row").astype(int)] % 100)
+
+
+def test_random_split_is_seeded_and_not_time_ordered() -> None:
+    table = interactions()
+    ts = table.column("ts").to_numpy()
+    a, b, c = (build(table, split="random", time_column=None, seed=s).train for s in (0, 0, 1))
+    assert np.array_equal(a.column("row"), b.column("row"))
+    assert not np.array_equal(a.column("row"), c.column("row"))
+    assert any(np.any(np.diff(ts[task_rows(a, t)]) < 0) for t in range(a.num_tasks))
+    assert np.array_equal(np.sort(a.column("row")), np.sort(c.column("row")))
+
+
+def test_small_tasks_are_dropped_and_counted() -> None:
+    table = interactions()
+    counts = np.bincount(table.column("user").to_numpy())
+    counts = counts[counts > 0]
+    store = build(table, min_rows_per_task=5)
+    assert store.stats["input_tasks"] == counts.size
+    assert store.stats["dropped_too_small"] == int((counts < 5).sum()) > 0
+    assert store.stats["tasks"] == store.train.num_tasks == int((counts >= 5).sum())
+    # Fixed sizes: 3 support + 2 query rows, the rest of a task left out; smaller tasks dropped.
+    fixed = build(table, support_size=3, query_size=2, min_rows_per_task=1)
+    assert fixed.stats["dropped_too_small"] == int((counts < 5).sum())
+    assert (fixed.train.support_sizes == 3).all() and (np.diff(fixed.train.offsets) == 5).all()
+    assert fixed.stats["rows"] == 5 * fixed.stats["tasks"]
+
+
+def test_single_class_tasks_are_kept_and_flagged() -> None:
+    table = interactions()
+    store = build(table, min_rows_per_task=2)
+    labels = store.train.column("label")
+    for t in range(store.train.num_tasks):
+        task = labels[store.train.offsets[t]: store.train.offsets[t + 1]]
+        assert store.train.single_class[t] == (task.min() == task.max())
+    assert store.stats["single_class"] == int(store.train.single_class.sum()) > 0
+
+
+def test_label_rule() -> None:
+    table = interactions()
+    store = build(table, label_rule="rating >= 4")
+    rating = table.column("rating").to_numpy()[store.train.column("row").astype(int)]
+    assert np.array_equal(store.train.column("label"), (rating >= 4).astype(np.float32))
+    assert parse_label_rule(" rating<2.5 ") == ("rating", "<", 2.5)
+    for bad in ("rating >= four", "__import__('os') == 1", "rating => 4"):
+        with pytest.raises(ValueError, match="column op number"):
+            parse_label_rule(bad)
+    with pytest.raises(ValueError, match="0/1"):
+        build(table, label="rating", label_rule=None)
+
+
+def test_cold_start_holdout_is_disjoint_and_stable() -> None:
+    table = interactions(num_tasks=400)
+    store = build(table, holdout_fraction=0.25, min_rows_per_task=2)
+    train, cold = set(store.train.keys), set(store.cold_start.keys)
+    assert train.isdisjoint(cold) and 0.15 < len(cold) / (len(train) + len(cold)) < 0.35
+    assert store.stats["cold_start"]["tasks"] == len(cold)
+    # Held out by the key alone: another seed or a different slice of the data holds out the same users.
+    again = build(table.slice(0, table.num_rows // 2), holdout_fraction=0.25, min_rows_per_task=2, seed=7)
+    assert set(again.cold_start.keys) <= cold and set(again.train.keys) <= train
+
+
+def test_string_keys_from_csv_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.csv"
+    pyarrow.csv.write_csv(interactions(string_keys=True), path)
+    store = build(str(path), tmp_path / "store", min_rows_per_task=2, num_embeddings={"user": 1000, "item": 100})
+    stats = json.loads((tmp_path / "store" / "stats.json").read_text())
+    assert stats["tasks"] == store.train.num_tasks == store.stats["tasks"]
+    loaded = TaskStore.load(tmp_path / "store")
+    assert np.array_equal(loaded.train.column("user"), store.train.column("user"))
+    assert (store.train.column("user") < 1000).all()
+    # String ids are a stable hash (64-bit FNV-1a of the UTF-8 bytes) modulo the table size.
+    def fnv(text: str) -> int:
+        h = 0xCBF29CE484222325
+        for byte in text.encode():
+            h = ((h ^ byte) * 0x100000001B3) % 2**64
+        return h
+    first = task_rows(store.train, 0)
+    user = interactions(string_keys=True).column("user").to_numpy()[first[0]]
+    assert store.train.column("user")[0] == fnv(user) % 1000
+
+
+def test_bad_input_names_the_column_or_file(tmp_path: Path) -> None:
+    table = interactions()
+    with pytest.raises(ValueError, match="'price'"):
+        build(table, dense=["row", "price"])
+    with pytest.raises(ValueError, match="'stars'"):
+        build(table, label_rule="stars >= 4")
+    with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
+        build(str(tmp_path / "nowhere.parquet"))
+    pa.parquet.write_table(table, tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="'clock'"):
+        build(tmp_path / "t.parquet", time_column="clock")
+    with pytest.raises(ValueError, match="num_embeddings.*'item'"):
+        build(table, num_embeddings={"user": 10})
+    with pytest.raises(ValueError, match="time_column"):
+        build(table, time_column=None)
+    with pytest.raises(ValueError, match="support_size"):
+        build(table, support_size=1.5)
+
+
+def collect(data, **loader_kwargs) -> list[TaskBatch]:
+    return list(DataLoader(data, batch_size=None, **loader_kwargs))
+
+
+def test_meta_batches_hold_whole_tasks_and_ranks_get_disjoint_tasks() -> None:
+    store = build(interactions(num_tasks=200), min_rows_per_task=2)
+    split = store.train
+    by_key = {int(k): t for t, k in enumerate(split.keys)}
+    ranks = [MetaBatchDataset(split, tasks_per_batch=8, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    keys_per_rank = []
+    for data in ranks:
+        batches = collect(data)
+        assert len(batches) == len(data) == split.num_tasks // 16
+        keys = []
+        for batch in batches:
+            assert batch.num_tasks == 8 and batch.sparse_features.stride() == batch.num_rows
+            ids = batch.sparse_features.to_dict()
+            for t, key in enumerate(batch.task_keys.tolist()):
+                rows = slice(int(batch.task_offsets[t]), int(batch.task_offsets[t + 1]))
+                task = by_key[key]
+                stored = slice(int(split.offsets[task]), int(split.offsets[task + 1]))
+                # The task's every row, in store order (support first), in this one batch.
+                assert torch.equal(batch.dense_features[rows, 0], torch.from_numpy(split.column("row")[stored]))
+                assert torch.equal(batch.labels[rows], torch.from_numpy(split.column("label")[stored]))
+                assert torch.equal(ids["item"].values()[rows], torch.from_numpy(split.column("item")[stored]))
+                assert int(batch.support_sizes[t]) == split.support_sizes[task]
+            keys.extend(batch.task_keys.tolist())
+        assert len(keys) == len(set(keys))
+        keys_per_rank.append(set(keys))
+    assert keys_per_rank[0].isdisjoint(keys_per_rank[1])
+
+
+def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
+    split = build(interactions(num_tasks=200), min_rows_per_task=2).train
+    data = MetaBatchDataset(split, tasks_per_batch=8, seed=1)
+    first, second = collect(data), collect(data)
+    assert [b.task_keys.tolist() for b in first] != [b.task_keys.tolist() for b in second]
+    data.set_epoch(0)
+    # Two background workers, prefetching: the same meta-batches in the same order.
+    workers = collect(data, num_workers=2, prefetch_factor=2)
+    assert [b.task_keys.tolist() for b in workers] == [b.task_keys.tolist() for b in first]
+    assert all(torch.equal(a.dense_features, b.dense_features) for a, b in zip(workers, first))
+    with pytest.raises(ValueError, match="tasks_per_batch"):
+        MetaBatchDataset(split, tasks_per_batch=split.num_tasks + 1)
+
+
+def test_synthetic_tasks_are_deterministic_and_adaptation_pays(tmp_path: Path) -> None:
+    config = SyntheticTaskConfig(num_users=3000, seed=5)
+    table = generate_interactions(config)
+    assert table.equals(generate_interactions(config))
+    assert not table.equals(generate_interactions(SyntheticTaskConfig(num_users=3000, seed=6)))
+    assert table.column_names == [*config.categorical_columns, *config.dense_columns, "label", "timestamp"]
+    assert pa.parquet.read_table(write_interactions(config, tmp_path / "i.parquet")).equals(table)
+
+    store = build_task_store(table, None, task_key="user_id", categorical=config.categorical_columns,
+                             num_embeddings=config.cardinalities, dense=config.dense_columns, label="label",
+                             time_column="timestamp", holdout_fraction=0.0)
+    split = store.train
+    # A per-user adaptation as simple as it gets (category click rates on the support rows, shrunk
+    # to the global rate) beats the global per-category rate on the query rows.
+    task = np.repeat(np.arange(split.num_tasks), np.diff(split.offsets))
+    support = np.arange(split.num_rows) < np.repeat(split.offsets[:-1] + split.support_sizes, np.diff(split.offsets))
+    category, label = split.column("category"), split.column("label")
+    k = config.num_categories
+    global_rate = np.bincount(category[support], label[support], k) / np.bincount(category[support], minlength=k)
+    cell = task * k + category
+    clicks = np.bincount(cell[support], label[support], split.num_tasks * k)
+    shows = np.bincount(cell[support], minlength=split.num_tasks * k)
+    user_rate = (clicks + 2 * global_rate[np.arange(clicks.size) % k]) / (shows + 2)
+
+    def log_loss(p: np.ndarray) -> float:
+        y = label[~support]
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    assert log_loss(user_rate[cell[~support]]) < 0.95 * log_loss(global_rate[category[~support]])
