@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -21,7 +21,8 @@ class TaskDataModule(SplitDataModule):
     With ``interactions=None`` the interactions come from `SyntheticTaskConfig` (``num_users``
     users with their own tastes); otherwise from a parquet or CSV file with the named columns.
     Training uses the ``train`` tasks; validation and test use the two halves of the ``cold_start``
-    tasks (users never seen in training).
+    tasks (users never seen in training). ``support_size`` and ``query_size`` are rows per task
+    (int) or fractions of each task's rows (float); see `build_task_store`.
 
     ``as_tasks=True`` yields `TaskBatch` meta-batches of ``tasks_per_batch`` tasks per rank (for
     `MetaLearningLoop`). ``as_tasks=False`` yields plain `Batch`es of ``batch_size`` rows of the
@@ -46,7 +47,8 @@ class TaskDataModule(SplitDataModule):
         label_rule: Optional[str] = None,
         time_column: Optional[str] = "timestamp",
         split: Literal["time", "random"] = "time",
-        support_fraction: float = 0.5,
+        support_size: Union[int, float] = 0.5,
+        query_size: Optional[Union[int, float]] = None,
         min_rows_per_task: int = 4,
         holdout_fraction: float = 0.2,
         num_embeddings: int = 8192,
@@ -87,7 +89,7 @@ class TaskDataModule(SplitDataModule):
             source, self.store_dir, task_key=h.task_key, categorical=h.categorical,
             num_embeddings={c: h.num_embeddings for c in h.categorical}, dense=h.dense, label=h.label,
             label_rule=h.label_rule, time_column=h.time_column, split=h.split,
-            support_fraction=h.support_fraction, min_rows_per_task=h.min_rows_per_task,
+            support_size=h.support_size, query_size=h.query_size, min_rows_per_task=h.min_rows_per_task,
             holdout_fraction=h.holdout_fraction, seed=h.seed,
         )
 
@@ -95,8 +97,8 @@ class TaskDataModule(SplitDataModule):
         h = self.hparams
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         shard = {"rank": rank, "world_size": world, "seed": h.seed}
-        train = TaskStore.load(self.store_dir, "train")
-        cold = TaskStore.load(self.store_dir, "cold_start")
+        store = TaskStore.load(self.store_dir)
+        train, cold = store.train, store.cold_start
         half = cold.num_tasks // 2
         held_out = {"val": cold.task_range(0, half), "test": cold.task_range(half, cold.num_tasks)}
         if h.as_tasks:

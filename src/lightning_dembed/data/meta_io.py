@@ -1,15 +1,17 @@
 """Meta-IO: task-grouped storage and task-consistent batching (G-Meta's data pipeline).
 
-`build_task_store` turns an interactions table (parquet, CSV or Arrow) into Arrow files, via HF
-``datasets``, whose rows are grouped task by task, each task's support rows before its query rows,
-with the task boundaries beside them. Reading a meta-batch is then a few contiguous slices of
-memory-mapped columns: `MetaBatchDataset` gathers ``tasks_per_batch`` whole tasks into one
+`build_task_store` turns an interactions table (parquet, CSV or an Arrow table) into a
+`TaskStore`: Arrow files, opened memory-mapped as HF ``datasets``, whose rows are grouped task by
+task (each task's support rows before its query rows), with the task boundaries beside them, plus
+a ``cold_start`` split of held-out tasks. Reading a meta-batch is then a few contiguous row ranges
+of memory-mapped columns: `MetaBatchDataset` gathers ``tasks_per_batch`` whole tasks into one
 `TaskBatch` (one `KeyedJaggedTensor`), tasks sharded across ranks, in DataLoader workers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 import shutil
@@ -20,59 +22,166 @@ from typing import Iterator, Literal, Mapping, Optional, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from datasets.table import InMemoryTable
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import Batch, TaskBatch
 
-__all__ = ["MetaBatchDataset", "QueryRowDataset", "TaskStore", "build_task_store", "parse_label_rule"]
+__all__ = [
+    "MetaBatchDataset",
+    "QueryRowDataset",
+    "TaskSplit",
+    "TaskStore",
+    "build_task_store",
+    "parse_label_rule",
+]
 
+_ROWS_FILE = "rows.arrow"
 _TASKS_FILE = "tasks.npz"
 _STATS_FILE = "stats.json"
 _SPLITS = ("train", "cold_start")
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 
+# 64-bit FNV-1a (strings) and splitmix64's finaliser (integers): stable across runs and machines,
+# unlike Python's hash().
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
 
 def parse_label_rule(rule: str) -> tuple[str, str, float]:
-    """``"rating >= 4"`` -> ``("rating", ">=", 4.0)``; no eval, only ``column op number``."""
-    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*", rule)
+    """Parse a ``"column op number"`` label rule, without eval.
+
+    Example::
+
+        parse_label_rule("rating >= 4")  # ("rating", ">=", 4.0); ops: >= > <= < == !=
+    """
+    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*", rule)
     if match is None:
         raise ValueError(f"label_rule {rule!r} is not of the form 'column op number' (op one of {list(_OPS)})")
     return match.group(1), match.group(2), float(match.group(3))
 
 
-def _read(source: Union[str, Path, pa.Table]) -> pa.Table:
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: well-spread uint64 from any int64 (or uint64) values."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _hash_strings(strings: pa.Array) -> np.ndarray:
+    """FNV-1a of each string's UTF-8 bytes, vectorised over strings (a loop over byte positions)."""
+    strings = pc.fill_null(strings, "").cast(pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)[strings.offset: strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], dtype=np.uint8) if strings.buffers()[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    hashes = np.full(len(strings), _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(int(lengths.max(initial=0))):
+            active = np.flatnonzero(lengths > j)
+            hashes[active] = (hashes[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
+    return hashes
+
+
+def _is_integer(column: pa.ChunkedArray) -> bool:
+    return pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)
+
+
+def _is_string(column: pa.ChunkedArray) -> bool:
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+
+
+def _integers(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(column.cast(pa.int64()), 0).to_numpy().astype(np.int64)
+
+
+def _string_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(dictionary position, stable hash)`` of each row's string; each distinct string hashed once."""
+    encoded = pc.dictionary_encode(pc.fill_null(column, "").combine_chunks())
+    codes = encoded.indices.to_numpy().astype(np.int64)
+    return codes, _hash_strings(encoded.dictionary)[codes]
+
+
+def _ids(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """A categorical column (integers or strings) as ids in ``[0, size)``: integers modulo ``size``, strings hashed."""
+    if _is_integer(column):
+        return np.mod(_integers(column), size)
+    return (_string_codes(column)[1] % np.uint64(size)).astype(np.int64)
+
+
+def _read(source: Union[str, Path, pa.Table], columns: list[str]) -> pa.Table:
+    """The needed columns of the interactions; errors name the missing file or columns."""
     if isinstance(source, pa.Table):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"interactions file {path} does not exist")
-    if path.suffix == ".parquet":
-        return Dataset.from_parquet(str(path)).data.table
-    if path.suffix == ".csv":
-        return Dataset.from_csv(str(path)).data.table
-    raise ValueError(f"{path}: interactions must be .parquet or .csv")
+        table = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"interactions file {path} does not exist")
+        if path.suffix == ".parquet":
+            names = pq.read_schema(path).names
+            missing = sorted(set(columns) - set(names))
+            if missing:
+                raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}")
+            return pq.read_table(path, columns=columns, memory_map=True)
+        if path.suffix == ".csv":
+            table = pyarrow.csv.read_csv(path)
+        else:
+            raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
+    missing = sorted(set(columns) - set(table.column_names))
+    if missing:
+        raise ValueError(f"interactions have no column(s) {missing}; their columns are {table.column_names}")
+    return table.select(columns)
 
 
-def _ids(column: pa.ChunkedArray, rows: int) -> np.ndarray:
-    """Any categorical column as non-negative int64 ids (strings by first appearance)."""
-    if pa.types.is_integer(column.type):
-        return np.abs(column.to_numpy().astype(np.int64))
-    return np.unique(column.to_numpy(zero_copy_only=False), return_inverse=True)[1].astype(np.int64).reshape(rows)
+def _check_size(size: Union[int, float, None], name: str) -> None:
+    if size is None and name == "query_size":
+        return
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise TypeError(f"{name} must be an int (rows) or a float in (0, 1) (fraction of a task's rows), got {size!r}")
+    if isinstance(size, int) and size < 1:
+        raise ValueError(f"{name} must be >= 1 row, got {size}")
+    if isinstance(size, float) and not 0.0 < size < 1.0:
+        raise ValueError(f"{name} as a fraction must be in (0, 1), got {size}")
+
+
+def _split_sizes(counts: np.ndarray, size: Union[int, float]) -> np.ndarray:
+    """Rows per task for an int size (the same for every task) or a fraction (at least one row)."""
+    if isinstance(size, int):
+        return np.full(counts.shape, size, dtype=np.int64)
+    return np.maximum(np.floor(counts * size), 1).astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` of several ranges, without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if ends.size else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
 @dataclass
-class TaskStore:
-    """One split of a task store: memory-mapped rows and the task boundaries over them.
+class TaskSplit:
+    """The tasks of one split over their rows: task ``t`` owns rows ``offsets[t]:offsets[t + 1]``.
 
-    ``offsets[t]:offsets[t + 1]`` are task ``t``'s rows, the first ``support_sizes[t]`` its support set.
+    The first ``support_sizes[t]`` rows of a task are its support set, the rest its query set.
+
+    Attributes:
+        name: ``"train"`` or ``"cold_start"``.
+        rows: the rows, a HF `datasets.Dataset` (memory-mapped when loaded from disk) with the
+            ``categorical`` columns as int64 ids, the ``dense`` columns as float32 and ``label``.
+        offsets: ``[T + 1]`` int64 task boundaries.
+        support_sizes: ``[T]`` int64.
+        keys: ``[T]`` int64 task keys (the key itself for integer keys, a stable hash for strings).
+        single_class: ``[T]`` bool, tasks whose labels are all one class.
+        categorical: the sparse feature names, in `KeyedJaggedTensor` key order.
+        dense: the dense feature names, in ``dense_features`` column order.
     """
 
-    dataset: Dataset
+    name: str
+    rows: Dataset
     offsets: np.ndarray
     support_sizes: np.ndarray
     keys: np.ndarray
@@ -80,40 +189,83 @@ class TaskStore:
     categorical: list[str]
     dense: list[str]
 
-    @classmethod
-    def load(cls, directory: Union[str, Path], split: str = "train") -> "TaskStore":
-        directory = Path(directory)
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-        if not (directory / _STATS_FILE).is_file():
-            raise FileNotFoundError(f"{directory} is not a task store (no {_STATS_FILE}); build it with build_task_store")
-        meta = json.loads((directory / _STATS_FILE).read_text())
-        tasks = np.load(directory / split / _TASKS_FILE)
-        return cls(
-            dataset=Dataset.load_from_disk(str(directory / split / "rows")),
-            offsets=tasks["offsets"], support_sizes=tasks["support_sizes"], keys=tasks["keys"],
-            single_class=tasks["single_class"], categorical=meta["categorical"], dense=meta["dense"],
-        )
-
     @property
     def num_tasks(self) -> int:
-        return self.support_sizes.size
+        return int(self.support_sizes.size)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1] - self.offsets[0])
 
     def column(self, name: str) -> np.ndarray:
-        # Zero-copy view of the memory-mapped Arrow column.
-        return self.dataset.data.column(name).to_numpy()
+        """A column as a numpy array; a view of the memory-mapped file, not a copy, when on disk."""
+        column = self.rows.data.table.column(name)
+        # Written as one record batch, so this is zero-copy; an in-memory table may have more.
+        return column.to_numpy() if column.num_chunks <= 1 else column.combine_chunks().to_numpy()
 
-    def task_range(self, start: int, stop: int) -> "TaskStore":
+    def task_range(self, start: int, stop: int) -> "TaskSplit":
         """Tasks ``start..stop - 1`` over the same rows (e.g. validation and test halves)."""
-        return TaskStore(
-            self.dataset, self.offsets[start: stop + 1], self.support_sizes[start:stop], self.keys[start:stop],
+        return TaskSplit(
+            self.name, self.rows, self.offsets[start: stop + 1], self.support_sizes[start:stop], self.keys[start:stop],
             self.single_class[start:stop], self.categorical, self.dense,
         )
 
 
+@dataclass
+class TaskStore:
+    """A task store: the ``train`` and ``cold_start`` `TaskSplit`\\ s and how they were built.
+
+    ``cold_start`` holds the tasks whose key hashes into ``holdout_fraction``: never seen in
+    training, for evaluating adaptation to new users. On disk (``directory``)::
+
+        stats.json                       # stats, and the arguments of build_task_store
+        train/rows.arrow, train/tasks.npz
+        cold_start/rows.arrow, cold_start/tasks.npz
+
+    Attributes:
+        train: the training tasks.
+        cold_start: the held-out tasks.
+        stats: ``tasks`` (kept), ``rows`` (stored), ``dropped_too_small``, ``single_class``,
+            ``input_rows``, ``input_tasks``, per-split counts and the build arguments.
+        directory: where it lives; None for a store built in memory.
+
+    Example::
+
+        store = build_task_store("ratings.parquet", "stores/ml", task_key="user_id",
+                                 categorical=["user_id", "item_id"], label_rule="rating >= 4",
+                                 num_embeddings={"user_id": 10**5, "item_id": 10**4},
+                                 time_column="timestamp", support_size=0.5)
+        store = TaskStore.load("stores/ml")          # later, memory-mapped
+        store.stats["dropped_too_small"], store.train.num_tasks, store.cold_start.num_tasks
+    """
+
+    train: TaskSplit
+    cold_start: TaskSplit
+    stats: dict
+    directory: Optional[Path] = None
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "TaskStore":
+        """Open a store written by `build_task_store` (the rows memory-mapped)."""
+        directory = Path(directory)
+        if not (directory / _STATS_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a task store (no {_STATS_FILE}); build it with build_task_store")
+        stats = json.loads((directory / _STATS_FILE).read_text())
+        splits = {}
+        for name in _SPLITS:
+            tasks = np.load(directory / name / _TASKS_FILE)
+            splits[name] = TaskSplit(
+                name=name, rows=Dataset.from_file(str(directory / name / _ROWS_FILE)), offsets=tasks["offsets"],
+                support_sizes=tasks["support_sizes"], keys=tasks["keys"], single_class=tasks["single_class"],
+                categorical=list(stats["config"]["categorical"]), dense=list(stats["config"]["dense"]),
+            )
+        return cls(train=splits["train"], cold_start=splits["cold_start"], stats=stats, directory=directory)
+
+
 def build_task_store(
     source: Union[str, Path, pa.Table],
-    out_dir: Union[str, Path],
+    out_dir: Optional[Union[str, Path]],
+    *,
     task_key: str,
     categorical: Sequence[str],
     num_embeddings: Mapping[str, int],
@@ -122,138 +274,236 @@ def build_task_store(
     label_rule: Optional[str] = None,
     time_column: Optional[str] = None,
     split: Literal["time", "random"] = "time",
-    support_fraction: float = 0.5,
+    support_size: Union[int, float] = 0.5,
+    query_size: Optional[Union[int, float]] = None,
     min_rows_per_task: int = 4,
     holdout_fraction: float = 0.1,
     seed: int = 0,
-) -> dict:
-    """Group an interactions table by task into a store `TaskStore.load` reads; returns its stats.
+) -> TaskStore:
+    """Group an interactions table by task into a `TaskStore` (on disk, or in memory).
 
-    Per task (rows sharing ``task_key``), rows are ordered by ``time_column`` (``split="time"``:
-    the earliest ``support_fraction`` are the support set) or shuffled (``split="random"``).
-    Tasks with fewer than ``min_rows_per_task`` rows are dropped and counted; tasks whose labels are
-    all one class are kept and counted. ``holdout_fraction`` of the task keys, chosen by a hash of
-    the key, form the ``cold_start`` split: tasks never seen in training. Categorical values are
-    mapped into ``num_embeddings[column]`` rows (modulo; strings by their code). The labels are
-    ``label`` or ``label_rule`` (e.g. ``"rating >= 4"``). The store is written beside ``out_dir``
-    and renamed into place when complete.
+    The rows are sorted by ``task_key`` and then by ``time_column`` (``split="time"``: support
+    rows are each task's earliest, query rows the next ones) or by a seeded random draw
+    (``split="random"``), with Arrow's stable sort; all per-task work is vectorised.
+    ``support_size`` and ``query_size`` are rows per task (int) or fractions of each task's rows
+    (float, at least one row); ``query_size=None`` takes all rows after the support set, and rows
+    past ``support_size + query_size`` are left out. Tasks with fewer than ``min_rows_per_task``
+    rows, or too few for both sets, are dropped and counted; tasks whose labels are all one class
+    are kept and counted (and flagged in `TaskSplit.single_class`). ``holdout_fraction`` of the
+    task keys, chosen by a stable hash of the key, form the ``cold_start`` split.
+
+    Categorical values become ids in ``[0, num_embeddings[column])``: integers modulo the size,
+    strings by a stable 64-bit hash modulo the size. Missing categorical and dense values count as
+    0 (or the empty string). Labels come from ``label`` (a 0/1 column) or ``label_rule``
+    (``"column op number"``, e.g. ``"rating >= 4"``).
+
+    Args:
+        source: a ``.parquet`` or ``.csv`` file, or a `pyarrow.Table` (e.g. `generate_interactions`).
+        out_dir: where to write the store (built beside it and renamed into place when complete);
+            None keeps it in memory.
+        task_key: the column whose values are the tasks (a user id, say).
+        categorical: sparse feature columns, in the order of the `KeyedJaggedTensor` keys.
+        num_embeddings: table size of every categorical column.
+        dense: dense feature columns.
+        label: 0/1 label column; give this or ``label_rule``.
+        label_rule: ``"column op number"``; rows where it holds are positives.
+        time_column: orders each task's rows; needed by ``split="time"``.
+        split: ``"time"`` or ``"random"``.
+        support_size: support rows per task (int) or fraction of its rows (float).
+        query_size: query rows per task (int), fraction (float), or None for the rest.
+        min_rows_per_task: smaller tasks are dropped.
+        holdout_fraction: share of task keys held out as ``cold_start``.
+        seed: seeds the random split.
+
+    Returns:
+        The `TaskStore` (memory-mapped from ``out_dir`` when one is given).
 
     Example::
 
-        stats = build_task_store("ratings.parquet", "stores/ml", task_key="user_id",
-                                 categorical=["user_id", "item_id"], num_embeddings={"user_id": 10**5,
-                                 "item_id": 10**4}, label_rule="rating >= 4", time_column="timestamp")
+        table = generate_interactions(SyntheticTaskConfig(num_users=1000))
+        store = build_task_store(table, None, task_key="user_id", categorical=["user_id", "item_id"],
+                                 num_embeddings={"user_id": 1000, "item_id": 2000}, label="label",
+                                 time_column="timestamp", support_size=0.5)
     """
+    categorical, dense = list(categorical), list(dense)
     if (label is None) == (label_rule is None):
         raise ValueError("give exactly one of label (a 0/1 column) and label_rule (e.g. 'rating >= 4')")
-    if not 0.0 < support_fraction < 1.0:
-        raise ValueError(f"support_fraction must be in (0, 1), got {support_fraction}")
-    table = _read(source)
-    rule = parse_label_rule(label_rule) if label_rule is not None else None
-    needed = [task_key, *categorical, *dense, *([label] if label else [rule[0]]), *([time_column] if time_column else [])]
-    missing = sorted({c for c in needed if c not in table.column_names})
-    if missing:
-        raise ValueError(f"interactions have no column(s) {missing}; columns are {table.column_names}")
+    if split not in ("time", "random"):
+        raise ValueError(f"split must be 'time' or 'random', got {split!r}")
+    if split == "time" and time_column is None:
+        raise ValueError("split='time' needs time_column; or use split='random'")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    _check_size(support_size, "support_size")
+    _check_size(query_size, "query_size")
+    if not categorical:
+        raise ValueError("categorical names no column: a task store needs at least one sparse feature")
     unsized = [c for c in categorical if c not in num_embeddings]
     if unsized:
         raise ValueError(f"num_embeddings has no table size for categorical column(s) {unsized}")
+    bad_sizes = {c: num_embeddings[c] for c in categorical if int(num_embeddings[c]) < 1}
+    if bad_sizes:
+        raise ValueError(f"num_embeddings must be >= 1, got {bad_sizes}")
+    rule = parse_label_rule(label_rule) if label_rule is not None else None
+    label_source = label if rule is None else rule[0]
+    needed = list(dict.fromkeys([task_key, *categorical, *dense, label_source, *([time_column] if time_column else [])]))
+    table = _read(source, needed)
+    input_rows = table.num_rows
+    if input_rows == 0:
+        raise ValueError("the interactions table has no rows")
+    for c in [task_key, *categorical]:
+        if not (_is_integer(table.column(c)) or _is_string(table.column(c))):
+            raise TypeError(f"column {c!r} has type {table.column(c).type}; task keys and categorical values must be "
+                            "integers or strings")
+    for c in dense:
+        if not (_is_integer(table.column(c)) or pa.types.is_floating(table.column(c).type)):
+            raise TypeError(f"dense column {c!r} has type {table.column(c).type}; it must be numeric")
 
-    rows = table.num_rows
-    if rule is not None:
-        column, op, value = rule
-        labels = _OPS[op](table.column(column).to_numpy(zero_copy_only=False), value).astype(np.float32)
-    else:
-        labels = table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
+    # Labels, checked before any work.
+    label_column = table.column(label_source)
+    if label_column.null_count:
+        raise ValueError(f"label column {label_source!r} has {label_column.null_count} missing values")
+    if rule is None:
+        labels = label_column.to_numpy(zero_copy_only=False).astype(np.float32)
         if not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError(f"label column {label!r} must hold 0/1 values; use label_rule to derive them")
-    keys = _ids(table.column(task_key), rows)
-    rng = np.random.default_rng(seed)
-    secondary = table.column(time_column).to_numpy() if split == "time" and time_column else rng.random(rows)
-    order = np.lexsort((secondary, keys))
-    keys = keys[order]
-    starts, counts = np.unique(keys, return_index=True, return_counts=True)[1:]
-    task_keys = keys[starts]
-    task_labels = np.add.reduceat(labels[order], starts)
-    kept = counts >= min_rows_per_task
-    single_class = (task_labels == 0) | (task_labels == counts)
-    held_out = ((task_keys * 2654435761) % 2**32) / 2**32 < holdout_fraction
+    else:
+        if not (pa.types.is_integer(label_column.type) or pa.types.is_floating(label_column.type)):
+            raise TypeError(f"label_rule column {rule[0]!r} has type {label_column.type}; it must be numeric")
+        labels = _OPS[rule[1]](label_column.to_numpy(zero_copy_only=False), rule[2]).astype(np.float32)
 
-    columns = {c: _ids(table.column(c), rows)[order] % num_embeddings[c] for c in categorical}
-    columns.update({c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)[order] for c in dense})
-    columns["label"] = labels[order]
-    out_dir = Path(out_dir)
+    # Group rows by task, ordered by time (or at random) within a task: one stable Arrow sort.
+    key_column = table.column(task_key)
+    if key_column.null_count:
+        raise ValueError(f"task_key column {task_key!r} has {key_column.null_count} missing values")
+    if _is_integer(key_column):
+        group = key = _integers(key_column)
+    else:
+        group, hashes = _string_codes(key_column)
+        key = hashes.view(np.int64)
+    secondary = table.column(time_column) if split == "time" else pa.array(np.random.default_rng(seed).random(input_rows))
+    order = pc.sort_indices(
+        pa.table({"group": group, "secondary": secondary}), sort_keys=[("group", "ascending"), ("secondary", "ascending")]
+    ).to_numpy()
+    sorted_group = group[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    counts = np.diff(np.r_[starts, input_rows]).astype(np.int64)
+
+    support = _split_sizes(counts, support_size)
+    query = counts - support if query_size is None else _split_sizes(counts, query_size)
+    kept = (counts >= max(min_rows_per_task, 2)) & (query >= 1) & (support + query <= counts)
+    used = support + query
+    task_keys = key[order[starts]]
+    held_out = (_mix(task_keys) >> np.uint64(11)).astype(np.float64) * 2.0**-53 < holdout_fraction
+
+    # Class balance over the rows stored (support + query), which may be fewer than the task's.
+    position = np.arange(input_rows) - np.repeat(starts, counts)
+    stored_labels = np.where(position < np.repeat(used, counts), labels[order], 0.0)
+    stored_positives = np.add.reduceat(stored_labels, starts)
+    single_class = (stored_positives == 0) | (stored_positives == used)
+
+    stats: dict = {
+        "input_rows": int(input_rows),
+        "input_tasks": int(starts.size),
+        "tasks": int(kept.sum()),
+        "rows": int(used[kept].sum()),
+        "dropped_too_small": int((~kept).sum()),
+        "single_class": int((single_class & kept).sum()),
+    }
+    splits = {}
+    for name, chosen in (("train", kept & ~held_out), ("cold_start", kept & held_out)):
+        rows = order[_ranges(starts[chosen], used[chosen])]
+        picked = table.take(rows)
+        columns = {c: _ids(picked.column(c), int(num_embeddings[c])) for c in categorical}
+        for c in dense:
+            values = pc.fill_null(picked.column(c).cast(pa.float32()), 0.0)
+            columns[c] = values.to_numpy(zero_copy_only=False).astype(np.float32)
+        columns["label"] = labels[rows]
+        sizes = used[chosen]
+        splits[name] = TaskSplit(
+            name=name,
+            rows=Dataset(pa.table(columns)),
+            offsets=np.r_[0, np.cumsum(sizes)].astype(np.int64),
+            support_sizes=support[chosen],
+            keys=task_keys[chosen].astype(np.int64),
+            single_class=single_class[chosen],
+            categorical=categorical,
+            dense=dense,
+        )
+        stats[name] = {"tasks": int(chosen.sum()), "rows": int(sizes.sum()),
+                       "single_class": int(single_class[chosen].sum())}
+    stats["config"] = {
+        "task_key": task_key, "categorical": categorical, "dense": dense,
+        "num_embeddings": {c: int(num_embeddings[c]) for c in categorical}, "label": label, "label_rule": label_rule,
+        "time_column": time_column, "split": split, "support_size": support_size, "query_size": query_size,
+        "min_rows_per_task": min_rows_per_task, "holdout_fraction": holdout_fraction, "seed": seed,
+        "source": str(source) if not isinstance(source, pa.Table) else "pyarrow.Table",
+    }
+    store = TaskStore(train=splits["train"], cold_start=splits["cold_start"], stats=stats)
+    if out_dir is None:
+        return store
+    return _write(store, Path(out_dir))
+
+
+def _write(store: TaskStore, out_dir: Path) -> TaskStore:
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    stats = {
-        "rows": int(rows), "tasks": int(starts.size), "dropped_too_small": int((~kept).sum()),
-        "single_class": int((single_class & kept).sum()), "categorical": list(categorical), "dense": list(dense),
-        "num_embeddings": {c: int(num_embeddings[c]) for c in categorical}, "split": split,
-        "support_fraction": support_fraction,
-    }
-    for name, chosen in (("train", kept & ~held_out), ("cold_start", kept & held_out)):
-        task_rows = [np.arange(s, s + n) for s, n in zip(starts[chosen], counts[chosen])]
-        take = np.concatenate(task_rows) if task_rows else np.zeros(0, dtype=np.int64)
-        sizes = counts[chosen]
-        # One shard even when the split is empty, which load_from_disk can read back.
-        Dataset(InMemoryTable(pa.table({c: v[take] for c, v in columns.items()}))).save_to_disk(
-            str(partial / name / "rows"), num_shards=1
-        )
-        np.savez(
-            partial / name / _TASKS_FILE,
-            offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            support_sizes=np.clip(np.floor(sizes * support_fraction), 1, sizes - 1).astype(np.int64),
-            keys=task_keys[chosen], single_class=single_class[chosen],
-        )
-        stats[f"{name}_tasks"] = int(chosen.sum())
-        stats[f"{name}_rows"] = int(take.size)
-    (partial / _STATS_FILE).write_text(json.dumps(stats, indent=1))
+    for split in (store.train, store.cold_start):
+        (partial / split.name).mkdir(parents=True)
+        table = split.rows.data.table.combine_chunks()
+        # One record batch per column: TaskSplit.column() is then a zero-copy view of the map.
+        with pa.OSFile(str(partial / split.name / _ROWS_FILE), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        np.savez(partial / split.name / _TASKS_FILE, offsets=split.offsets, support_sizes=split.support_sizes,
+                 keys=split.keys, single_class=split.single_class)
+    (partial / _STATS_FILE).write_text(json.dumps(store.stats, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
-    return stats
+    return TaskStore.load(out_dir)
 
 
 def _rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size, or neither (got rank={rank}, world_size={world_size})")
     if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         return rank, world_size
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-class _StoreReader:
-    """Gathers rows of a `TaskStore` into batches (vectorised slices of the Arrow columns)."""
+class _RowReader:
+    """Gathers rows of a `TaskSplit` into tensors: numpy gathers over memory-mapped columns."""
 
-    def __init__(self, store: TaskStore) -> None:
-        self.store = store
+    def __init__(self, tasks: TaskSplit) -> None:
+        self.tasks = tasks
         self._columns: Optional[dict[str, np.ndarray]] = None
 
     @property
     def columns(self) -> dict[str, np.ndarray]:
-        # Opened lazily in each DataLoader worker (memory maps do not pickle as views).
+        # Opened lazily in each DataLoader worker: views of a memory map are not pickled.
         if self._columns is None:
-            names = self.store.categorical + self.store.dense + ["label"]
-            self._columns = {c: self.store.column(c) for c in names}
+            names = self.tasks.categorical + self.tasks.dense + ["label"]
+            self._columns = {c: self.tasks.column(c) for c in names}
         return self._columns
 
     def __getstate__(self) -> dict:
-        return {"store": self.store, "_columns": None}
-
-    def rows(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        total = int(lengths.sum())
-        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        return np.arange(total) + shift
+        return {"tasks": self.tasks, "_columns": None}
 
     def features(self, rows: np.ndarray) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
-        cols = self.columns
-        cat = self.store.categorical
-        values = torch.from_numpy(np.concatenate([cols[c][rows] for c in cat]))
-        kjt = KeyedJaggedTensor(keys=cat, values=values, lengths=torch.ones(values.numel(), dtype=torch.int64))
-        dense = (np.stack([cols[c][rows] for c in self.store.dense], axis=1) if self.store.dense
+        cols, tasks = self.columns, self.tasks
+        # One id per row and feature: KJT values are feature-major, all lengths 1.
+        values = torch.from_numpy(np.concatenate([cols[c][rows] for c in tasks.categorical]))
+        kjt = KeyedJaggedTensor(keys=tasks.categorical, values=values,
+                                lengths=torch.ones(values.numel(), dtype=torch.int32))
+        dense = (np.stack([cols[c][rows] for c in tasks.dense], axis=1) if tasks.dense
                  else np.zeros((rows.size, 0), dtype=np.float32))
         return torch.from_numpy(dense), kjt, torch.from_numpy(cols["label"][rows])
 
 
-def _worker_share(items: Sequence) -> Sequence:
+def _worker_share(items: list) -> list:
     info = get_worker_info()
     return items if info is None else items[info.id:: info.num_workers]
 
@@ -261,77 +511,103 @@ def _worker_share(items: Sequence) -> Sequence:
 class MetaBatchDataset(IterableDataset):
     """Task-consistent meta-batches: every row of a task in one `TaskBatch`, on one rank.
 
-    Tasks are shuffled per pass (by ``seed`` and the pass number), dealt to ranks, and grouped
-    ``tasks_per_batch`` at a time; every rank gets the same number of meta-batches (the remainder
-    of tasks is left for the next pass). Use it with ``DataLoader(batch_size=None, num_workers=k)``
-    to build batches in background workers.
+    Each pass shuffles the tasks (by ``seed`` and the epoch), deals them to ranks (disjoint), and
+    groups ``tasks_per_batch`` of them per meta-batch; every rank gets ``len(self)`` meta-batches
+    (the last ``num_tasks mod (tasks_per_batch * world_size)`` tasks of the shuffled order wait
+    for a later pass). A meta-batch is built with a few numpy gathers of contiguous row ranges and
+    one `KeyedJaggedTensor`. Use it with ``DataLoader(data, batch_size=None, num_workers=k,
+    prefetch_factor=p)`` to build batches in background workers; several workers take turns.
+
+    The epoch advances each time a copy of the dataset is iterated (in the main process, or in
+    persistent workers); with non-persistent workers call `set_epoch` before each epoch.
+
+    Args:
+        tasks: the split to read (``store.train``, ``store.cold_start``, or a `TaskSplit.task_range`).
+        tasks_per_batch: tasks per meta-batch and rank.
+        shuffle: reshuffle every epoch; False keeps the store order (evaluation).
+        seed: seed of the shuffles.
+        rank: this rank; with ``world_size``, or both from ``torch.distributed`` when left out.
+        world_size: ranks sharing the tasks.
 
     Example::
 
-        data = MetaBatchDataset(TaskStore.load("stores/ml"), tasks_per_batch=32)
-        batch = next(iter(data))  # TaskBatch with 32 tasks
+        store = TaskStore.load("stores/ml")
+        data = MetaBatchDataset(store.train, tasks_per_batch=32)
+        loader = DataLoader(data, batch_size=None, num_workers=2, prefetch_factor=4, persistent_workers=True)
+        batch = next(iter(loader))  # TaskBatch of 32 tasks
     """
 
     def __init__(
         self,
-        store: TaskStore,
+        tasks: TaskSplit,
         tasks_per_batch: int,
         shuffle: bool = True,
         seed: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ) -> None:
-        self.reader = _StoreReader(store)
+        if tasks_per_batch < 1:
+            raise ValueError(f"tasks_per_batch must be >= 1, got {tasks_per_batch}")
+        self.reader = _RowReader(tasks)
         self.tasks_per_batch = tasks_per_batch
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = _rank_world(rank, world_size)
-        self._passes = 0
         if len(self) == 0:
             raise ValueError(
-                f"{store.num_tasks} tasks make no meta-batch of {tasks_per_batch} tasks on each of {self.world_size} "
+                f"{tasks.num_tasks} tasks make no meta-batch of {tasks_per_batch} tasks on each of {self.world_size} "
                 "ranks; lower tasks_per_batch or add tasks"
             )
 
     def __len__(self) -> int:
-        return self.reader.store.num_tasks // (self.tasks_per_batch * self.world_size)
+        return self.reader.tasks.num_tasks // (self.tasks_per_batch * self.world_size)
 
-    def _plan(self) -> list[np.ndarray]:
-        store = self.reader.store
-        order = np.arange(store.num_tasks)
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass as epoch ``epoch``."""
+        self.epoch = epoch
+
+    def plan(self) -> list[np.ndarray]:
+        """This rank's meta-batches of the current epoch, as arrays of task positions."""
+        order = np.arange(self.reader.tasks.num_tasks)
         if self.shuffle:
-            order = np.random.default_rng((self.seed, self._passes)).permutation(order)
-        mine = order[self.rank:: self.world_size][: len(self) * self.tasks_per_batch]
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
+        mine = order[: len(self) * self.tasks_per_batch * self.world_size][self.rank:: self.world_size]
         return list(mine.reshape(len(self), self.tasks_per_batch))
 
-    def batch(self, tasks: np.ndarray) -> TaskBatch:
-        store = self.reader.store
-        starts = store.offsets[tasks]
-        lengths = store.offsets[tasks + 1] - starts
-        dense, kjt, labels = self.reader.features(self.reader.rows(starts, lengths))
+    def batch(self, task_positions: np.ndarray) -> TaskBatch:
+        """The `TaskBatch` of the given tasks (positions in the split), in that order."""
+        tasks = self.reader.tasks
+        starts = tasks.offsets[task_positions]
+        lengths = tasks.offsets[task_positions + 1] - starts
+        dense, kjt, labels = self.reader.features(_ranges(starts, lengths))
         return TaskBatch(
             dense_features=dense, sparse_features=kjt, labels=labels,
-            task_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
-            support_sizes=torch.from_numpy(store.support_sizes[tasks]),
-            task_keys=torch.from_numpy(store.keys[tasks]),
+            task_offsets=torch.from_numpy(np.r_[0, np.cumsum(lengths)].astype(np.int64)),
+            support_sizes=torch.from_numpy(tasks.support_sizes[task_positions].astype(np.int64)),
+            task_keys=torch.from_numpy(tasks.keys[task_positions].astype(np.int64)),
         )
 
     def __iter__(self) -> Iterator[TaskBatch]:
-        plan = self._plan()
-        self._passes += 1
-        for tasks in _worker_share(plan):
-            yield self.batch(tasks)
+        plan = self.plan()
+        self.epoch += 1
+        for task_positions in _worker_share(plan):
+            yield self.batch(task_positions)
 
 
 class QueryRowDataset(IterableDataset):
-    """Plain `Batch`es of a task store's rows, for training and scoring a model without adaptation.
+    """Plain `Batch`es of a split's rows, for training and scoring a model without adaptation.
 
-    ``query_only`` keeps just each task's query rows: the rows meta-learning is scored on, so a plain
-    model's AUC on them compares with the meta-learned one's.
+    ``query_only`` keeps just each task's query rows: the rows meta-learning is scored on, so a
+    plain model's AUC on them compares with the meta-learned one's. Epochs advance as in
+    `MetaBatchDataset`.
+
+    Example::
+
+        data = QueryRowDataset(store.cold_start, batch_size=512, query_only=True, shuffle=False)
     """
 
     def __init__(
         self,
-        store: TaskStore,
+        tasks: TaskSplit,
         batch_size: int,
         query_only: bool = False,
         shuffle: bool = True,
@@ -339,23 +615,26 @@ class QueryRowDataset(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ) -> None:
-        self.reader = _StoreReader(store)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.reader = _RowReader(tasks)
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.rank, self.world_size = _rank_world(rank, world_size)
-        starts = store.offsets[:-1] + (store.support_sizes if query_only else 0)
-        self.rows = self.reader.rows(starts, store.offsets[1:] - starts)
-        self._passes = 0
+        starts = tasks.offsets[:-1] + (tasks.support_sizes if query_only else 0)
+        self.rows = _ranges(starts, tasks.offsets[1:] - starts)
         if len(self) == 0:
             raise ValueError(f"{self.rows.size} rows make no batch of {batch_size} on each of {self.world_size} ranks")
 
     def __len__(self) -> int:
         return self.rows.size // (self.batch_size * self.world_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass as epoch ``epoch``."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[Batch]:
         rows = self.rows
         if self.shuffle:
-            rows = np.random.default_rng((self.seed, self._passes)).permutation(rows)
-        self._passes += 1
+            rows = np.random.default_rng((self.seed, self.epoch)).permutation(rows)
+        self.epoch += 1
         per_rank = len(self) * self.batch_size
         mine = rows[self.rank * per_rank: (self.rank + 1) * per_rank].reshape(len(self), self.batch_size)
         for batch_rows in _worker_share(list(mine)):

@@ -1,9 +1,10 @@
 """Synthetic interactions in which tasks (users) really differ, so per-task adaptation pays.
 
-Each user has a hidden taste vector over item latent factors; a click depends on a global part
-(item popularity, dense context) and on that taste. A global model learns the first; only
-adaptation on a user's own support rows recovers the second, which is what cold-start
-meta-learning is measured on.
+Each user has a hidden taste vector over item latent factors, and items of one category share
+most of their factors: a user likes some categories and dislikes others. A click depends on a
+global part (item and brand popularity, hour, dense context) and on that taste. A global model can
+learn the first part, and from the user's segment a little of the second; only adaptation on the
+user's own support rows recovers the rest, which is what cold-start meta-learning is measured on.
 """
 
 from __future__ import annotations
@@ -16,70 +17,132 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["SyntheticTaskConfig", "generate_interactions"]
+__all__ = ["SyntheticTaskConfig", "generate_interactions", "write_interactions"]
+
+_SEGMENTS, _HOURS, _DEVICES = 8, 24, 4
 
 
 @dataclass(frozen=True)
 class SyntheticTaskConfig:
-    """Size and signal of a generated interactions table.
+    """Size and signal of a generated interactions table; every value is fixed by ``seed``.
+
+    The categorical columns are ``user_id``, ``item_id``, ``category`` and ``brand`` (of the
+    item, ``num_items // 20`` brands), ``user_segment`` (8 segments; users of a segment share part
+    of their taste), ``hour`` (0-23) and ``device`` (4, mostly one per user); the dense columns are
+    ``d0..``; then ``label`` (0/1) and ``timestamp`` (seconds, increasing within a user).
 
     Args:
         num_users: tasks.
-        num_items: catalogue size.
-        num_categories: item categories (a coarse feature).
-        min_rows, max_rows: interactions per user, uniform in this range.
+        num_items: catalogue size; items are drawn with a long-tailed popularity.
+        num_categories: item categories; a user's taste is mostly a preference over them.
+        min_rows: fewest interactions of a user.
+        max_rows: most interactions of a user (uniform in between).
         num_dense: dense context features ``d0..``.
         latent_dim: width of the hidden item factors and user tastes.
-        taste_strength: weight of the per-user part of the click logit.
-        seed: everything is fixed by it.
+        taste_strength: weight of the per-user part of the click logit (0: tasks do not differ).
+        seed: seed of everything.
 
     Example::
 
-        table = generate_interactions(SyntheticTaskConfig(num_users=500))
-        table.column_names  # ['user_id', 'item_id', 'category', 'd0', ..., 'label', 'timestamp']
+        config = SyntheticTaskConfig(num_users=500)
+        table = generate_interactions(config)
+        table.column_names  # ['user_id', 'item_id', 'category', 'brand', 'user_segment', 'hour',
+                            #  'device', 'd0', 'd1', 'd2', 'd3', 'label', 'timestamp']
+        config.categorical_columns, config.dense_columns
     """
 
     num_users: int = 2000
     num_items: int = 2000
-    num_categories: int = 20
+    num_categories: int = 10
     min_rows: int = 8
     max_rows: int = 40
     num_dense: int = 4
     latent_dim: int = 8
-    taste_strength: float = 2.0
+    taste_strength: float = 3.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_users", "num_items", "num_categories", "min_rows", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rows < self.min_rows:
+            raise ValueError(f"max_rows ({self.max_rows}) must be >= min_rows ({self.min_rows})")
+        if self.num_dense < 0:
+            raise ValueError(f"num_dense must be >= 0, got {self.num_dense}")
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        return ("user_id", "item_id", "category", "brand", "user_segment", "hour", "device")
+
+    @property
+    def dense_columns(self) -> tuple[str, ...]:
+        return tuple(f"d{i}" for i in range(self.num_dense))
+
+    @property
+    def cardinalities(self) -> dict[str, int]:
+        """Distinct values of each categorical column (table sizes that need no hashing)."""
+        return {"user_id": self.num_users, "item_id": self.num_items, "category": self.num_categories,
+                "brand": max(1, self.num_items // 20), "user_segment": _SEGMENTS, "hour": _HOURS, "device": _DEVICES}
 
 
 def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
-    """One row per interaction, users in random order of time; vectorised (no loop over rows)."""
+    """One row per interaction, rows of all users interleaved in random order; vectorised."""
     rng = np.random.default_rng(config.seed)
+    dim = config.latent_dim
+    num_brands = config.cardinalities["brand"]
+
+    # Items: a category and a brand each, factors mostly shared within the category.
+    item_category = rng.integers(config.num_categories, size=config.num_items)
+    item_brand = rng.integers(num_brands, size=config.num_items)
+    centroids = rng.standard_normal((config.num_categories, dim))
+    item_factors = (0.9 * centroids[item_category] + 0.45 * rng.standard_normal((config.num_items, dim))) / np.sqrt(dim)
+    item_bias = rng.normal(0.0, 0.5, size=config.num_items)
+    brand_bias = rng.normal(0.0, 0.3, size=num_brands)
+    popularity = 1.0 / (1.0 + rng.permutation(config.num_items)) ** 0.8
+
+    # Users: a segment sharing part of the taste (what a global model can see), the rest their own.
+    segment = rng.integers(_SEGMENTS, size=config.num_users)
+    segment_taste = rng.standard_normal((_SEGMENTS, dim))
+    taste = 0.5 * segment_taste[segment] + np.sqrt(0.75) * rng.standard_normal((config.num_users, dim))
+    favourite_device = rng.integers(_DEVICES, size=config.num_users)
+
     rows_per_user = rng.integers(config.min_rows, config.max_rows + 1, size=config.num_users)
     user = np.repeat(np.arange(config.num_users), rows_per_user)
     n = user.size
-    popularity = rng.zipf(1.3, size=n) - 1
-    item = np.minimum(popularity, config.num_items - 1)
-    category = (item * 7919) % config.num_categories
+    item = rng.choice(config.num_items, size=n, p=popularity / popularity.sum())
+    hour = rng.integers(_HOURS, size=n)
+    device = np.where(rng.random(n) < 0.8, favourite_device[user], rng.integers(_DEVICES, size=n))
     dense = rng.standard_normal((n, config.num_dense)).astype(np.float32)
-
-    item_bias = rng.normal(0.0, 0.5, size=config.num_items)
-    item_factors = rng.standard_normal((config.num_items, config.latent_dim)) / np.sqrt(config.latent_dim)
-    tastes = rng.standard_normal((config.num_users, config.latent_dim))
     dense_weights = rng.normal(0.0, 0.5, size=config.num_dense)
+
     logit = (
-        item_bias[item]
+        -0.5
+        + item_bias[item]
+        + brand_bias[item_brand[item]]
+        + 0.3 * np.sin(2 * np.pi * hour / _HOURS)
         + dense @ dense_weights
-        + config.taste_strength * np.einsum("nd,nd->n", tastes[user], item_factors[item])
+        + config.taste_strength * np.einsum("nd,nd->n", taste[user], item_factors[item])
     )
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
-    timestamp = rng.integers(0, 10**6, size=n)
-    columns = {"user_id": user, "item_id": item, "category": category}
+
+    # Each user's interactions are spread over time from their own start.
+    gaps = rng.exponential(3600.0, size=n)
+    first_row = np.repeat(np.cumsum(rows_per_user) - rows_per_user, rows_per_user)
+    elapsed = np.cumsum(gaps) - np.cumsum(gaps)[first_row] + gaps[first_row]
+    timestamp = (rng.integers(0, 10**7, size=config.num_users)[user] + elapsed).astype(np.int64)
+
+    columns = {
+        "user_id": user, "item_id": item, "category": item_category[item], "brand": item_brand[item],
+        "user_segment": segment[user], "hour": hour, "device": device,
+    }
     columns.update({f"d{i}": dense[:, i] for i in range(config.num_dense)})
     columns.update({"label": label, "timestamp": timestamp})
-    return pa.table(columns)
+    shuffle = rng.permutation(n)
+    return pa.table({name: np.ascontiguousarray(values[shuffle]) for name, values in columns.items()})
 
 
 def write_interactions(config: SyntheticTaskConfig, path: Union[str, Path]) -> Path:
-    """Generate and write as parquet (the Meta-IO ingestion path reads it back)."""
+    """Generate the interactions and write them as parquet, for the Meta-IO ingestion path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(generate_interactions(config), path)
