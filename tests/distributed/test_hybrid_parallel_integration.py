@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import TABLES, reference_run  # noqa: E402
+from tiny import TABLES, TinyRecModule, make_batch, rank_slice, reference_run  # noqa: E402
 
 WORKER = Path(__file__).parent / "worker.py"
 STEPS, GLOBAL_BATCH, LR = 3, 8, 0.1
@@ -118,3 +118,15 @@ def test_out_of_range_id_names_feature_and_table(tmp_path: Path) -> None:
     proc = run_worker(tmp_path, "--steps", "1", "--bad-id", "--policy", every_table("table_wise"), expect_ok=False)
     assert proc.returncode != 0
     assert "feature 'f_t2' has id 10000 outside table 't2', which has 96 rows" in proc.stderr
+
+
+def test_fork_hands_trained_tables_back_and_predict_matches(tmp_path: Path) -> None:
+    run_worker(tmp_path, "--steps", str(STEPS), "--policy", every_table("row_wise"), "--predict")
+    _, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR)
+    reference = TinyRecModule()
+    reference.load_state_dict(ref_state)
+    # trainer.predict returns rank 0's predictions: its half of every global batch.
+    with torch.no_grad():
+        expected = torch.cat([reference.predict_step(rank_slice(make_batch(step, GLOBAL_BATCH), 0, 2), step)
+                              for step in range(STEPS)])
+    torch.testing.assert_close(torch.load(tmp_path / "predictions.pt"), expected, rtol=RTOL, atol=ATOL)

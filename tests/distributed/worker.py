@@ -63,6 +63,20 @@ class Dump(Callback):
                 consolidate_checkpoint(self.out / self.save, self.out / f"{self.save}.full.pt")
 
 
+class SavePredictions(Callback):
+    """Rank 0's predictions (Lightning returns none from spawned or forked workers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.outputs = path, []
+
+    def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.outputs.append(outputs)
+
+    def on_predict_end(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            torch.save(torch.cat(self.outputs), self.path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -79,6 +93,7 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--start-method", default="fork")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--predict", action="store_true", help="after fit, predict in the launching process")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     args = p.parse_args()
 
@@ -105,6 +120,10 @@ def main() -> None:
     data = Data(args.steps, args.global_batch, args.data_seed)
     data.bad_id = args.bad_id
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    if args.predict:
+        # Under fork the launching process got the trained full tables back; predict shards them again.
+        trainer.callbacks.append(SavePredictions(out / "predictions.pt"))
+        trainer.predict(module, datamodule=data, return_predictions=False)
 
 
 if __name__ == "__main__":
