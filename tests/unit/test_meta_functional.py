@@ -33,8 +33,10 @@ class TinyDLRM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.ebc = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name=f"t_{f}", num_embeddings=IDS, embedding_dim=DIM, feature_names=[f])
-                    for f in FEATURES]
+            tables=[
+                EmbeddingBagConfig(name=f"t_{f}", num_embeddings=IDS, embedding_dim=DIM, feature_names=[f])
+                for f in FEATURES
+            ]
         )
         self.dense_arch = DenseArch(NUM_DENSE, [8, DIM])
         self.inter_arch = InteractionArch(len(FEATURES))
@@ -63,10 +65,18 @@ def meta_batch(sizes=SIZES, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = sum(s + q for s, q in sizes)
     offsets = torch.tensor([0] + [s + q for s, q in sizes]).cumsum(0)
-    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.randint(IDS, (rows * len(FEATURES),), generator=g),
-                            lengths=torch.ones(rows * len(FEATURES), dtype=torch.int64))
-    return (torch.randn(rows, NUM_DENSE, generator=g), kjt, torch.randint(2, (rows,), generator=g).float(),
-            offsets, torch.tensor([s for s, _ in sizes]))
+    kjt = KeyedJaggedTensor(
+        keys=FEATURES,
+        values=torch.randint(IDS, (rows * len(FEATURES),), generator=g),
+        lengths=torch.ones(rows * len(FEATURES), dtype=torch.int64),
+    )
+    return (
+        torch.randn(rows, NUM_DENSE, generator=g),
+        kjt,
+        torch.randint(2, (rows,), generator=g).float(),
+        offsets,
+        torch.tensor([s for s, _ in sizes]),
+    )
 
 
 def reference_query_loss(model, dense, embedded, labels, offsets, supports, config, inner_lrs=None):
@@ -93,8 +103,12 @@ def reference_query_loss(model, dense, embedded, labels, offsets, supports, conf
         offset = torch.zeros(len(positions), DIM, requires_grad=True)
         for _ in range(config.inner_steps):
             inputs = list(params.values()) + [offset]
-            grads = torch.autograd.grad(loss(params, offset, slice(start, mid)), inputs,
-                                        create_graph=not config.first_order, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss(params, offset, slice(start, mid)),
+                inputs,
+                create_graph=not config.first_order,
+                allow_unused=True,
+            )
             params = {n: p - lr(n) * g for (n, p), g in zip(params.items(), grads)}
             if positions:
                 offset = offset - lr(None) * grads[-1]
@@ -105,13 +119,16 @@ def reference_query_loss(model, dense, embedded, labels, offsets, supports, conf
 CONFIGS = {
     "maml": MetaLearningConfig(algorithm="maml", inner_lr=0.3),
     "fomaml": MetaLearningConfig(algorithm="fomaml", inner_lr=0.3),
-    "maml_2_steps_all_dense": MetaLearningConfig(inner_steps=2, inner_lr=0.2, adapt=("over_arch", "dense_arch")),
+    "maml_2_steps_all_dense": MetaLearningConfig(
+        inner_steps=2, inner_lr=0.2, adapt=("over_arch", "dense_arch")
+    ),
     "fomaml_3_steps": MetaLearningConfig(algorithm="fomaml", inner_steps=3, inner_lr=0.2),
     "maml_embedding_offsets": MetaLearningConfig(inner_steps=2, adapt_embeddings=("user",)),
     "offsets_only": MetaLearningConfig(inner_steps=2, adapt=(), adapt_embeddings=("item", "user")),
     "meta_sgd": MetaLearningConfig(inner_steps=2, learn_inner_lr=True, adapt_embeddings=("item",)),
-    "fomaml_meta_sgd": MetaLearningConfig(algorithm="fomaml", inner_steps=2, learn_inner_lr=True,
-                                          adapt_embeddings=("category",)),
+    "fomaml_meta_sgd": MetaLearningConfig(
+        algorithm="fomaml", inner_steps=2, learn_inner_lr=True, adapt_embeddings=("category",)
+    ),
 }
 
 
@@ -127,7 +144,11 @@ def gradients(model_cls, config, compute):
     dense, kjt, labels, offsets, supports = meta_batch()
     embedded = model.embed(kjt)
     loss = compute(model, dense, embedded, labels, offsets, supports, inner_lrs)
-    inputs = list(model.parameters()) + (list(inner_lrs.parameters()) if inner_lrs is not None else []) + [embedded]
+    inputs = (
+        list(model.parameters())
+        + (list(inner_lrs.parameters()) if inner_lrs is not None else [])
+        + [embedded]
+    )
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     return loss, [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
 
@@ -138,8 +159,9 @@ def test_meta_gradients_match_per_task_autograd(name: str) -> None:
 
     def vectorised(model, dense, embedded, labels, offsets, supports, inner_lrs):
         params = dict(model.named_parameters())
-        return meta_step(model, params, dense, embedded, labels, offsets, supports, config, FEATURES,
-                         inner_lrs).query_loss
+        return meta_step(
+            model, params, dense, embedded, labels, offsets, supports, config, FEATURES, inner_lrs
+        ).query_loss
 
     def reference(model, dense, embedded, labels, offsets, supports, inner_lrs):
         return reference_query_loss(model, dense, embedded, labels, offsets, supports, config, inner_lrs)
@@ -166,16 +188,22 @@ def test_maml_matches_higher() -> None:
             with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(config.inner_steps):
                     s = slice(start, mid)
-                    diffopt.step(nn.functional.binary_cross_entropy_with_logits(fmodel(dense[s], embedded[s]),
-                                                                                labels[s]))
+                    diffopt.step(
+                        nn.functional.binary_cross_entropy_with_logits(
+                            fmodel(dense[s], embedded[s]), labels[s]
+                        )
+                    )
                 q = slice(mid, end)
-                losses.append(nn.functional.binary_cross_entropy_with_logits(fmodel(dense[q], embedded[q]),
-                                                                             labels[q]))
+                losses.append(
+                    nn.functional.binary_cross_entropy_with_logits(fmodel(dense[q], embedded[q]), labels[q])
+                )
         return torch.stack(losses).mean()
 
     def vectorised(model, dense, embedded, labels, offsets, supports, inner_lrs):
         params = dict(model.named_parameters())
-        return meta_step(model, params, dense, embedded, labels, offsets, supports, config, FEATURES).query_loss
+        return meta_step(
+            model, params, dense, embedded, labels, offsets, supports, config, FEATURES
+        ).query_loss
 
     got_loss, got = gradients(TinyDLRM, config, vectorised)
     want_loss, want = gradients(TinyDLRM, config, with_higher)
@@ -189,9 +217,11 @@ def test_first_and_second_order_differ_only_in_second_order_terms() -> None:
     for algorithm in ("maml", "fomaml"):
         config = MetaLearningConfig(algorithm=algorithm, inner_lr=0.5)
 
-        def compute(model, dense, embedded, labels, offsets, supports, inner_lrs):
+        def compute(model, dense, embedded, labels, offsets, supports, inner_lrs, config=config):
             params = dict(model.named_parameters())
-            return meta_step(model, params, dense, embedded, labels, offsets, supports, config, FEATURES).query_loss
+            return meta_step(
+                model, params, dense, embedded, labels, offsets, supports, config, FEATURES
+            ).query_loss
 
         grads[algorithm] = gradients(TinyDLRM, config, compute)[1]
     # The bottom MLP only reaches the query loss through the inner gradients' dependence on it.
@@ -203,7 +233,9 @@ def test_vmap_falls_back_to_a_loop_over_tasks_once() -> None:
 
     def compute(model, dense, embedded, labels, offsets, supports, inner_lrs):
         params = dict(model.named_parameters())
-        return meta_step(model, params, dense, embedded, labels, offsets, supports, config, FEATURES).query_loss
+        return meta_step(
+            model, params, dense, embedded, labels, offsets, supports, config, FEATURES
+        ).query_loss
 
     def reference(model, dense, embedded, labels, offsets, supports, inner_lrs):
         return reference_query_loss(model, dense, embedded, labels, offsets, supports, config)
@@ -217,7 +249,17 @@ def test_vmap_falls_back_to_a_loop_over_tasks_once() -> None:
 
     model = ItemCallingDLRM()
     dense, kjt, labels, offsets, supports = meta_batch()
-    args = (model, dict(model.named_parameters()), dense, model.embed(kjt), labels, offsets, supports, config, FEATURES)
+    args = (
+        model,
+        dict(model.named_parameters()),
+        dense,
+        model.embed(kjt),
+        labels,
+        offsets,
+        supports,
+        config,
+        FEATURES,
+    )
     with pytest.warns(UserWarning, match="loops over tasks"):
         meta_step(*args)
     with warnings.catch_warnings():
@@ -229,17 +271,31 @@ def test_meta_step_outputs() -> None:
     torch.manual_seed(0)
     model = TinyDLRM()
     dense, kjt, labels, offsets, supports = meta_batch()
-    out = meta_step(model, dict(model.named_parameters()), dense, model.embed(kjt), labels, offsets, supports,
-                    MetaLearningConfig(), FEATURES)
-    query_rows = torch.cat([torch.arange(int(offsets[t] + supports[t]), int(offsets[t + 1]))
-                            for t in range(len(supports))])
+    out = meta_step(
+        model,
+        dict(model.named_parameters()),
+        dense,
+        model.embed(kjt),
+        labels,
+        offsets,
+        supports,
+        MetaLearningConfig(),
+        FEATURES,
+    )
+    query_rows = torch.cat(
+        [torch.arange(int(offsets[t] + supports[t]), int(offsets[t + 1])) for t in range(len(supports))]
+    )
     assert torch.equal(out.query_labels, labels[query_rows])
     assert out.query_logits_adapted.shape == query_rows.shape and not out.query_logits_adapted.requires_grad
     with torch.no_grad():
         logits = model(dense, kjt)
-    per_task = [nn.functional.binary_cross_entropy_with_logits(logits[int(offsets[t] + supports[t]):int(offsets[t + 1])],
-                                                               labels[int(offsets[t] + supports[t]):int(offsets[t + 1])])
-                for t in range(len(supports))]
+    per_task = [
+        nn.functional.binary_cross_entropy_with_logits(
+            logits[int(offsets[t] + supports[t]) : int(offsets[t + 1])],
+            labels[int(offsets[t] + supports[t]) : int(offsets[t + 1])],
+        )
+        for t in range(len(supports))
+    ]
     torch.testing.assert_close(out.query_loss_unadapted, torch.stack(per_task).mean())
     assert not out.support_loss.requires_grad and not out.query_loss_unadapted.requires_grad
 
@@ -256,7 +312,9 @@ def test_adapt_and_predict_under_any_grad_mode(mode: str) -> None:
     embedded = model.embed(kjt).detach()
     embedded[3:6], embedded[9:12] = embedded[0:3], embedded[6:9]
     config = MetaLearningConfig(inner_steps=5, inner_lr=0.5, adapt_embeddings=("user",))
-    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[
+        mode
+    ]
     with context():
         inputs = [t.clone() for t in (dense[:12], embedded[:12], labels[:12], offsets, supports)]
         result = adapt_and_predict(model, dict(model.named_parameters()), *inputs, config, FEATURES)
@@ -265,7 +323,9 @@ def test_adapt_and_predict_under_any_grad_mode(mode: str) -> None:
     assert result.adapted_loss < result.unadapted_loss
     assert result.adapted_logits.shape == result.labels.shape == (6,)
     torch.testing.assert_close(result.unadapted_logits, want[[3, 4, 5, 9, 10, 11]])
-    assert not any(t.requires_grad for t in (result.adapted_logits, result.adapted_loss, result.unadapted_loss))
+    assert not any(
+        t.requires_grad for t in (result.adapted_logits, result.adapted_loss, result.unadapted_loss)
+    )
 
 
 def test_task_index_pads_and_masks() -> None:
@@ -293,14 +353,41 @@ def test_meta_step_errors_name_the_problem() -> None:
     embedded = model.embed(kjt)
     params = dict(model.named_parameters())
     with pytest.raises(ValueError, match="'top'"):
-        meta_step(model, params, dense, embedded, labels, offsets, supports, MetaLearningConfig(adapt=("top",)),
-                  FEATURES)
+        meta_step(
+            model,
+            params,
+            dense,
+            embedded,
+            labels,
+            offsets,
+            supports,
+            MetaLearningConfig(adapt=("top",)),
+            FEATURES,
+        )
     with pytest.raises(ValueError, match="'age'"):
-        meta_step(model, params, dense, embedded, labels, offsets, supports,
-                  MetaLearningConfig(adapt_embeddings=("age",)), FEATURES)
+        meta_step(
+            model,
+            params,
+            dense,
+            embedded,
+            labels,
+            offsets,
+            supports,
+            MetaLearningConfig(adapt_embeddings=("age",)),
+            FEATURES,
+        )
     with pytest.raises(ValueError, match="inner_lrs"):
-        meta_step(model, params, dense, embedded, labels, offsets, supports,
-                  MetaLearningConfig(learn_inner_lr=True), FEATURES)
+        meta_step(
+            model,
+            params,
+            dense,
+            embedded,
+            labels,
+            offsets,
+            supports,
+            MetaLearningConfig(learn_inner_lr=True),
+            FEATURES,
+        )
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dembed.data.batch import TaskBatch
-from lightning_dembed.data.meta_io import MetaBatchDataset, TaskStore, build_task_store, parse_label_rule
+from lightning_dembed.data.meta_io import (
+    MetaBatchDataset,
+    QueryRowDataset,
+    TaskStore,
+    build_task_store,
+    parse_label_rule,
+)
 from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions, write_interactions
 
 
@@ -34,15 +40,22 @@ def interactions(num_tasks: int = 40, seed: int = 0, string_keys: bool = False) 
 
 
 def build(table: pa.Table, out_dir=None, **kwargs) -> TaskStore:
-    args = dict(task_key="user", categorical=["user", "item"], num_embeddings={"user": 10**6, "item": 100},
-                dense=["row"], label_rule="rating >= 4", time_column="ts", holdout_fraction=0.0)
+    args = dict(
+        task_key="user",
+        categorical=["user", "item"],
+        num_embeddings={"user": 10**6, "item": 100},
+        dense=["row"],
+        label_rule="rating >= 4",
+        time_column="ts",
+        holdout_fraction=0.0,
+    )
     args.update(kwargs)
     return build_task_store(table, out_dir, **args)
 
 
 def task_rows(split, t: int) -> np.ndarray:
     """Input row ids of task t of a split, in stored order."""
-    return split.column("row")[split.offsets[t]: split.offsets[t + 1]].astype(np.int64)
+    return split.column("row")[split.offsets[t] : split.offsets[t + 1]].astype(np.int64)
 
 
 def test_grouping_and_time_split() -> None:
@@ -61,7 +74,9 @@ def test_grouping_and_time_split() -> None:
         seen.extend(rows)
     assert len(seen) == len(set(seen)) == split.num_rows == store.stats["rows"]
     # Categorical ids: integers modulo the table size.
-    assert np.array_equal(split.column("item"), table.column("item").to_numpy()[split.column("row").astype(int)] % 100)
+    assert np.array_equal(
+        split.column("item"), table.column("item").to_numpy()[split.column("row").astype(int)] % 100
+    )
 
 
 def test_random_split_is_seeded_and_not_time_ordered() -> None:
@@ -94,7 +109,7 @@ def test_single_class_tasks_are_kept_and_flagged() -> None:
     store = build(table, min_rows_per_task=2)
     labels = store.train.column("label")
     for t in range(store.train.num_tasks):
-        task = labels[store.train.offsets[t]: store.train.offsets[t + 1]]
+        task = labels[store.train.offsets[t] : store.train.offsets[t + 1]]
         assert store.train.single_class[t] == (task.min() == task.max())
     assert store.stats["single_class"] == int(store.train.single_class.sum()) > 0
 
@@ -126,18 +141,22 @@ def test_cold_start_holdout_is_disjoint_and_stable() -> None:
 def test_string_keys_from_csv_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "interactions.csv"
     pyarrow.csv.write_csv(interactions(string_keys=True), path)
-    store = build(str(path), tmp_path / "store", min_rows_per_task=2, num_embeddings={"user": 1000, "item": 100})
+    store = build(
+        str(path), tmp_path / "store", min_rows_per_task=2, num_embeddings={"user": 1000, "item": 100}
+    )
     stats = json.loads((tmp_path / "store" / "stats.json").read_text())
     assert stats["tasks"] == store.train.num_tasks == store.stats["tasks"]
     loaded = TaskStore.load(tmp_path / "store")
     assert np.array_equal(loaded.train.column("user"), store.train.column("user"))
     assert (store.train.column("user") < 1000).all()
+
     # String ids are a stable hash (64-bit FNV-1a of the UTF-8 bytes) modulo the table size.
     def fnv(text: str) -> int:
         h = 0xCBF29CE484222325
         for byte in text.encode():
             h = ((h ^ byte) * 0x100000001B3) % 2**64
         return h
+
     first = task_rows(store.train, 0)
     user = interactions(string_keys=True).column("user").to_numpy()[first[0]]
     assert store.train.column("user")[0] == fnv(user) % 1000
@@ -184,7 +203,9 @@ def test_meta_batches_hold_whole_tasks_and_ranks_get_disjoint_tasks() -> None:
                 task = by_key[key]
                 stored = slice(int(split.offsets[task]), int(split.offsets[task + 1]))
                 # The task's every row, in store order (support first), in this one batch.
-                assert torch.equal(batch.dense_features[rows, 0], torch.from_numpy(split.column("row")[stored]))
+                assert torch.equal(
+                    batch.dense_features[rows, 0], torch.from_numpy(split.column("row")[stored])
+                )
                 assert torch.equal(batch.labels[rows], torch.from_numpy(split.column("label")[stored]))
                 assert torch.equal(ids["item"].values()[rows], torch.from_numpy(split.column("item")[stored]))
                 assert int(batch.support_sizes[t]) == split.support_sizes[task]
@@ -192,6 +213,18 @@ def test_meta_batches_hold_whole_tasks_and_ranks_get_disjoint_tasks() -> None:
         assert len(keys) == len(set(keys))
         keys_per_rank.append(set(keys))
     assert keys_per_rank[0].isdisjoint(keys_per_rank[1])
+    # One storage per meta-batch: a DataLoader worker passes it as one shared-memory block.
+    batch = ranks[0].batch(ranks[0].plan()[0])
+    tensors = [
+        batch.dense_features,
+        batch.labels,
+        batch.task_offsets,
+        batch.support_sizes,
+        batch.task_keys,
+        batch.sparse_features.values(),
+        batch.sparse_features.lengths(),
+    ]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
 
 
 def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
@@ -216,17 +249,29 @@ def test_synthetic_tasks_are_deterministic_and_adaptation_pays(tmp_path: Path) -
     assert table.column_names == [*config.categorical_columns, *config.dense_columns, "label", "timestamp"]
     assert pa.parquet.read_table(write_interactions(config, tmp_path / "i.parquet")).equals(table)
 
-    store = build_task_store(table, None, task_key="user_id", categorical=config.categorical_columns,
-                             num_embeddings=config.cardinalities, dense=config.dense_columns, label="label",
-                             time_column="timestamp", holdout_fraction=0.0)
+    store = build_task_store(
+        table,
+        None,
+        task_key="user_id",
+        categorical=config.categorical_columns,
+        num_embeddings=config.cardinalities,
+        dense=config.dense_columns,
+        label="label",
+        time_column="timestamp",
+        holdout_fraction=0.0,
+    )
     split = store.train
     # A per-user adaptation as simple as it gets (category click rates on the support rows, shrunk
     # to the global rate) beats the global per-category rate on the query rows.
     task = np.repeat(np.arange(split.num_tasks), np.diff(split.offsets))
-    support = np.arange(split.num_rows) < np.repeat(split.offsets[:-1] + split.support_sizes, np.diff(split.offsets))
+    support = np.arange(split.num_rows) < np.repeat(
+        split.offsets[:-1] + split.support_sizes, np.diff(split.offsets)
+    )
     category, label = split.column("category"), split.column("label")
     k = config.num_categories
-    global_rate = np.bincount(category[support], label[support], k) / np.bincount(category[support], minlength=k)
+    global_rate = np.bincount(category[support], label[support], k) / np.bincount(
+        category[support], minlength=k
+    )
     cell = task * k + category
     clicks = np.bincount(cell[support], label[support], split.num_tasks * k)
     shows = np.bincount(cell[support], minlength=split.num_tasks * k)
@@ -237,3 +282,70 @@ def test_synthetic_tasks_are_deterministic_and_adaptation_pays(tmp_path: Path) -
         return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
     assert log_loss(user_rate[cell[~support]]) < 0.95 * log_loss(global_rate[category[~support]])
+
+
+# -- sources, query rows, one worker, rank arguments, empty splits ----------------------------------
+
+
+def test_parquet_csv_and_table_sources_build_the_same_store(tmp_path: Path) -> None:
+    table = interactions()
+    pa.parquet.write_table(table, tmp_path / "t.parquet")
+    pyarrow.csv.write_csv(table, tmp_path / "t.csv")
+    want = build(table, min_rows_per_task=2).train
+    for name in ("t.parquet", "t.csv"):
+        got = build(tmp_path / name, tmp_path / f"store-{name}", min_rows_per_task=2).train
+        for field in ("offsets", "support_sizes", "keys", "single_class"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), (name, field)
+        for column in ("user", "item", "row", "label"):
+            assert np.array_equal(got.column(column), want.column(column)), (name, column)
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        build(tmp_path / "nowhere.csv")
+
+
+def test_query_only_rows_are_the_query_sets() -> None:
+    split = build(interactions(num_tasks=200), min_rows_per_task=2).train
+    support, query = set(), set()
+    for t in range(split.num_tasks):
+        rows = task_rows(split, t).tolist()
+        support.update(rows[: split.support_sizes[t]])
+        query.update(rows[split.support_sizes[t]:])
+
+    def rows_of(data: QueryRowDataset, **loader_kwargs) -> list[int]:
+        # dense=["row"]: the first dense feature is each row's input position.
+        return [int(r) for b in collect(data, **loader_kwargs) for r in b.dense_features[:, 0].tolist()]
+
+    def make(query_only: bool) -> QueryRowDataset:
+        return QueryRowDataset(split, batch_size=16, query_only=query_only, seed=2, rank=0, world_size=1)
+
+    seen = rows_of(make(True))
+    assert len(seen) == len(set(seen)) == len(make(True)) * 16
+    assert set(seen) <= query and len(query) - len(seen) < 16  # all but a last partial batch
+    assert rows_of(make(True), num_workers=1) == seen  # the same batches from a background worker
+    everything = set(rows_of(make(False)))
+    assert everything & support and everything & query
+
+
+def test_meta_batches_from_one_worker_and_rank_arguments() -> None:
+    split = build(interactions(num_tasks=200), min_rows_per_task=2).train
+
+    def make() -> MetaBatchDataset:
+        return MetaBatchDataset(split, tasks_per_batch=8, seed=4, rank=1, world_size=2)
+
+    in_process, in_worker = collect(make()), collect(make(), num_workers=1)
+    assert len(in_process) == len(in_worker) == len(make()) > 0
+    for a, b in zip(in_process, in_worker):
+        assert torch.equal(a.task_keys, b.task_keys) and torch.equal(a.dense_features, b.dense_features)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+    with pytest.raises(ValueError, match="both"):
+        MetaBatchDataset(split, tasks_per_batch=8, rank=1)
+    with pytest.raises(ValueError, match="rank"):
+        MetaBatchDataset(split, tasks_per_batch=8, rank=2, world_size=2)
+
+
+def test_an_empty_split_round_trips(tmp_path: Path) -> None:
+    store = build(interactions(), tmp_path / "store", holdout_fraction=0.0, min_rows_per_task=2)
+    loaded = TaskStore.load(tmp_path / "store")
+    assert loaded.cold_start.num_tasks == 0 and loaded.cold_start.num_rows == 0
+    assert loaded.train.num_tasks == store.train.num_tasks == store.stats["tasks"]
+    with pytest.raises(FileNotFoundError, match="not a task store"):
+        TaskStore.load(tmp_path)

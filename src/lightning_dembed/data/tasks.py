@@ -81,8 +81,15 @@ class SyntheticTaskConfig:
     @property
     def cardinalities(self) -> dict[str, int]:
         """Distinct values of each categorical column (table sizes that need no hashing)."""
-        return {"user_id": self.num_users, "item_id": self.num_items, "category": self.num_categories,
-                "brand": max(1, self.num_items // 20), "user_segment": _SEGMENTS, "hour": _HOURS, "device": _DEVICES}
+        return {
+            "user_id": self.num_users,
+            "item_id": self.num_items,
+            "category": self.num_categories,
+            "brand": max(1, self.num_items // 20),
+            "user_segment": _SEGMENTS,
+            "hour": _HOURS,
+            "device": _DEVICES,
+        }
 
 
 def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
@@ -95,7 +102,9 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     item_category = rng.integers(config.num_categories, size=config.num_items)
     item_brand = rng.integers(num_brands, size=config.num_items)
     centroids = rng.standard_normal((config.num_categories, dim))
-    item_factors = (0.9 * centroids[item_category] + 0.45 * rng.standard_normal((config.num_items, dim))) / np.sqrt(dim)
+    item_factors = (
+        0.9 * centroids[item_category] + 0.45 * rng.standard_normal((config.num_items, dim))
+    ) / np.sqrt(dim)
     item_bias = rng.normal(0.0, 0.5, size=config.num_items)
     brand_bias = rng.normal(0.0, 0.3, size=num_brands)
     popularity = 1.0 / (1.0 + rng.permutation(config.num_items)) ** 0.8
@@ -132,8 +141,13 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     timestamp = (rng.integers(0, 10**7, size=config.num_users)[user] + elapsed).astype(np.int64)
 
     columns = {
-        "user_id": user, "item_id": item, "category": item_category[item], "brand": item_brand[item],
-        "user_segment": segment[user], "hour": hour, "device": device,
+        "user_id": user,
+        "item_id": item,
+        "category": item_category[item],
+        "brand": item_brand[item],
+        "user_segment": segment[user],
+        "hour": hour,
+        "device": device,
     }
     columns.update({f"d{i}": dense[:, i] for i in range(config.num_dense)})
     columns.update({"label": label, "timestamp": timestamp})

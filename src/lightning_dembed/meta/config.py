@@ -51,7 +51,11 @@ class MetaLearningConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+        if (
+            isinstance(self.inner_steps, bool)
+            or not isinstance(self.inner_steps, int)
+            or self.inner_steps < 1
+        ):
             raise ValueError(f"inner_steps must be an int >= 1, got {self.inner_steps!r}")
         if (
             isinstance(self.inner_lr, bool)
@@ -73,7 +77,9 @@ class MetaLearningConfig:
                 raise ValueError(f"{field} names something twice: {value!r}")
             object.__setattr__(self, field, tuple(value))
         if not self.adapt and not self.adapt_embeddings:
-            raise ValueError("adapt and adapt_embeddings are both empty: nothing would adapt in the inner loop")
+            raise ValueError(
+                "adapt and adapt_embeddings are both empty: nothing would adapt in the inner loop"
+            )
 
     @property
     def first_order(self) -> bool:

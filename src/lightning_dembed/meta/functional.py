@@ -72,7 +72,8 @@ def task_index(task_offsets: Tensor, support_sizes: Tensor) -> TaskIndex:
     query_sizes = task_offsets[1:] - starts - support_sizes
     if bool((support_sizes < 1).any()) or bool((query_sizes < 1).any()):
         raise ValueError(
-            f"every task needs at least one support row and one query row; support sizes {support_sizes.tolist()}, "
+            "every task needs at least one support row and one query row; "
+            f"support sizes {support_sizes.tolist()}, "
             f"query sizes {query_sizes.tolist()}"
         )
 
@@ -116,7 +117,9 @@ class InnerLearningRates(nn.Module):
         model.inner_lrs.rate("over_arch.0.weight").shape  # == model.over_arch[0].weight.shape
     """
 
-    def __init__(self, module: nn.Module, config: MetaLearningConfig, embedding_dim: Optional[int] = None) -> None:
+    def __init__(
+        self, module: nn.Module, config: MetaLearningConfig, embedding_dim: Optional[int] = None
+    ) -> None:
         super().__init__()
         rates = {}
         for name, p in module.named_parameters():
@@ -124,25 +127,32 @@ class InnerLearningRates(nn.Module):
                 continue
             if p.is_meta:
                 raise ValueError(
-                    f"parameter {name!r} is on the meta device; build InnerLearningRates once the adapted layers "
+                    f"parameter {name!r} is on the meta device; build InnerLearningRates once the adapted "
+                    "layers "
                     "hold real weights"
                 )
             rates[_key(name)] = nn.Parameter(torch.full_like(p, config.inner_lr))
         if config.adapt and not rates:
-            raise ValueError(f"adapt prefixes {list(config.adapt)} match no parameter of {type(module).__name__}")
+            raise ValueError(
+                f"adapt prefixes {list(config.adapt)} match no parameter of {type(module).__name__}"
+            )
         self.rates = nn.ParameterDict(rates)
         self.embedding_offsets: Optional[nn.Parameter] = None
         if config.adapt_embeddings:
             if embedding_dim is None:
                 raise ValueError("embedding_dim is needed to learn the rates of adapt_embeddings offsets")
-            self.embedding_offsets = nn.Parameter(torch.full((len(config.adapt_embeddings), embedding_dim),
-                                                             config.inner_lr))
+            self.embedding_offsets = nn.Parameter(
+                torch.full((len(config.adapt_embeddings), embedding_dim), config.inner_lr)
+            )
 
     def rate(self, name: str) -> Tensor:
         """The learned rate of one adapted parameter, by its ``named_parameters()`` name."""
         key = _key(name)
         if key not in self.rates:
-            raise KeyError(f"no learned inner rate for {name!r}; these rates cover {[k.replace('/', '.') for k in self.rates]}")
+            raise KeyError(
+                f"no learned inner rate for {name!r}; these rates cover "
+                f"{[k.replace('/', '.') for k in self.rates]}"
+            )
         return self.rates[key]
 
 
@@ -228,13 +238,18 @@ class _MetaBatch:
             names = list(feature_names)
             missing = [f for f in config.adapt_embeddings if f not in names]
             if missing:
-                raise ValueError(f"adapt_embeddings names {missing}, which are not among the features {names}")
+                raise ValueError(
+                    f"adapt_embeddings names {missing}, which are not among the features {names}"
+                )
             if len(names) != embedded.shape[1]:
-                raise ValueError(f"{len(names)} feature names for {embedded.shape[1]} looked-up features per row")
+                raise ValueError(
+                    f"{len(names)} feature names for {embedded.shape[1]} looked-up features per row"
+                )
             # [F, A] one-hot: scatters the A adapted offsets into a row's [F, D] layout by a matmul,
             # which vmap batches without an in-place write.
-            self.layout = torch.zeros(len(names), len(config.adapt_embeddings),
-                                      dtype=embedded.dtype, device=embedded.device)
+            self.layout = torch.zeros(
+                len(names), len(config.adapt_embeddings), dtype=embedded.dtype, device=embedded.device
+            )
             for column, feature in enumerate(config.adapt_embeddings):
                 self.layout[names.index(feature), column] = 1.0
             self.initial["offsets"] = embedded.new_zeros(len(config.adapt_embeddings), embedded.shape[-1])
@@ -255,10 +270,14 @@ class _MetaBatch:
             return rates
         rates = {"params": {n: inner_lrs.rate(n) for n in self.initial["params"]}}
         if "offsets" in self.initial:
-            if inner_lrs.embedding_offsets is None or inner_lrs.embedding_offsets.shape != self.initial["offsets"].shape:
+            if (
+                inner_lrs.embedding_offsets is None
+                or inner_lrs.embedding_offsets.shape != self.initial["offsets"].shape
+            ):
                 raise ValueError(
                     "inner_lrs has no embedding-offset rates of shape "
-                    f"{list(self.initial['offsets'].shape)}; build it with the config's adapt_embeddings and embedding_dim"
+                    f"{list(self.initial['offsets'].shape)}; build it with the config's adapt_embeddings and "
+                    "embedding_dim"
                 )
             rates["offsets"] = inner_lrs.embedding_offsets
         return rates
@@ -306,7 +325,8 @@ class _MetaBatch:
                 outputs = self._loop()  # raises on its own if the model is broken regardless of vmap
                 _LOOPED.add(self.module)
                 warnings.warn(
-                    f"torch.func.vmap cannot run {type(self.module).__name__}.forward ({str(error).splitlines()[0]}); "
+                    f"torch.func.vmap cannot run {type(self.module).__name__}.forward "
+                    f"({str(error).splitlines()[0]}); "
                     "the meta-step loops over tasks instead, which is slower",
                     stacklevel=3,
                 )
@@ -372,9 +392,21 @@ def meta_step(
         out.query_loss.backward()
     """
     if config.learn_inner_lr and inner_lrs is None:
-        raise ValueError("config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns")
-    batch = _MetaBatch(module, params, dense, embedded, labels, task_offsets, support_sizes, config, feature_names,
-                       inner_lrs if config.learn_inner_lr else None)
+        raise ValueError(
+            "config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns"
+        )
+    batch = _MetaBatch(
+        module,
+        params,
+        dense,
+        embedded,
+        labels,
+        task_offsets,
+        support_sizes,
+        config,
+        feature_names,
+        inner_lrs if config.learn_inner_lr else None,
+    )
     query_losses, support_losses, logits = batch.run()
     query_mask = batch.index.query_mask
     query_labels = batch.query[2]
@@ -421,13 +453,23 @@ def adapt_and_predict(
         auc.update(torch.sigmoid(result.adapted_logits), result.labels.long())
     """
     if config.learn_inner_lr and inner_lrs is None:
-        raise ValueError("config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns")
+        raise ValueError(
+            "config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns"
+        )
     # torch.func.grad differentiates whatever the grad mode, so under no_grad the adaptation is
     # the same and no outer graph (never backpropagated here) is built.
     with torch.inference_mode(False), torch.no_grad():
         batch = _MetaBatch(
-            module, {n: _plain(p) for n, p in params.items()}, _plain(dense), _plain(embedded), _plain(labels),
-            task_offsets, support_sizes, config, feature_names, inner_lrs if config.learn_inner_lr else None,
+            module,
+            {n: _plain(p) for n, p in params.items()},
+            _plain(dense),
+            _plain(embedded),
+            _plain(labels),
+            task_offsets,
+            support_sizes,
+            config,
+            feature_names,
+            inner_lrs if config.learn_inner_lr else None,
         )
         query_losses, _, adapted = batch.run()
         unadapted = batch.unadapted_query_logits()
