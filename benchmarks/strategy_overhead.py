@@ -81,7 +81,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from lightning_dembed import HybridParallelStrategy  # noqa: E402
+from lightning_dembed import HybridParallelStrategy, dense_parameters  # noqa: E402
 from lightning_dembed.sharding import ShardingPolicy, default_sharders, plan_sharding  # noqa: E402
 from lightning_dembed.sharding.planner import default_memory_budget  # noqa: E402
 
@@ -398,9 +398,9 @@ class LitDLRM(LightningModule):
         return F.binary_cross_entropy_with_logits(self.model(dense, features), labels)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # All parameters, as users write it (see examples/quickstart.py): HybridParallelStrategy turns
-        # this into FBGEMM's fused Adagrad for the tables and keeps only the dense rest in this one.
-        return torch.optim.Adagrad(self.parameters(), lr=self.lr)
+        # As examples/quickstart.py writes it: HybridParallelStrategy turns this into FBGEMM's fused
+        # Adagrad for the tables; this one gets only the dense rest.
+        return torch.optim.Adagrad(dense_parameters(self), lr=self.lr)
 
 
 class RankBatches(LightningDataModule):

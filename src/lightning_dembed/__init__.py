@@ -8,7 +8,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dembed.checkpoint import consolidate_checkpoint
 from lightning_dembed.modules import DistributedEmbedding
-from lightning_dembed.sharding import EmbeddingOptimizer, MemoryBudgetError, ShardingPolicy
+from lightning_dembed.sharding import EmbeddingOptimizer, MemoryBudgetError, ShardingPolicy, dense_parameters
 from lightning_dembed.strategies import HybridParallelStrategy
 
 HybridParallelStrategy.register_strategies(StrategyRegistry)
@@ -20,5 +20,6 @@ __all__ = [
     "MemoryBudgetError",
     "ShardingPolicy",
     "consolidate_checkpoint",
+    "dense_parameters",
 ]
 __version__ = "0.1.0"

@@ -6,14 +6,44 @@ here only, and ``tests/unit/test_lightning_private.py`` fails loudly when an upg
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dembed.checkpoint import gather_full_state_dict
 
-__all__ = ["ShardedMultiProcessingLauncher"]
+__all__ = ["DenseDDPForwardRedirection", "ShardedMultiProcessingLauncher", "flush_first_static_graph_iteration"]
+
+
+class DenseDDPForwardRedirection(_DDPForwardRedirection):
+    """Lightning's DDP forward redirection, aimed at the DDP inside `DistributedModelParallel`.
+
+    Under manual optimization Lightning stops DDP's reducer during the forward and prepares it in
+    ``manual_backward`` instead; it only recognises a DDP at the top of the model, and here the top
+    is TorchRec's wrapper, so ``dense_ddp`` finds the DDP that holds the dense parameters.
+    """
+
+    def __init__(self, dense_ddp: Callable[[], Optional[DistributedDataParallel]]) -> None:
+        self._dense_ddp = dense_ddp
+
+    def on_after_inner_forward(self, wrapper_module: nn.Module, original_module: "pl.LightningModule") -> None:
+        super().on_after_inner_forward(self._dense_ddp() or wrapper_module, original_module)
+
+    def on_after_outer_forward(self, wrapper_module: nn.Module, original_module: "pl.LightningModule") -> None:
+        super().on_after_outer_forward(self._dense_ddp() or wrapper_module, original_module)
+
+
+def flush_first_static_graph_iteration(ddp: DistributedDataParallel) -> None:
+    """Launch the all-reduce DDP delays in a static graph's first iteration.
+
+    DDP enqueues it from its output hook, which a manual-optimization ``training_step`` (returning
+    no tensor) never reaches; Lightning's DDPStrategy calls the same reducer method for its own DDP.
+    """
+    ddp.reducer._delay_all_reduce()
 
 
 class ShardedMultiProcessingLauncher(_MultiProcessingLauncher):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,21 @@ def _batch_size(batch: Any) -> int:
     if labels is None:
         raise TypeError(f"cannot count the samples of a {type(batch).__name__}: it has no labels")
     return labels.numel()
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set.
+
+    ``VmHWM`` where Linux has it: ``ru_maxrss`` carries a parent's peak over ``exec``, so every
+    rank Lightning starts as a subprocess would report at least the launcher's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class ThroughputAndMemory(Callback):
@@ -58,7 +74,7 @@ class ThroughputAndMemory(Callback):
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device)
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            peak = _peak_rss_bytes()
         peaks = trainer.strategy.all_gather(torch.tensor(float(peak), device=pl_module.device)).reshape(-1)
         for rank, value in enumerate(peaks.tolist()):
             pl_module.log(f"memory/rank{rank}_peak_mib", value / 2**20, rank_zero_only=True)

@@ -86,6 +86,13 @@ def test_adagrad_with_merlin_thresholds_matches_single_process(tmp_path: Path) -
     assert kinds == {"t0": "table_wise", "t1": "table_wise", "t2": "row_wise", "t3": "data_parallel"}
 
 
+def test_manual_optimization_matches_single_process(tmp_path: Path) -> None:
+    run_worker(tmp_path, "--steps", str(STEPS), "--manual", "--policy", every_table("row_wise"), "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Continuous 2K-step run on 2 ranks, and K-step runs saved on 2 ranks and on 1 (Adagrad: state matters)."""
@@ -118,6 +125,13 @@ def test_out_of_range_id_names_feature_and_table(tmp_path: Path) -> None:
     proc = run_worker(tmp_path, "--steps", "1", "--bad-id", "--policy", every_table("table_wise"), expect_ok=False)
     assert proc.returncode != 0
     assert "feature 'f_t2' has id 10000 outside table 't2', which has 96 rows" in proc.stderr
+
+
+def test_gradient_accumulation_is_refused_before_training(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--accumulate", "2", expect_ok=False)
+    assert proc.returncode != 0
+    assert "accumulate_grad_batches=2" in proc.stderr and "fused optimizer" in proc.stderr
+    assert not list(tmp_path.glob("rank*.pt"))
 
 
 def test_fork_hands_trained_tables_back_and_predict_matches(tmp_path: Path) -> None:

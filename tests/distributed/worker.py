@@ -77,6 +77,22 @@ class SavePredictions(Callback):
             torch.save(torch.cat(self.outputs), self.path)
 
 
+class ManualTinyRecModule(TinyRecModule):
+    """The same model stepped by hand (``automatic_optimization = False``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self.loss(batch)
+        self.losses.append(float(loss))
+        self.manual_backward(loss)
+        optimizer.step()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -94,6 +110,8 @@ def main() -> None:
     p.add_argument("--start-method", default="fork")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--predict", action="store_true", help="after fit, predict in the launching process")
+    p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    p.add_argument("--manual", action="store_true", help="manual optimization")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     args = p.parse_args()
 
@@ -102,7 +120,8 @@ def main() -> None:
     if args.sharding:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
-    module = TinyRecModule(optimizer=args.optimizer, lr=args.lr)
+    module_class = ManualTinyRecModule if args.manual else TinyRecModule
+    module = module_class(optimizer=args.optimizer, lr=args.lr)
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
     trainer = Trainer(
         strategy=strategy,
@@ -115,6 +134,7 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        accumulate_grad_batches=args.accumulate,
         callbacks=[Dump(out, args.save)],
     )
     data = Data(args.steps, args.global_batch, args.data_seed)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from torch.distributed import Reducer
 
 import lightning_dembed._lightning_private as private
 
@@ -14,3 +16,13 @@ def test_launcher_hook_exists_with_expected_signature() -> None:
     assert params == ["self", "trainer", "results"]
     assert "weights_path" in _WorkerOutput._fields
     assert issubclass(private.ShardedMultiProcessingLauncher, _MultiProcessingLauncher)
+
+
+def test_manual_optimization_pieces_exist() -> None:
+    for hook in ("on_after_inner_forward", "on_after_outer_forward"):
+        assert list(inspect.signature(getattr(_DDPForwardRedirection, hook)).parameters) == [
+            "self", "wrapper_module", "original_module"
+        ]
+    assert issubclass(private.DenseDDPForwardRedirection, _DDPForwardRedirection)
+    # Called by flush_first_static_graph_iteration, as Lightning's DDPStrategy.post_backward does.
+    assert callable(getattr(Reducer, "_delay_all_reduce", None))

@@ -132,3 +132,32 @@ def test_memory_budget_error_says_what_to_change() -> None:
 
 def test_constraints_accepted() -> None:
     ShardingPolicy(constraints={"t0": ParameterConstraints(sharding_types=["row_wise"])})
+
+
+def test_ddp_arguments_torchrec_fixes_are_refused_by_name() -> None:
+    from lightning_dembed import HybridParallelStrategy
+
+    with pytest.raises(ValueError, match=r"\['broadcast_buffers'\]"):
+        HybridParallelStrategy(broadcast_buffers=True)
+    strategy = HybridParallelStrategy(find_unused_parameters=True, static_graph=False)
+    assert strategy._data_parallel_wrapper._find_unused_parameters is True
+
+
+def test_identical_tables_are_placed_in_table_order() -> None:
+    from lightning_dembed.sharding.planner import plan_sharding
+    from lightning_dembed.sharding.sharders import default_sharders
+
+    ebc = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name=f"t{i}", num_embeddings=1000, embedding_dim=64, feature_names=[f"f{i}"])
+                for i in range(8)],
+        device=torch.device("meta"),
+    )
+    model = torch.nn.ModuleDict({"ebc": ebc})
+    plan, summary = plan_sharding(
+        model, ShardingPolicy(), default_sharders(), world_size=2, local_world_size=2,
+        device=torch.device("cpu"), memory_budget=2**30, optimizer_state_factor=1.0,
+    )
+    ranks = [t.ranks for t in summary.tables if t.sharding_type == "table_wise"]
+    assert len(ranks) == 8 and ranks == sorted(ranks), ranks
+    # Trading placements between identical tables kept the planner's balance.
+    assert summary.rank_bytes[0] == summary.rank_bytes[1]

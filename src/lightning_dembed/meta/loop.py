@@ -174,7 +174,8 @@ class MetaLearningLoop(Callback):
         module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
         module.log("train/support_loss", out.support_loss, batch_size=tasks)
         module.log("train/query_loss_unadapted", out.query_loss_unadapted, batch_size=tasks)
-        module.log("train/tasks_per_step", float(tasks), batch_size=tasks, reduce_fx="sum", sync_dist=True)
+        # This rank's tasks; summing over ranks would cost an all-reduce every meta-batch.
+        module.log("train/tasks_per_rank", float(tasks), batch_size=tasks)
         return out.query_loss
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:

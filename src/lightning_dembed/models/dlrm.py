@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_dembed.data.batch import Batch
+from lightning_dembed.sharding.optimizer import dense_parameters
 
 __all__ = ["DLRMModule"]
 
@@ -118,5 +119,5 @@ class DLRMModule(LightningModule):
         return torch.sigmoid(self(batch.dense_features, batch.sparse_features))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+        return self.optimizer_factory(dense_parameters(self))
 

@@ -1,6 +1,6 @@
 """Planning and machinery for sharded embedding tables (no Lightning in here)."""
 
-from lightning_dembed.sharding.optimizer import EmbeddingOptimizer
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, dense_parameters
 from lightning_dembed.sharding.planner import MemoryBudgetError, PlanSummary, plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.sharders import default_sharders
@@ -11,6 +11,7 @@ __all__ = [
     "PlanSummary",
     "ShardingPolicy",
     "decide_tables",
+    "dense_parameters",
     "default_sharders",
     "plan_sharding",
 ]

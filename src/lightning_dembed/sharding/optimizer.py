@@ -12,10 +12,13 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec import optim as trec_optim
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-__all__ = ["EmbeddingOptimizer", "apply_embedding_optimizer", "first_optimizer"]
+from lightning_dembed.sharding.planner import find_embedding_modules
+
+__all__ = ["EmbeddingOptimizer", "apply_embedding_optimizer", "dense_parameters", "first_optimizer"]
 
 # Hyper-parameters FBGEMM's fused kernels implement, per optimizer class, and the values of the
 # ones they do not implement that are harmless (the class defaults).
@@ -116,3 +119,19 @@ def apply_embedding_optimizer(modules: Iterable[nn.Module], optimizer: Embedding
     params = [p for module in modules for p in module.parameters()]
     if params:
         apply_optimizer_in_backward(optimizer.optimizer_class, params, optimizer.fused_kwargs())
+
+
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a dense optimizer should get: all but the embedding tables'.
+
+    Tables train with their fused optimizer, so an optimizer built over ``self.parameters()``
+    only wastes what it allocates for them up front (``torch.optim.Adagrad`` allocates a full copy
+    of every table shard, dropped again by the strategy). Works before and after sharding.
+
+    Example::
+
+        def configure_optimizers(self):
+            return torch.optim.Adagrad(dense_parameters(self), lr=0.01)  # tables: fused Adagrad, lr 0.01
+    """
+    tables = {id(p) for m in find_embedding_modules(module).values() for p in m.parameters()}
+    return [p for _, p in in_backward_optimizer_filter(module.named_parameters()) if id(p) not in tables]

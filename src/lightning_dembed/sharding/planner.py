@@ -279,6 +279,39 @@ def _torchrec_plan(
         ) from err
 
 
+def keep_table_order(plan: ShardingPlan, modules: dict[str, nn.Module], policy: ShardingPolicy) -> None:
+    """Among interchangeable tables, give the lower ranks to the earlier tables, in place.
+
+    A sharded `EmbeddingBagCollection` returns its features grouped by rank; when that order is
+    not its tables' order, the output hook has to copy every batch back into it. Tables of the same
+    shape, type, kernel and constraints cost the planner the same wherever they go, so trading
+    their placements keeps every rank's load and makes rank order follow table order (the planner's
+    greedy balancing deals identical tables out round-robin, the worst case for the copy).
+    """
+    for path, module in modules.items():
+        module_plan = plan.plan.get(path)
+        if not module_plan:
+            continue
+        groups: dict[tuple, list[str]] = {}
+        for config in embedding_configs(module):
+            ps = module_plan[config.name]
+            key = (
+                config.num_embeddings,
+                config.embedding_dim,
+                config.data_type,
+                getattr(config, "pooling", None),
+                len(config.feature_names),
+                ps.sharding_type,
+                ps.compute_kernel,
+                repr(policy.constraints.get(config.name)),
+            )
+            groups.setdefault(key, []).append(config.name)
+        for names in groups.values():
+            placements = sorted((module_plan[n] for n in names), key=lambda ps: list(ps.ranks or []))
+            for name, ps in zip(names, placements):
+                module_plan[name] = ps
+
+
 def plan_sharding(
     root: nn.Module,
     policy: ShardingPolicy,
@@ -305,6 +338,7 @@ def plan_sharding(
         plan = _torchrec_plan(
             root, policy, sharders, world_size, local_world_size, device.type, memory_budget, process_group
         )
+    keep_table_order(plan, modules, policy)
     summary = summarize_plan(plan, modules, world_size, memory_budget, optimizer_state_factor)
     check_memory_budget(summary)
     return plan, summary

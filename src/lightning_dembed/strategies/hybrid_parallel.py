@@ -5,21 +5,27 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
+from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
-from lightning_dembed._lightning_private import ShardedMultiProcessingLauncher
+from lightning_dembed._lightning_private import (
+    DenseDDPForwardRedirection,
+    ShardedMultiProcessingLauncher,
+    flush_first_static_graph_iteration,
+)
 from lightning_dembed.checkpoint import copy_full_into_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from lightning_dembed.sharding.hooks import register_input_checks, register_output_order
 from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, apply_embedding_optimizer, first_optimizer
@@ -48,6 +54,20 @@ def _parse_bytes(value: Union[int, str, None]) -> Optional[int]:
     raise ValueError(f"memory_budget_per_rank must be bytes (int) or a string like '4GiB', got {value!r}")
 
 
+def _data_parallel_wrapper(ddp_kwargs: Mapping[str, Any]) -> DefaultDataParallelWrapper:
+    kwargs = dict(ddp_kwargs)
+    fixed = sorted({"device_ids", "process_group", "gradient_as_bucket_view", "broadcast_buffers"} & kwargs.keys())
+    if fixed:
+        raise ValueError(f"HybridParallelStrategy sets DDP's {fixed} itself (as TorchRec does); remove them")
+    return DefaultDataParallelWrapper(
+        # TorchRec's default, unlike Lightning's: the dense graph of a recommender does not change.
+        static_graph=kwargs.pop("static_graph", True),
+        find_unused_parameters=kwargs.pop("find_unused_parameters", False),
+        bucket_cap_mb=kwargs.pop("bucket_cap_mb", 25),
+        ddp_kwargs=kwargs,
+    )
+
+
 class HybridParallelStrategy(DDPStrategy):
     """Shard every TorchRec embedding module of a LightningModule; keep the dense rest under DDP.
 
@@ -70,7 +90,9 @@ class HybridParallelStrategy(DDPStrategy):
         embedding_optimizer: the tables' optimizer; by default derived from ``configure_optimizers``.
         memory_budget_per_rank: bytes (or ``"8GiB"``) a rank may hold in tables and optimizer state;
             defaults to the GPU's memory, or the host's RAM divided by its local processes.
-        **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...).
+        **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...);
+            DDP's own arguments (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``...)
+            configure the DDP that TorchRec wraps around the dense parameters.
 
     Example::
 
@@ -93,6 +115,9 @@ class HybridParallelStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._data_parallel_wrapper = _data_parallel_wrapper(self._ddp_kwargs)
+        self._forward_redirection = DenseDDPForwardRedirection(self._dense_ddp)
+        self._static_graph_flushed = False
         self.policy = ShardingPolicy(
             placement=placement,
             column_slice_threshold=column_slice_threshold,
@@ -163,6 +188,12 @@ class HybridParallelStrategy(DDPStrategy):
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: FBGEMM's fused optimizer updates "
+                "the embedding tables inside every backward, so they cannot accumulate gradients; raise the "
+                "batch size instead"
+            )
         self.model = self._shard(self.lightning_module, wrap_dense_in_ddp=fitting)
         if fitting:
             self.setup_optimizers(trainer)
@@ -220,6 +251,7 @@ class HybridParallelStrategy(DDPStrategy):
             plan=plan,
             sharders=self._sharders,
             init_data_parallel=wrap_dense_in_ddp,
+            data_parallel_wrapper=self._data_parallel_wrapper,
         )
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
@@ -232,17 +264,50 @@ class HybridParallelStrategy(DDPStrategy):
         self._dmp = dmp
         return dmp
 
+    def _dense_ddp(self) -> Optional[DistributedDataParallel]:
+        """The DDP that TorchRec wraps around the dense parameters (None before fit's setup)."""
+        if self._dmp is None:
+            return None
+        return next((m for m in self._dmp.modules() if isinstance(m, DistributedDataParallel)), None)
+
+    # Lightning's DDPStrategy drives its reducer by hand under manual optimization, for a DDP at the
+    # top of the model; these do the same for the DDP inside DistributedModelParallel.
+
+    @override
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        ddp = self._dense_ddp()
+        if ddp is not None and not self.lightning_module.automatic_optimization:
+            prepare_for_backward(ddp, closure_loss)
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        ddp = self._dense_ddp()
+        if ddp is None or self.lightning_module.automatic_optimization or not ddp.static_graph:
+            return
+        if not self._static_graph_flushed:
+            flush_first_static_graph_iteration(ddp)
+            self._static_graph_flushed = True
+
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         super().setup_optimizers(trainer)
         # Tables are stepped inside backward by FBGEMM; keep them out of the dense optimizers.
+        dropped_bytes = 0
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 dense = dict(in_backward_optimizer_filter((str(i), p) for i, p in enumerate(group["params"])))
                 for p in group["params"]:
                     if all(p is not q for q in dense.values()):
-                        optimizer.state.pop(p, None)
+                        state = optimizer.state.pop(p, {})
+                        dropped_bytes += sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor))
                 group["params"] = list(dense.values())
+        if dropped_bytes:
+            rank_zero_warn(
+                f"configure_optimizers gave its optimizer the embedding tables too, and it allocated "
+                f"{dropped_bytes / 2**20:.0f} MiB of state for this rank's table shards, now dropped (tables train "
+                "with their fused optimizer). Pass lightning_dembed.dense_parameters(self) instead of "
+                "self.parameters() to avoid the allocation."
+            )
 
     # -- checkpoints -----------------------------------------------------------------------------
 
