@@ -17,7 +17,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 __all__ = [
     "command_line",
@@ -27,6 +27,7 @@ __all__ = [
     "rss_mib",
     "vm_hwm_mib",
     "write_json",
+    "write_results",
 ]
 
 # Distributions whose versions decide benchmark figures on this stack.
@@ -120,6 +121,14 @@ def vm_hwm_mib() -> Optional[float]:
 def rss_mib() -> Optional[float]:
     """Resident set of this process now (``VmRSS``), in MiB; None off Linux."""
     return _proc_status_mib("VmRSS")
+
+
+def write_results(path: Path, record: dict, report: Callable[[dict], str]) -> None:
+    """Write ``record`` as JSON at ``path`` and its ``report`` as Markdown beside it, and print the report."""
+    write_json(path, record)
+    markdown = report(record)
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def write_json(path: Union[str, Path], record: Any) -> None:

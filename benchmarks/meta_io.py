@@ -58,7 +58,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table, write_json  # noqa: E402
+from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 from lightning_dembed.data.batch import TaskBatch  # noqa: E402
 from lightning_dembed.data.meta_io import MetaBatchDataset, TaskSplit, build_task_store  # noqa: E402
@@ -390,10 +390,7 @@ def main() -> None:
             record["training"] = training(args, work)
             print(json.dumps(record["training"]), flush=True)
     record["load_average_after"] = os.getloadavg()[0]
-    write_json(args.out, record)
-    markdown = report(record)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_results(args.out, record, report)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ They differ only in orchestration, per meta-batch of ``T`` tasks on a rank:
   ONE backward: the tables' fused update and one DDP all-reduce of the dense gradients.
 - ``naive``: `NaiveMAMLModule` (manual optimization): per task, its own lookup through the sharded
   tables, its own inner loop, its own outer backward and optimizer step: ``T`` lookups, ``T``
-  table updates and ``T`` all-reduces of the dense gradients per meta-batch (one flat all-reduce
-  per task, done by the loop itself: DDP cannot reduce a backward run inside its forward, see
-  `all_reduce_dense_gradients`).
+  table updates and ``T`` DDP all-reduces of the dense gradients per meta-batch (``manual_backward``
+  per task).
 
 Measured: tasks/s (all ranks) in steady state, for ``--tasks`` tasks per rank and meta-batch
 (default 8 16 32 64 128): each configuration runs ``--warmup`` meta-batches, meets the other ranks
@@ -62,11 +61,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table, write_json  # noqa: E402
+from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy  # noqa: E402
 from lightning_dembed.data import TaskBatch, TaskDataModule  # noqa: E402
-from lightning_dembed.meta import MetaLearningConfig, MetaLearningLoop, meta_step  # noqa: E402
+from lightning_dembed.meta import MetaLearningConfig, MetaLearningLoop, lookup_in_step, meta_step  # noqa: E402
 from lightning_dembed.models import DLRMModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,43 +91,6 @@ def task_features(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedT
     return KeyedJaggedTensor(keys=keys, values=torch.cat(parts), lengths=lengths)
 
 
-def sharded_lookup(module: DLRMModule, features: KeyedJaggedTensor) -> torch.Tensor:
-    """``module.embed`` through the sharded tables, padded to the largest row count of all ranks.
-
-    Sharded lookups exchange pooled rows between ranks and need one row count everywhere; tasks
-    differ in rows. Empty bags make up the difference (as `MetaLearningLoop` does per meta-batch).
-    """
-    rows = features.stride()
-    most = torch.tensor([rows])
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    padding = int(most) - rows
-    if padding:
-        lengths = features.lengths().reshape(len(features.keys()), rows)
-        lengths = torch.cat([lengths, lengths.new_zeros(lengths.shape[0], padding)], dim=1).reshape(-1)
-        features = KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=lengths)
-    return module.embed(features)[:rows]
-
-
-def all_reduce_dense_gradients(module: LightningModule) -> None:
-    """Average the dense gradients over ranks in one all-reduce, as DDP's single bucket would.
-
-    DDP cannot do it here: these backwards run inside DDP's own forward (Lightning calls
-    ``training_step`` from it), before DDP arms its reducer for the step, and TorchRec builds DDP
-    with ``static_graph=True``, whose reducer ignores gradient hooks outside the forward/backward
-    pattern; Lightning's manual-optimization fix-up (``prepare_for_backward``) is skipped because
-    the strategy's model is TorchRec's wrapper, not DDP. Checked: the dense weights of all ranks
-    agree after training (``dense_weights_agree``).
-    """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]  # the tables' are fused: None
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 class NaiveMAMLModule(DLRMModule):
     """Distributed MAML without G-Meta's orchestration: every task of a meta-batch on its own.
 
@@ -146,7 +108,7 @@ class NaiveMAMLModule(DLRMModule):
         losses = []
         for t in range(batch.num_tasks):
             start, stop = int(batch.task_offsets[t]), int(batch.task_offsets[t + 1])
-            embedded = sharded_lookup(self, task_features(batch.sparse_features, start, stop))
+            embedded = lookup_in_step(self, task_features(batch.sparse_features, start, stop))
             out = meta_step(
                 # As MetaLearningLoop: only what adapts is passed, the module's own weights stand in for the rest.
                 self, {n: p for n, p in self.named_parameters() if self.meta.adapts(n)},
@@ -155,8 +117,8 @@ class NaiveMAMLModule(DLRMModule):
                 self.meta, self.feature_names,
             )
             optimizer.zero_grad()
-            self.manual_backward(out.query_loss)  # also steps the sharded tables (fused optimizer)
-            all_reduce_dense_gradients(self)
+            # Steps the sharded tables (fused optimizer) and all-reduces the dense gradients (DDP).
+            self.manual_backward(out.query_loss)
             optimizer.step()
             losses.append(out.query_loss.detach())
         self.log("train/query_loss", torch.stack(losses).mean(), prog_bar=True, batch_size=batch.num_tasks)
@@ -339,10 +301,8 @@ def report(record: dict) -> str:
                            [[r["method"], *[r["collectives_per_meta_batch"].get(n, 0) for n in names],
                              r["dense_weights_agree"]] for r in counts]),
             "",
-            "`all_reduce` includes the DDP bucket all-reduce (the counting hook issues it through "
-            "torch.distributed), the row-count MAX all-reduce before each sharded lookup and, for naive, its "
-            "own all-reduce of the dense gradients per task. For g-meta, one all-reduce and the barrier come "
-            "from Lightning syncing `MetaLearningLoop`'s `train/tasks_per_step` log (`sync_dist=True`).",
+            "`all_reduce` counts the DDP bucket all-reduces (the counting hook issues them through "
+            "torch.distributed) and the row-count MAX all-reduce before each sharded lookup.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -390,10 +350,7 @@ def main() -> None:
         "repeats": args.repeats, "meta": META, "sharding": SHARDING,
         "summary": summarize(runs, args.tasks), "runs": runs,
     }
-    write_json(args.out, record)
-    markdown = report(record)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_results(args.out, record, report)
 
 
 if __name__ == "__main__":

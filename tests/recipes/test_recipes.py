@@ -71,8 +71,9 @@ def test_dlrm_synthetic_tiny_learns(tmp_path: Path) -> None:
 
 
 def test_meta_dlrm_runs_and_reports_cold_start_auc(tmp_path: Path) -> None:
+    # Meta-SGD on top of the config's MAML with adapted user offsets: the loop adds the learned rates.
     out = run(tmp_path, "meta_dlrm_synthetic.yaml", "--trainer.max_steps=20", "--trainer.val_check_interval=20",
-              "--data.init_args.num_users=1200", "--data.init_args.num_workers=0")
+              "--data.init_args.num_users=1200", "--data.init_args.num_workers=0", "--meta.learn_inner_lr=true")
     assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
     assert 0.0 < metric(out, "test/query_auc_unadapted") <= 1.0
 

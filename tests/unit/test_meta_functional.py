@@ -347,46 +347,21 @@ def test_adapt_prefixes_match_at_module_boundaries() -> None:
     assert MetaLearningConfig(adapt=["dlrm.over_arch"]).adapt == ("dlrm.over_arch",)
 
 
-def test_meta_step_errors_name_the_problem() -> None:
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (MetaLearningConfig(adapt=("top",)), "'top'"),
+        (MetaLearningConfig(adapt_embeddings=("age",)), "'age'"),
+        (MetaLearningConfig(learn_inner_lr=True), "inner_lrs"),
+    ],
+    ids=["unknown_adapt_prefix", "unknown_adapted_feature", "meta_sgd_without_rates"],
+)
+def test_meta_step_errors_name_the_problem(config: MetaLearningConfig, match: str) -> None:
     model = TinyDLRM()
     dense, kjt, labels, offsets, supports = meta_batch()
-    embedded = model.embed(kjt)
-    params = dict(model.named_parameters())
-    with pytest.raises(ValueError, match="'top'"):
+    with pytest.raises(ValueError, match=match):
         meta_step(
-            model,
-            params,
-            dense,
-            embedded,
-            labels,
-            offsets,
-            supports,
-            MetaLearningConfig(adapt=("top",)),
-            FEATURES,
-        )
-    with pytest.raises(ValueError, match="'age'"):
-        meta_step(
-            model,
-            params,
-            dense,
-            embedded,
-            labels,
-            offsets,
-            supports,
-            MetaLearningConfig(adapt_embeddings=("age",)),
-            FEATURES,
-        )
-    with pytest.raises(ValueError, match="inner_lrs"):
-        meta_step(
-            model,
-            params,
-            dense,
-            embedded,
-            labels,
-            offsets,
-            supports,
-            MetaLearningConfig(learn_inner_lr=True),
-            FEATURES,
+            model, dict(model.named_parameters()), dense, model.embed(kjt), labels, offsets, supports, config, FEATURES
         )
 
 

@@ -227,6 +227,30 @@ def test_meta_batches_hold_whole_tasks_and_ranks_get_disjoint_tasks() -> None:
     assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("tasks_per_batch", [1, 4, 7])
+def test_evaluation_scores_every_task_once_with_as_many_steps_on_every_rank(
+    world_size: int, tasks_per_batch: int
+) -> None:
+    split = build(interactions(num_tasks=122), min_rows_per_task=2, holdout_fraction=0.5).cold_start
+    ranks = [
+        MetaBatchDataset(split, tasks_per_batch, shuffle=False, rank=r, world_size=world_size, drop_last=False)
+        for r in range(world_size)
+    ]
+    plans = [data.plan() for data in ranks]
+    assert len({len(plan) for plan in plans}) == 1 and all(len(p) == len(d) for p, d in zip(plans, ranks))
+    sizes = [len(batch) for plan in plans for batch in plan]
+    assert min(sizes) >= 1 and max(sizes) <= max(tasks_per_batch, 2)
+    scored = sorted(int(t) for plan in plans for batch in plan for t in batch)
+    assert scored == list(range(split.num_tasks))
+    rows = [QueryRowDataset(split, 50, query_only=True, shuffle=False, rank=r, world_size=world_size,
+                            drop_last=False) for r in range(world_size)]
+    batches = [collect(data) for data in rows]
+    assert len({len(b) for b in batches}) == 1
+    query_rows = int((split.offsets[1:] - split.offsets[:-1] - split.support_sizes).sum())
+    assert sum(int(b.labels.numel()) for per_rank in batches for b in per_rank) == query_rows
+
+
 def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
     split = build(interactions(num_tasks=200), min_rows_per_task=2).train
     data = MetaBatchDataset(split, tasks_per_batch=8, seed=1)
@@ -349,3 +373,21 @@ def test_an_empty_split_round_trips(tmp_path: Path) -> None:
     assert loaded.train.num_tasks == store.train.num_tasks == store.stats["tasks"]
     with pytest.raises(FileNotFoundError, match="not a task store"):
         TaskStore.load(tmp_path)
+
+
+def test_task_data_module_refuses_a_store_built_with_other_settings(tmp_path: Path) -> None:
+    from lightning_dembed.data import TaskDataModule
+
+    store_dir = tmp_path / "store"
+    TaskDataModule(store_dir=str(store_dir), num_users=300).prepare_data()
+    TaskDataModule(store_dir=str(store_dir), num_users=300).prepare_data()  # same settings: reused
+    with pytest.raises(ValueError, match=r"300users.*400users.*Set data.store_dir"):
+        TaskDataModule(store_dir=str(store_dir), num_users=400).prepare_data()
+    with pytest.raises(ValueError, match=r"holdout_fraction: store has 0.2, config asks 0.5"):
+        TaskDataModule(store_dir=str(store_dir), num_users=300, holdout_fraction=0.5).prepare_data()
+    # A store of an older layout is named as such, not met with a missing-file error.
+    stats = json.loads((store_dir / "stats.json").read_text())
+    del stats["format"]
+    (store_dir / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"format 1; this version reads format 2"):
+        TaskStore.load(store_dir)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -76,22 +77,43 @@ class TaskDataModule(SplitDataModule):
         return len(self.hparams.dense)
 
     def prepare_data(self) -> None:
-        if (self.store_dir / "stats.json").is_file():
-            return
         h = self.hparams
-        source = h.interactions
-        if source is None:
-            source = write_interactions(
-                SyntheticTaskConfig(num_users=h.num_users, num_dense=len(h.dense), seed=h.seed),
-                self.store_dir.with_name(self.store_dir.name + "_interactions.parquet"),
-            )
-        build_task_store(
-            source, self.store_dir, task_key=h.task_key, categorical=h.categorical,
-            num_embeddings={c: h.num_embeddings for c in h.categorical}, dense=h.dense, label=h.label,
-            label_rule=h.label_rule, time_column=h.time_column, split=h.split,
+        source, build_args = self._store_arguments()
+        if (self.store_dir / "stats.json").is_file():
+            self._check_store_matches(source, build_args)
+            return
+        if h.interactions is None:
+            write_interactions(SyntheticTaskConfig(num_users=h.num_users, num_dense=len(h.dense), seed=h.seed), source)
+        build_task_store(source, self.store_dir, **build_args)
+
+    def _store_arguments(self) -> tuple[Path, dict[str, Any]]:
+        """The interactions file and `build_task_store`'s arguments this configuration asks for."""
+        h = self.hparams
+        if h.interactions is None:
+            # The generator's settings are in the name, so a store records what generated it.
+            name = f"{self.store_dir.name}_interactions_{h.num_users}users_{len(h.dense)}dense_seed{h.seed}.parquet"
+            source = self.store_dir.with_name(name)
+        else:
+            source = Path(h.interactions)
+        build_args = dict(
+            task_key=h.task_key, categorical=list(h.categorical), num_embeddings={c: h.num_embeddings for c in h.categorical},
+            dense=list(h.dense), label=h.label, label_rule=h.label_rule, time_column=h.time_column, split=h.split,
             support_size=h.support_size, query_size=h.query_size, min_rows_per_task=h.min_rows_per_task,
             holdout_fraction=h.holdout_fraction, seed=h.seed,
         )
+        return source, build_args
+
+    def _check_store_matches(self, source: Path, build_args: dict[str, Any]) -> None:
+        """Refuse to train on a store built from other data or settings (it is never overwritten)."""
+        asked = json.loads(json.dumps({**build_args, "source": str(source)}))
+        built = TaskStore.load(self.store_dir).stats["config"]
+        differ = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
+        if differ:
+            details = "; ".join(f"{k}: store has {was!r}, config asks {now!r}" for k, (was, now) in differ.items())
+            raise ValueError(
+                f"the task store {self.store_dir} was built with other settings ({details}). Set data.store_dir "
+                "to a new folder, or delete this one to rebuild it"
+            )
 
     def setup(self, stage: str) -> None:
         h = self.hparams
@@ -104,11 +126,15 @@ class TaskDataModule(SplitDataModule):
         if h.as_tasks:
             self._datasets["train"] = MetaBatchDataset(train, h.tasks_per_batch, **shard)
             for split, store in held_out.items():
-                self._datasets[split] = MetaBatchDataset(store, h.tasks_per_batch, shuffle=False, **shard)
+                self._datasets[split] = MetaBatchDataset(
+                    store, h.tasks_per_batch, shuffle=False, drop_last=False, **shard
+                )
         else:
             self._datasets["train"] = QueryRowDataset(train, h.batch_size, **shard)
             for split, store in held_out.items():
-                self._datasets[split] = QueryRowDataset(store, h.batch_size, query_only=True, shuffle=False, **shard)
+                self._datasets[split] = QueryRowDataset(
+                    store, h.batch_size, query_only=True, shuffle=False, drop_last=False, **shard
+                )
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers

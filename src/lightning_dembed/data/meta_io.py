@@ -44,6 +44,7 @@ __all__ = [
 _ROWS_FILE = "rows.arrow"
 _TASKS_FILE = "tasks.npz"
 _STATS_FILE = "stats.json"
+_FORMAT = 2  # bumped whenever the files of a store change
 _SPLITS = ("train", "cold_start")
 _OPS = {
     ">=": operator.ge,
@@ -276,6 +277,11 @@ class TaskStore:
                 f"{directory} is not a task store (no {_STATS_FILE}); build it with build_task_store"
             )
         stats = json.loads((directory / _STATS_FILE).read_text())
+        if stats.get("format") != _FORMAT:
+            raise ValueError(
+                f"{directory} holds a task store of format {stats.get('format', 1)}; this version reads format "
+                f"{_FORMAT}. Rebuild it with build_task_store (delete the folder, or write to another one)"
+            )
         splits = {}
         for name in _SPLITS:
             tasks = np.load(directory / name / _TASKS_FILE)
@@ -473,6 +479,7 @@ def build_task_store(
             "rows": int(sizes.sum()),
             "single_class": int(single_class[chosen].sum()),
         }
+    stats["format"] = _FORMAT
     stats["config"] = {
         "task_key": task_key,
         "categorical": categorical,
@@ -615,13 +622,34 @@ def _worker_share(items: list) -> list:
     return items if info is None else items[info.id :: info.num_workers]
 
 
+def _batches_per_rank(items: int, per_batch: int, world_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return items // (per_batch * world_size)
+    # Enough batches for every item, but never so many that a rank is left with an empty one.
+    return min(-(-items // (per_batch * world_size)), items // world_size)
+
+
+def _deal(order: np.ndarray, per_batch: int, rank: int, world_size: int, drop_last: bool) -> list[np.ndarray]:
+    """This rank's batches of ``order``; every rank gets as many (collectives need each rank's step).
+
+    With ``drop_last`` every batch holds ``per_batch`` items and the tail that cannot fill one on
+    every rank waits for another pass; without it every item is in exactly one batch, and batches
+    hold at most ``per_batch`` items (one more only with fewer than ``per_batch`` items per rank).
+    """
+    count = _batches_per_rank(order.size, per_batch, world_size, drop_last)
+    if drop_last:
+        return list(order[: count * per_batch * world_size][rank::world_size].reshape(count, per_batch))
+    return np.array_split(order, count * world_size)[rank::world_size]
+
+
 class MetaBatchDataset(IterableDataset):
     """Task-consistent meta-batches: every row of a task in one `TaskBatch`, on one rank.
 
     Each pass shuffles the tasks (by ``seed`` and the epoch), deals them to ranks (disjoint), and
-    groups ``tasks_per_batch`` of them per meta-batch; every rank gets ``len(self)`` meta-batches
-    (the last ``num_tasks mod (tasks_per_batch * world_size)`` tasks of the shuffled order wait
-    for a later pass). A meta-batch is built with a few numpy gathers of contiguous row ranges and
+    groups ``tasks_per_batch`` of them per meta-batch; every rank gets ``len(self)`` meta-batches.
+    In training (``drop_last``) the last ``num_tasks mod (tasks_per_batch * world_size)`` tasks of
+    the shuffled order wait for a later pass; for evaluation ``drop_last=False`` scores every task
+    once, some meta-batches holding fewer tasks. A meta-batch is built with a few numpy gathers of contiguous row ranges and
     one `KeyedJaggedTensor`, all its tensors in one block of memory. Use it with
     ``DataLoader(data, batch_size=None, num_workers=k, prefetch_factor=p)`` to build batches in
     background workers; several workers take turns, and batches keep their order.
@@ -636,6 +664,7 @@ class MetaBatchDataset(IterableDataset):
         seed: seed of the shuffles.
         rank: this rank; with ``world_size``, or both from ``torch.distributed`` when left out.
         world_size: ranks sharing the tasks.
+        drop_last: only full meta-batches (training); False covers every task (evaluation).
 
     Example::
 
@@ -653,11 +682,12 @@ class MetaBatchDataset(IterableDataset):
         seed: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        drop_last: bool = True,
     ) -> None:
         if tasks_per_batch < 1:
             raise ValueError(f"tasks_per_batch must be >= 1, got {tasks_per_batch}")
         self.reader = _RowReader(tasks)
-        self.tasks_per_batch = tasks_per_batch
+        self.tasks_per_batch, self.drop_last = tasks_per_batch, drop_last
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = _rank_world(rank, world_size)
         if len(self) == 0:
@@ -668,7 +698,7 @@ class MetaBatchDataset(IterableDataset):
             )
 
     def __len__(self) -> int:
-        return self.reader.tasks.num_tasks // (self.tasks_per_batch * self.world_size)
+        return _batches_per_rank(self.reader.tasks.num_tasks, self.tasks_per_batch, self.world_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the next pass as epoch ``epoch``."""
@@ -679,8 +709,7 @@ class MetaBatchDataset(IterableDataset):
         order = np.arange(self.reader.tasks.num_tasks)
         if self.shuffle:
             order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
-        mine = order[: len(self) * self.tasks_per_batch * self.world_size][self.rank :: self.world_size]
-        return list(mine.reshape(len(self), self.tasks_per_batch))
+        return _deal(order, self.tasks_per_batch, self.rank, self.world_size, self.drop_last)
 
     def batch(self, task_positions: np.ndarray) -> TaskBatch:
         """The `TaskBatch` of the given tasks (positions in the split), in that order."""
@@ -715,8 +744,8 @@ class QueryRowDataset(IterableDataset):
     """Plain `Batch`es of a split's rows, for training and scoring a model without adaptation.
 
     ``query_only`` keeps just each task's query rows: the rows meta-learning is scored on, so a
-    plain model's AUC on them compares with the meta-learned one's. Epochs advance as in
-    `MetaBatchDataset`.
+    plain model's AUC on them compares with the meta-learned one's. Epochs and ``drop_last``
+    work as in `MetaBatchDataset`.
 
     Example::
 
@@ -732,9 +761,11 @@ class QueryRowDataset(IterableDataset):
         seed: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        drop_last: bool = True,
     ) -> None:
         self.reader = _RowReader(tasks)
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = _rank_world(rank, world_size)
         starts = tasks.offsets[:-1] + (tasks.support_sizes if query_only else 0)
         self.rows = _ranges(starts, tasks.offsets[1:] - starts)
@@ -744,7 +775,7 @@ class QueryRowDataset(IterableDataset):
             )
 
     def __len__(self) -> int:
-        return self.rows.size // (self.batch_size * self.world_size)
+        return _batches_per_rank(self.rows.size, self.batch_size, self.world_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the next pass as epoch ``epoch``."""
@@ -755,8 +786,7 @@ class QueryRowDataset(IterableDataset):
         if self.shuffle:
             rows = np.random.default_rng((self.seed, self.epoch)).permutation(rows)
         self.epoch += 1
-        per_rank = len(self) * self.batch_size
-        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank].reshape(len(self), self.batch_size)
-        for batch_rows in _worker_share(list(mine)):
+        mine = _deal(rows, self.batch_size, self.rank, self.world_size, self.drop_last)
+        for batch_rows in _worker_share(mine):
             dense, kjt, labels, _ = self.reader.gather(np.sort(batch_rows))
             yield Batch(dense_features=dense, sparse_features=kjt, labels=labels)

@@ -14,7 +14,7 @@ from lightning_dembed.meta.functional import (
     meta_step,
     task_index,
 )
-from lightning_dembed.meta.loop import MetaLearningLoop
+from lightning_dembed.meta.loop import MetaLearningLoop, lookup_in_step
 
 __all__ = [
     "AdaptResult",
@@ -24,6 +24,7 @@ __all__ = [
     "MetaStepOutput",
     "TaskIndex",
     "adapt_and_predict",
+    "lookup_in_step",
     "meta_step",
     "task_index",
 ]

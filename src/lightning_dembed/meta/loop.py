@@ -28,15 +28,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
-from lightning_dembed.meta.functional import adapt_and_predict, meta_step
+from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step
+from lightning_dembed.sharding.planner import embedding_configs, find_embedding_modules
 
-__all__ = ["MetaLearningLoop"]
+__all__ = ["MetaLearningLoop", "lookup_in_step"]
 
 _STEPS = ("training_step", "validation_step", "test_step")
 
 
-def _embed_all_rows(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
-    """The one lookup of a meta-batch, padded so every rank sends the same number of rows.
+def lookup_in_step(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
+    """``module.embed(features)``, run in step with the other ranks whatever each one's row count.
 
     Sharded lookups exchange pooled rows between ranks (all-to-all, reduce-scatter), which needs
     one row count on all ranks; meta-batches of whole tasks differ in rows. Empty bags make up the
@@ -83,7 +84,9 @@ class MetaLearningLoop(Callback):
         inner_lr: their learning rate (the initial one, with ``learn_inner_lr``).
         adapt: parameter-name prefixes that adapt in the inner loop (ANIL-style); by default the
             DLRM top MLP, as MeLU.
-        learn_inner_lr: Meta-SGD; the module must own an `InnerLearningRates` as ``inner_lrs``.
+        learn_inner_lr: Meta-SGD: a learned inner learning rate per adapted weight (and per
+            dimension of the embedding offsets), trained by the outer optimizer. The loop gives the
+            module an `InnerLearningRates` as ``inner_lrs`` unless it has one.
         adapt_embeddings: feature names whose looked-up vectors get a per-task offset adapted in
             the inner loop (cold-start users or items); done locally, tables stay as they are.
 
@@ -124,7 +127,7 @@ class MetaLearningLoop(Callback):
                 "returning the looked-up [rows, features, dim] tensor, and forward(dense_features, sparse_features) "
                 "accepting it in place of the KeyedJaggedTensor"
             )
-        self._check_adapt(pl_module)
+        self._prepare_adaptation(pl_module)
         self._module = pl_module
         # Lightning resolves the step methods on the instance, inside the strategy's wrapped forward.
         pl_module.training_step = self._training_step  # type: ignore[method-assign]
@@ -135,7 +138,7 @@ class MetaLearningLoop(Callback):
         for name in _STEPS:
             pl_module.__dict__.pop(name, None)
 
-    def _check_adapt(self, module: LightningModule) -> None:
+    def _prepare_adaptation(self, module: LightningModule) -> None:
         names = [n for n, _ in module.named_parameters()]
         for prefix in self.config.adapt:
             if not any(MetaLearningConfig(adapt=(prefix,)).adapts(n) for n in names):
@@ -143,8 +146,31 @@ class MetaLearningLoop(Callback):
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
-        if self.config.learn_inner_lr and not isinstance(getattr(module, "inner_lrs", None), nn.Module):
-            raise TypeError("learn_inner_lr (Meta-SGD) needs the module to own an InnerLearningRates as `inner_lrs`")
+        if self.config.learn_inner_lr and getattr(module, "inner_lrs", None) is None:
+            # Before sharding and configure_optimizers: the outer optimizer and DDP pick the rates up.
+            module.inner_lrs = InnerLearningRates(module, self.config, embedding_dim=self._embedding_dim(module))
+        if self.config.learn_inner_lr and not isinstance(module.inner_lrs, InnerLearningRates):
+            raise TypeError(
+                f"learn_inner_lr (Meta-SGD): {type(module).__name__}.inner_lrs must be an InnerLearningRates, "
+                f"got {type(module.inner_lrs).__name__}"
+            )
+
+    def _embedding_dim(self, module: LightningModule) -> Optional[int]:
+        """The width of the features whose looked-up vectors adapt (their rates' width)."""
+        if not self.config.adapt_embeddings:
+            return None
+        dims = {
+            config.embedding_dim
+            for m in find_embedding_modules(module).values()
+            for config in embedding_configs(m)
+            if set(config.feature_names) & set(self.config.adapt_embeddings)
+        }
+        if len(dims) != 1:
+            raise ValueError(
+                f"adapt_embeddings {list(self.config.adapt_embeddings)} must name features of tables of one "
+                f"width; found widths {sorted(dims)}"
+            )
+        return dims.pop()
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -157,7 +183,7 @@ class MetaLearningLoop(Callback):
             # Only what adapts is passed: the module's own parameters stand in for the rest.
             {n: p for n, p in module.named_parameters() if self.config.adapts(n)},
             batch.dense_features,
-            _embed_all_rows(module, batch.sparse_features),
+            lookup_in_step(module, batch.sparse_features),
             batch.labels,
             batch.task_offsets,
             batch.support_sizes,
