@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from torch import nn
@@ -16,7 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dembed.checkpoint import gather_full_state_dict
 
-__all__ = ["DenseDDPForwardRedirection", "ShardedMultiProcessingLauncher", "flush_first_static_graph_iteration"]
+__all__ = [
+    "DenseDDPForwardRedirection",
+    "ShardedMultiProcessingLauncher",
+    "flush_first_static_graph_iteration",
+    "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
+]
 
 
 class DenseDDPForwardRedirection(_DDPForwardRedirection):

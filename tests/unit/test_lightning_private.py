@@ -24,5 +24,6 @@ def test_manual_optimization_pieces_exist() -> None:
             "self", "wrapper_module", "original_module"
         ]
     assert issubclass(private.DenseDDPForwardRedirection, _DDPForwardRedirection)
+    assert list(inspect.signature(private.prepare_for_backward).parameters) == ["model", "output"]
     # Called by flush_first_static_graph_iteration, as Lightning's DDPStrategy.post_backward does.
     assert callable(getattr(Reducer, "_delay_all_reduce", None))

@@ -9,7 +9,6 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
-from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -25,6 +24,7 @@ from lightning_dembed._lightning_private import (
     DenseDDPForwardRedirection,
     ShardedMultiProcessingLauncher,
     flush_first_static_graph_iteration,
+    prepare_for_backward,
 )
 from lightning_dembed.checkpoint import copy_full_into_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from lightning_dembed.sharding.hooks import register_input_checks, register_output_order
@@ -66,6 +66,10 @@ def _data_parallel_wrapper(ddp_kwargs: Mapping[str, Any]) -> DefaultDataParallel
         bucket_cap_mb=kwargs.pop("bucket_cap_mb", 25),
         ddp_kwargs=kwargs,
     )
+
+
+def _find_ddp(dmp: DistributedModelParallel) -> Optional[DistributedDataParallel]:
+    return next((m for m in dmp.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
 class HybridParallelStrategy(DDPStrategy):
@@ -134,6 +138,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._memory_budget = _parse_bytes(memory_budget_per_rank)
         self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
         self._dmp: Optional[DistributedModelParallel] = None
+        self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
         self.plan_summary: Optional[PlanSummary] = None
 
@@ -208,6 +213,7 @@ class HybridParallelStrategy(DDPStrategy):
         if self._dmp is not None and self._dmp.module is module:
             if wrap_dense_in_ddp:
                 self._dmp.init_data_parallel()
+                self._ddp = _find_ddp(self._dmp)
             return self._dmp
         embedding_modules = find_embedding_modules(module)
         if not embedding_modules:
@@ -261,14 +267,12 @@ class HybridParallelStrategy(DDPStrategy):
                 copy_full_into_sharded(sharded.state_dict(), initial_tables[path])
         # TorchRec's own DDP wrapping moves the whole module the same way; needed here when not fitting.
         module.to(self.root_device)
-        self._dmp = dmp
+        self._dmp, self._ddp = dmp, _find_ddp(dmp)
         return dmp
 
     def _dense_ddp(self) -> Optional[DistributedDataParallel]:
         """The DDP that TorchRec wraps around the dense parameters (None before fit's setup)."""
-        if self._dmp is None:
-            return None
-        return next((m for m in self._dmp.modules() if isinstance(m, DistributedDataParallel)), None)
+        return self._ddp
 
     # Lightning's DDPStrategy drives its reducer by hand under manual optimization, for a DDP at the
     # top of the model; these do the same for the DDP inside DistributedModelParallel.
