@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -45,16 +46,10 @@ class _MetaCLI(RecipeCLI):
 def run(tmp_path: Path, config: str, *overrides: str) -> str:
     proc = subprocess.run(
         [*CLI, "run", str(ROOT / "recipes" / "configs" / config), "--devices", "2", "--", *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**_env(), "WANDB_MODE": "offline"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
-
-
-def _env() -> dict:
-    import os
-
-    return dict(os.environ)
 
 
 def metric(output: str, name: str) -> float:
@@ -68,6 +63,29 @@ def test_dlrm_synthetic_tiny_learns(tmp_path: Path) -> None:
     assert metric(out, "test/auc") > 0.6
     assert (tmp_path / "outputs" / "checkpoints" / "dlrm-synthetic-tiny" / "last.ckpt" / "meta.pt").is_file()
     assert list((tmp_path / "outputs" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator=cpu", "--devices=2"],
+        [sys.executable],  # one process: the config's devices overridden below
+    ],
+    ids=["fabric_run_2_processes", "python_1_process"],
+)
+def test_recipe_script_runs_under_other_launchers(tmp_path: Path, launcher: list[str]) -> None:
+    devices = "2" if "fabric" in launcher[0] else "1"
+    proc = subprocess.run(
+        [*launcher, str(ROOT / "recipes" / "dlrm.py"), "fit", "--config",
+         str(ROOT / "recipes" / "configs" / "dlrm_synthetic_tiny.yaml"), f"--trainer.devices={devices}",
+         "--trainer.max_steps=5", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=2",
+         "--trainer.limit_test_batches=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert f"HybridParallelStrategy sharding plan ({devices} ranks)" in out
+    assert 0.0 <= metric(out, "test/auc") <= 1.0
 
 
 def test_meta_dlrm_runs_and_reports_cold_start_auc(tmp_path: Path) -> None:
