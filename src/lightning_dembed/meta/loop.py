@@ -146,10 +146,12 @@ class MetaLearningLoop(Callback):
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
-        if self.config.learn_inner_lr and getattr(module, "inner_lrs", None) is None:
+        if not self.config.learn_inner_lr:
+            return
+        if getattr(module, "inner_lrs", None) is None:
             # Before sharding and configure_optimizers: the outer optimizer and DDP pick the rates up.
             module.inner_lrs = InnerLearningRates(module, self.config, embedding_dim=self._embedding_dim(module))
-        if self.config.learn_inner_lr and not isinstance(module.inner_lrs, InnerLearningRates):
+        if not isinstance(module.inner_lrs, InnerLearningRates):
             raise TypeError(
                 f"learn_inner_lr (Meta-SGD): {type(module).__name__}.inner_lrs must be an InnerLearningRates, "
                 f"got {type(module.inner_lrs).__name__}"
