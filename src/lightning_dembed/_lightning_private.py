@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers as init_optimizers_and_lr_schedulers
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook as register_ddp_comm_hook
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
@@ -21,7 +23,9 @@ __all__ = [
     "DenseDDPForwardRedirection",
     "ShardedMultiProcessingLauncher",
     "flush_first_static_graph_iteration",
+    "init_optimizers_and_lr_schedulers",  # configure_optimizers' output in every form it may take
     "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
+    "register_ddp_comm_hook",  # what DDPStrategy._register_ddp_hooks calls, aimed at the dense DDP here
 ]
 
 

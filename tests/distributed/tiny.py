@@ -26,7 +26,8 @@ def tables() -> list[EmbeddingBagConfig]:
 class TinyRecModule(LightningModule):
     """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu") -> None:
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
+                 groups: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.ebc = EmbeddingBagCollection(tables=tables(), device=torch.device(device))
@@ -42,8 +43,12 @@ class TinyRecModule(LightningModule):
         logits = self(batch.dense_features, batch.sparse_features)
         return nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
 
+    nan_at: int | None = None  # a step whose loss is made NaN (the non-finite loss guard's test)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        if self.nan_at is not None and self.global_step == self.nan_at and self.global_rank == 0:
+            loss = loss * float("nan")
         self.losses.append(float(loss))
         self.log("train_loss", loss, sync_dist=True)
         return loss
@@ -54,10 +59,28 @@ class TinyRecModule(LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch.dense_features, batch.sparse_features))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "adagrad":
-            return torch.optim.Adagrad(self.parameters(), lr=self.hparams.lr, eps=1e-8)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self):
+        h = self.hparams
+        # groups: the tables in a group of their own, with 4x the dense learning rate.
+        params = [{"params": self.mlp.parameters()}, {"params": self.ebc.parameters(), "lr": 4 * h.lr}] if h.groups \
+            else self.parameters()
+        if h.optimizer == "adagrad":
+            optimizer = torch.optim.Adagrad(params, lr=h.lr, eps=1e-8)
+        else:
+            optimizer = torch.optim.SGD(params, lr=h.lr)
+        if h.scheduler == "none":
+            return optimizer
+        interval, scheduler = SCHEDULERS[h.scheduler](optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+SCHEDULERS = {
+    "step": lambda opt: ("step", torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)),
+    "epoch": lambda opt: ("epoch", torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.3)),
+    "warmup": lambda opt: ("step", torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 4)),
+    "onecycle": lambda opt: ("step", torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[0.5 * g["lr"] for g in opt.param_groups], total_steps=12, cycle_momentum=False)),
+}
 
 
 def make_batch(seed: int, size: int) -> Batch:
@@ -72,10 +95,12 @@ def make_batch(seed: int, size: int) -> Batch:
     )
 
 
-def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
-    """Rows ``rank::world_size``-contiguous share of a global batch, as a rank sees it."""
-    size = batch.labels.numel() // world_size
-    rows = slice(rank * size, (rank + 1) * size)
+def rank_slice(batch: Batch, rank: int, world_size: int, split: list[int] | None = None) -> Batch:
+    """A rank's contiguous share of a global batch: equal shares, or ``split[r]`` rows for rank r."""
+    split = split or [batch.labels.numel() // world_size] * world_size
+    start = sum(split[:rank])
+    size = split[rank]
+    rows = slice(start, start + size)
     kjt = batch.sparse_features
     per_key = [kjt[k] for k in kjt.keys()]
     values = torch.cat([jt.values()[rows.start * HOTNESS: rows.stop * HOTNESS] for jt in per_key])
@@ -90,25 +115,45 @@ def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
 class GlobalBatches(torch.utils.data.IterableDataset):
     """The same global batches on every rank, each rank taking its slice."""
 
-    def __init__(self, steps: int, global_size: int, rank: int, world_size: int, seed: int = 0) -> None:
+    def __init__(self, steps: int, global_size: int, rank: int, world_size: int, seed: int = 0,
+                 split: list[int] | None = None) -> None:
         self.steps, self.global_size, self.rank, self.world_size, self.seed = steps, global_size, rank, world_size, seed
+        self.split = split
 
     def __iter__(self):
         for step in range(self.steps):
-            yield rank_slice(make_batch(self.seed + step, self.global_size), self.rank, self.world_size)
+            yield rank_slice(make_batch(self.seed + step, self.global_size), self.rank, self.world_size, self.split)
 
 
-def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0):
-    """Plain single-process training on the global batches: losses and final state dict."""
+def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
+                  split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
+                  groups: bool = False, steps_per_epoch: int | None = None):
+    """Plain single-process training on the global batches, as DDP would train: losses and final state.
+
+    With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
+    averages gradients over ranks, whatever their row counts; an empty rank contributes zeros).
+    """
     torch.manual_seed(init_seed)
-    module = TinyRecModule(optimizer=optimizer, lr=lr)
-    opt = module.configure_optimizers()
+    module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups)
+    configured = module.configure_optimizers()
+    opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
+        else (configured, None)
     losses = []
     for step in range(steps):
         opt.zero_grad()
-        loss = module.loss(make_batch(seed + step, global_size))
+        # Every epoch replays the same ``steps_per_epoch`` batches, as GlobalBatches does.
+        batch = make_batch(seed + (step % steps_per_epoch if steps_per_epoch else step), global_size)
+        if split is None:
+            loss = module.loss(batch)
+        else:
+            parts = [module.loss(rank_slice(batch, r, len(split), split)) for r in range(len(split)) if split[r]]
+            loss = sum(parts) / len(split)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_value_(module.parameters(), clip)
         opt.step()
+        if sched is not None and (sched["interval"] == "step" or (step + 1) % steps_per_epoch == 0):
+            sched["scheduler"].step()
         losses.append(float(loss))
     return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -24,15 +24,15 @@ from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint  # n
 
 
 class Data(LightningDataModule):
-    def __init__(self, steps: int, global_size: int, seed: int) -> None:
+    def __init__(self, steps: int, global_size: int, seed: int, split: list[int] | None = None) -> None:
         super().__init__()
-        self.steps, self.global_size, self.seed = steps, global_size, seed
+        self.steps, self.global_size, self.seed, self.split = steps, global_size, seed, split
 
     bad_id = False
 
     def train_dataloader(self):
         t = self.trainer
-        batches = GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed)
+        batches = GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
         return torch.utils.data.DataLoader(batches, batch_size=None)
@@ -113,6 +113,14 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     p.add_argument("--manual", action="store_true", help="manual optimization")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
+    p.add_argument("--scheduler", default="none", help="an LR schedule of tiny.SCHEDULERS")
+    p.add_argument("--groups", action="store_true", help="tables in their own param group, 4x the lr")
+    p.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
+    p.add_argument("--clip-algorithm", default="value")
+    p.add_argument("--split", default=None, help="rows per rank of each global batch, e.g. 3,5")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--skip-nonfinite", action="store_true", help="HybridParallelStrategy(skip_nonfinite_loss=True)")
+    p.add_argument("--nan-at", type=int, default=None, help="make the loss NaN at this step")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -121,7 +129,10 @@ def main() -> None:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
     module_class = ManualTinyRecModule if args.manual else TinyRecModule
-    module = module_class(optimizer=args.optimizer, lr=args.lr)
+    module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups)
+    module.nan_at = args.nan_at
+    if args.skip_nonfinite:
+        policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
     trainer = Trainer(
         strategy=strategy,
@@ -135,9 +146,13 @@ def main() -> None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
+        gradient_clip_algorithm=args.clip_algorithm if args.clip else None,
+        precision=args.precision,
         callbacks=[Dump(out, args.save)],
     )
-    data = Data(args.steps, args.global_batch, args.data_seed)
+    split = [int(n) for n in args.split.split(",")] if args.split else None
+    data = Data(args.steps, args.global_batch, args.data_seed, split)
     data.bad_id = args.bad_id
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     if args.predict:

@@ -4,9 +4,13 @@ import pytest
 import torch
 from torchrec import optim as trec_optim
 
-from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, first_optimizer
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, ParamGroupRef, table_param_groups
 
 PARAMS = [torch.nn.Parameter(torch.zeros(2))]
+
+
+def from_first_group(optimizer: torch.optim.Optimizer) -> EmbeddingOptimizer:
+    return EmbeddingOptimizer.from_param_group(optimizer, optimizer.param_groups[0])
 
 
 @pytest.mark.parametrize(
@@ -18,19 +22,19 @@ PARAMS = [torch.nn.Parameter(torch.zeros(2))]
     ],
 )
 def test_from_configured_optimizer(optimizer: torch.optim.Optimizer, kwargs: dict) -> None:
-    fused = EmbeddingOptimizer.from_optimizer(optimizer)
+    fused = EmbeddingOptimizer.from_param_group(optimizer, optimizer.param_groups[0])
     assert fused.optimizer_class is type(optimizer)
     assert fused.kwargs == kwargs
 
 
 def test_no_fused_equivalent_lists_alternatives() -> None:
     with pytest.raises(ValueError, match=r"RMSprop has no fused FBGEMM equivalent.*Adagrad.*embedding_optimizer"):
-        EmbeddingOptimizer.from_optimizer(torch.optim.RMSprop(PARAMS))
+        from_first_group(torch.optim.RMSprop(PARAMS))
 
 
 def test_unsupported_hyper_parameter_value() -> None:
     with pytest.raises(ValueError, match=r"SGD\(momentum=0.9\) cannot be fused"):
-        EmbeddingOptimizer.from_optimizer(torch.optim.SGD(PARAMS, lr=0.1, momentum=0.9))
+        from_first_group(torch.optim.SGD(PARAMS, lr=0.1, momentum=0.9))
 
 
 def test_adam_is_gpu_only() -> None:
@@ -43,10 +47,11 @@ def test_rowwise_adagrad_state_is_per_row() -> None:
     assert EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.1}).state_factor == 1.0
 
 
-def test_first_optimizer_in_every_lightning_form() -> None:
-    opt = torch.optim.SGD(PARAMS, lr=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    for configured in (opt, [opt], ([opt], [sched]), {"optimizer": opt, "lr_scheduler": sched}):
-        assert first_optimizer(configured) is opt
-    with pytest.raises(ValueError, match="embedding_optimizer"):
-        first_optimizer(None)
+def test_tables_take_the_values_of_the_group_that_holds_them() -> None:
+    tables = {"t0": torch.nn.Parameter(torch.zeros(2)), "t1": torch.nn.Parameter(torch.zeros(2))}
+    dense = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [dense]}, {"params": [tables["t1"]], "lr": 1.0}], lr=1e-9)
+    groups = table_param_groups([optimizer], tables)
+    assert groups == {"t1": ParamGroupRef(0, 1)}  # t0 is in no group
+    assert from_first_group(optimizer).kwargs["lr"] == 1e-9
+    assert EmbeddingOptimizer.from_param_group(optimizer, optimizer.param_groups[1]).kwargs["lr"] == 1.0

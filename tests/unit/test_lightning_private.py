@@ -27,3 +27,10 @@ def test_manual_optimization_pieces_exist() -> None:
     assert list(inspect.signature(private.prepare_for_backward).parameters) == ["model", "output"]
     # Called by flush_first_static_graph_iteration, as Lightning's DDPStrategy.post_backward does.
     assert callable(getattr(Reducer, "_delay_all_reduce", None))
+
+
+def test_optimizer_and_comm_hook_helpers_exist() -> None:
+    params = list(inspect.signature(private.init_optimizers_and_lr_schedulers).parameters)
+    assert params == ["model"]
+    params = list(inspect.signature(private.register_ddp_comm_hook).parameters)
+    assert params == ["model", "ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper"]

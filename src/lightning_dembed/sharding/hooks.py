@@ -7,6 +7,10 @@
 - Output order: a sharded `EmbeddingBagCollection` returns its features grouped by shard, not in
   the order of its tables, so ``KeyedTensor.values()`` would silently mean something else after
   sharding. The original order is restored (nothing is done when the orders already agree).
+- Ragged batches: row-wise shardings reduce-scatter pooled rows between ranks, and on gloo the
+  backward all-gather needs one row count on every rank. Ranks whose batch is smaller (or empty)
+  add empty bags up to the largest batch, and the extra output rows are sliced off: empty bags
+  look nothing up and receive no gradient, so the tables train as if each rank had its own rows.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import LazyAwaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_dembed.sharding.planner import embedding_configs
 
-__all__ = ["register_input_checks", "register_output_order"]
+__all__ = ["pad_to_stride", "register_input_checks", "register_output_order", "register_ragged_batches"]
 
 
 class _FeatureCheck:
@@ -101,3 +107,63 @@ def register_output_order(sharded: nn.Module, unsharded: nn.Module) -> None:
     if isinstance(unsharded, EmbeddingBagCollection):
         keys = [f for config in unsharded.embedding_bag_configs() for f in config.feature_names]
         sharded.register_forward_hook(_restore_order(keys))
+
+
+# Sharding types whose pooled output is reduce-scattered across ranks.
+_REDUCE_SCATTER_TYPES = frozenset({"row_wise", "table_row_wise", "grid_shard"})
+
+
+def pad_to_stride(features: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
+    """``features`` with empty bags appended to every key up to ``stride`` rows."""
+    rows = features.stride()
+    if stride == rows:
+        return features
+    lengths = features.lengths().reshape(len(features.keys()), rows)
+    lengths = torch.cat([lengths, lengths.new_zeros(lengths.shape[0], stride - rows)], dim=1).reshape(-1)
+    weights = features.weights_or_none()
+    return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=lengths, weights=weights)
+
+
+class _RaggedBatches:
+    """Pads a rank's features to the largest row count of all ranks, and slices the output back."""
+
+    def __init__(self) -> None:
+        self._rows: list[int] = []
+
+    def pad(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        features = args[0] if args else None
+        if not isinstance(features, KeyedJaggedTensor):
+            return None
+        rows = features.stride()
+        most = torch.tensor([rows], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        self._rows.append(rows)
+        return (pad_to_stride(features, int(most)), *args[1:])
+
+    def unpad(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self._rows:
+            return output
+        rows = self._rows.pop()
+        if isinstance(output, LazyAwaitable):
+            output = output.wait()
+        if not isinstance(output, KeyedTensor) or output.values().shape[0] == rows:
+            return output
+        return KeyedTensor(
+            keys=output.keys(), length_per_key=output.length_per_key(), values=output.values()[:rows],
+            key_dim=output.key_dim(),
+        )
+
+
+def register_ragged_batches(sharded: nn.Module, sharding_types: set[str]) -> None:
+    """Let ranks feed ``sharded`` (a sharded `EmbeddingBagCollection`) different row counts.
+
+    Only needed, and only installed, where a row-wise sharding meets gloo (NCCL gathers uneven
+    sizes itself); it costs one scalar all-reduce per forward.
+    """
+    if not sharding_types & _REDUCE_SCATTER_TYPES or dist.get_backend() != "gloo":
+        return
+    if not isinstance(sharded, ShardedEmbeddingBagCollection):
+        return  # sequence (EmbeddingCollection) outputs are exchanged by all-to-all, which copes
+    ragged = _RaggedBatches()
+    sharded.register_forward_pre_hook(ragged.pad)
+    sharded.register_forward_hook(ragged.unpad)

@@ -8,17 +8,25 @@ equivalent and attached to the tables before sharding, where TorchRec picks it u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torchrec import optim as trec_optim
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from lightning_dembed.sharding.planner import find_embedding_modules
 
-__all__ = ["EmbeddingOptimizer", "apply_embedding_optimizer", "dense_parameters", "first_optimizer"]
+__all__ = [
+    "EmbeddingOptimizer",
+    "ParamGroupRef",
+    "TableHyperParameters",
+    "apply_embedding_optimizers",
+    "dense_parameters",
+    "table_param_groups",
+]
 
 # Hyper-parameters FBGEMM's fused kernels implement, per optimizer class, and the values of the
 # ones they do not implement that are harmless (the class defaults).
@@ -45,7 +53,8 @@ class EmbeddingOptimizer:
     Example::
 
         EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.05, "eps": 1e-8})
-        EmbeddingOptimizer.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        EmbeddingOptimizer.from_param_group(opt, opt.param_groups[0])
     """
 
     optimizer_class: type
@@ -72,14 +81,18 @@ class EmbeddingOptimizer:
                 )
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> "EmbeddingOptimizer":
-        """The fused twin of an optimizer built by ``configure_optimizers`` (its class and defaults)."""
+    def from_param_group(cls, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> "EmbeddingOptimizer":
+        """The fused twin of one param group of an optimizer built by ``configure_optimizers``.
+
+        The group's own values are used (``SGD([{"params": tables, "lr": 1.0}], lr=1e-9)`` trains
+        the tables at 1.0), as the optimizer itself would for the parameters in that group.
+        """
         opt_cls = type(optimizer)
         if opt_cls not in _FUSED:
             cls(opt_cls)  # raises with the list of alternatives
         passed, required, _ = _FUSED[opt_cls]
-        kwargs = {k: v for k, v in optimizer.defaults.items() if k in passed}
-        kwargs.update({k: optimizer.defaults[k] for k in required if k in optimizer.defaults})
+        kwargs = {k: group[k] for k in passed if k in group}
+        kwargs.update({k: group[k] for k in required if k in group})
         return cls(opt_cls, kwargs)
 
     @property
@@ -100,25 +113,15 @@ class EmbeddingOptimizer:
         return {k: v for k, v in self.kwargs.items() if k in passed}
 
 
-def first_optimizer(configured: Any) -> torch.optim.Optimizer:
-    """The first optimizer in anything ``configure_optimizers`` may return."""
-    if isinstance(configured, torch.optim.Optimizer):
-        return configured
-    if isinstance(configured, dict) and "optimizer" in configured:
-        return first_optimizer(configured["optimizer"])
-    if isinstance(configured, (list, tuple)) and configured:
-        return first_optimizer(configured[0])
-    raise ValueError(
-        "configure_optimizers returned no optimizer to derive the embedding optimizer from; pass "
-        "HybridParallelStrategy(embedding_optimizer=EmbeddingOptimizer(...))"
-    )
+def apply_embedding_optimizers(tables: Mapping[str, nn.Parameter], optimizers: Mapping[str, EmbeddingOptimizer]) -> None:
+    """Attach its fused optimizer to every table (by name) so TorchRec shards it with fused kernels.
 
-
-def apply_embedding_optimizer(modules: Iterable[nn.Module], optimizer: EmbeddingOptimizer) -> None:
-    """Attach ``optimizer`` to every table of ``modules`` so TorchRec shards them with fused kernels."""
-    params = [p for module in modules for p in module.parameters()]
-    if params:
-        apply_optimizer_in_backward(optimizer.optimizer_class, params, optimizer.fused_kwargs())
+    TorchRec groups tables into one FBGEMM kernel only when their fused hyper-parameters agree, so
+    tables of param groups with different values train in different kernels.
+    """
+    for name, param in tables.items():
+        optimizer = optimizers[name]
+        apply_optimizer_in_backward(optimizer.optimizer_class, [param], optimizer.fused_kwargs())
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -135,3 +138,94 @@ def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
     """
     tables = {id(p) for m in find_embedding_modules(module).values() for p in m.parameters()}
     return [p for _, p in in_backward_optimizer_filter(module.named_parameters()) if id(p) not in tables]
+
+
+class ParamGroupRef(NamedTuple):
+    """Where a table's hyper-parameters come from: ``optimizers[optimizer].param_groups[group]``."""
+
+    optimizer: int
+    group: int
+
+
+def table_param_groups(
+    optimizers: Sequence[torch.optim.Optimizer], tables: Mapping[str, nn.Parameter]
+) -> dict[str, ParamGroupRef]:
+    """The param group that holds each table (by name) that one of ``optimizers`` holds."""
+    holder: dict[int, ParamGroupRef] = {}
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                holder.setdefault(id(p), ParamGroupRef(i, j))
+    return {name: holder[id(p)] for name, p in tables.items() if id(p) in holder}
+
+
+def _fused_leaves(optimizer: KeyedOptimizer) -> Iterable[KeyedOptimizer]:
+    if isinstance(optimizer, CombinedOptimizer):
+        for _, child in optimizer.optimizers:
+            yield from _fused_leaves(child)
+    else:
+        yield optimizer
+
+
+class TableHyperParameters:
+    """Drives FBGEMM's fused table optimizers from the param groups that hold the tables.
+
+    The tables are updated inside backward, before Lightning steps the dense optimizers, with the
+    learning rate FBGEMM's kernel read in the forward; so every training step first copies the
+    learning rate of each table's param group (as LR schedulers left it) into that kernel: the tables then train with the same learning rate at
+    every step as they would as ordinary parameters of that group. FBGEMM takes every other
+    hyper-parameter at construction only; a schedule that changes one is refused, by name.
+
+    Args:
+        fused_optimizer: ``DistributedModelParallel.fused_optimizer``.
+        groups: each table's param group (`table_param_groups`).
+        built_with: the fused optimizer each table's kernel was built with.
+    """
+
+    def __init__(
+        self,
+        fused_optimizer: KeyedOptimizer,
+        groups: Mapping[str, ParamGroupRef],
+        built_with: Mapping[str, EmbeddingOptimizer],
+    ) -> None:
+        name_of = {id(t): name for name, t in fused_optimizer.params.items()}
+        self._kernels: list[tuple[KeyedOptimizer, list[str]]] = []
+        for leaf in _fused_leaves(fused_optimizer):
+            names = sorted(name_of[id(t)] for t in leaf.params.values())
+            if names:
+                self._kernels.append((leaf, names))
+        self._groups = dict(groups)
+        self._built_with = dict(built_with)
+
+    def sync(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Copy each table group's current learning rate into its fused kernel (call before the forward)."""
+        for kernel, names in self._kernels:
+            lrs = {}
+            for name in names:
+                ref = self._groups[name]
+                group = optimizers[ref.optimizer].param_groups[ref.group]
+                self._check_unchanged(name, ref, group)
+                lrs[name] = float(group["lr"])
+            lr = lrs[names[0]]
+            if any(value != lr for value in lrs.values()):
+                raise ValueError(
+                    f"tables {names} share one FBGEMM kernel (their hyper-parameters were equal at setup) but "
+                    f"their param groups now ask for different learning rates {lrs}; give the tables one param "
+                    "group, or give their groups different initial hyper-parameters so they get separate kernels"
+                )
+            if kernel.param_groups[0]["lr"] != lr:
+                kernel.param_groups[0]["lr"] = lr
+                # TorchRec's fused optimizers push param_groups' lr into the kernel here (step() would too).
+                kernel.zero_grad()
+
+    def _check_unchanged(self, name: str, ref: ParamGroupRef, group: dict[str, Any]) -> None:
+        built = self._built_with[name]
+        for key, value in built.kwargs.items():
+            if key != "lr" and key in group and group[key] != value:
+                raise ValueError(
+                    f"param group {ref.group} of optimizer {ref.optimizer} changed {key!r} from {value!r} to "
+                    f"{group[key]!r} during training (an LR scheduler's momentum cycling does this), but it holds "
+                    f"table {name!r}, whose fused FBGEMM optimizer takes {key!r} at construction only. Schedule "
+                    "only the learning rate (e.g. OneCycleLR(cycle_momentum=False)), or keep the tables out of "
+                    "that optimizer (lightning_dembed.dense_parameters)"
+                )

@@ -7,6 +7,8 @@ CPU (the distributed parity tests check it), so the CPU guard is lifted here and
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -27,6 +29,14 @@ class EmbeddingBagCollectionSharderWithCPURowWise(EmbeddingBagCollectionSharder)
         return types
 
 
-def default_sharders() -> list[ModuleSharder[nn.Module]]:
-    """Sharders for every embedding module type the strategy shards."""
-    return [EmbeddingBagCollectionSharderWithCPURowWise(), EmbeddingCollectionSharder()]
+def default_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[ModuleSharder[nn.Module]]:
+    """Sharders for every embedding module type the strategy shards.
+
+    Args:
+        fused_params: FBGEMM kernel arguments for every table (e.g. ``{"gradient_clipping": True,
+            "max_gradient": 1.0}``); each table's optimizer hyper-parameters are added to them.
+    """
+    return [
+        EmbeddingBagCollectionSharderWithCPURowWise(fused_params=fused_params),
+        EmbeddingCollectionSharder(fused_params=fused_params),
+    ]

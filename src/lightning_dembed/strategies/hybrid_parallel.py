@@ -9,8 +9,10 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,11 +26,19 @@ from lightning_dembed._lightning_private import (
     DenseDDPForwardRedirection,
     ShardedMultiProcessingLauncher,
     flush_first_static_graph_iteration,
+    init_optimizers_and_lr_schedulers,
     prepare_for_backward,
+    register_ddp_comm_hook,
 )
 from lightning_dembed.checkpoint import copy_full_into_sharded, load_sharded_checkpoint, save_sharded_checkpoint
-from lightning_dembed.sharding.hooks import register_input_checks, register_output_order
-from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, apply_embedding_optimizer, first_optimizer
+from lightning_dembed.sharding.hooks import register_input_checks, register_output_order, register_ragged_batches
+from lightning_dembed.sharding.optimizer import (
+    EmbeddingOptimizer,
+    ParamGroupRef,
+    TableHyperParameters,
+    apply_embedding_optimizers,
+    table_param_groups,
+)
 from lightning_dembed.sharding.planner import (
     PlanSummary,
     default_memory_budget,
@@ -72,6 +82,23 @@ def _find_ddp(dmp: DistributedModelParallel) -> Optional[DistributedDataParallel
     return next((m for m in dmp.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
+def _clipping_fused_params(trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
+    """FBGEMM's fused gradient clipping for the tables, matching the Trainer's ``gradient_clip_val``."""
+    if not trainer.gradient_clip_val:
+        return None
+    algorithm = GradClipAlgorithmType(trainer.gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+    if algorithm == GradClipAlgorithmType.NORM:
+        raise ValueError(
+            "gradient_clip_algorithm='norm' needs the norm of every gradient at once, but FBGEMM updates the "
+            "embedding tables inside backward, before any clipping. Use gradient_clip_algorithm='value' (the "
+            "tables are clipped by FBGEMM, the dense parameters by Lightning, as under DDP), or clip the dense "
+            "parameters only by overriding LightningModule.configure_gradient_clipping and calling "
+            "self.clip_gradients(optimizer, gradient_clip_val=..., gradient_clip_algorithm='norm') there "
+            "without setting Trainer(gradient_clip_val=...)"
+        )
+    return {"gradient_clipping": True, "max_gradient": float(trainer.gradient_clip_val)}
+
+
 class HybridParallelStrategy(DDPStrategy):
     """Shard every TorchRec embedding module of a LightningModule; keep the dense rest under DDP.
 
@@ -94,6 +121,9 @@ class HybridParallelStrategy(DDPStrategy):
         embedding_optimizer: the tables' optimizer; by default derived from ``configure_optimizers``.
         memory_budget_per_rank: bytes (or ``"8GiB"``) a rank may hold in tables and optimizer state;
             defaults to the GPU's memory, or the host's RAM divided by its local processes.
+        skip_nonfinite_loss: skip, on every rank, the backward and update of a step whose loss is
+            NaN or infinite on any rank, before FBGEMM writes a non-finite update into the tables.
+            The step still counts. Costs one scalar all-reduce and a host sync per backward.
         **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...);
             DDP's own arguments (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``...)
             configure the DDP that TorchRec wraps around the dense parameters.
@@ -116,6 +146,7 @@ class HybridParallelStrategy(DDPStrategy):
         constraints: Optional[Mapping[str, ParameterConstraints]] = None,
         embedding_optimizer: Optional[EmbeddingOptimizer] = None,
         memory_budget_per_rank: Union[int, str, None] = None,
+        skip_nonfinite_loss: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -134,9 +165,14 @@ class HybridParallelStrategy(DDPStrategy):
             raise TypeError(
                 f"embedding_optimizer must be an EmbeddingOptimizer, got {type(embedding_optimizer).__name__}"
             )
-        self._embedding_optimizer = embedding_optimizer
+        self._explicit_embedding_optimizer = embedding_optimizer
+        self._embedding_optimizer: Optional[EmbeddingOptimizer] = embedding_optimizer
         self._memory_budget = _parse_bytes(memory_budget_per_rank)
+        self._skip_nonfinite_loss = skip_nonfinite_loss
         self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
+        self._table_groups: dict[str, ParamGroupRef] = {}
+        self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
+        self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
@@ -188,32 +224,76 @@ class HybridParallelStrategy(DDPStrategy):
 
     # -- setup -----------------------------------------------------------------------------------
 
+    # DDPStrategy.setup runs the stages in Lightning's order (layer sync, precision, model_to_device,
+    # configure_ddp, setup_optimizers; or the dense state broadcast when not fitting). The strategy
+    # refuses what it cannot do the way DDP does, then extends those hooks:
+    #   model_to_device  -> shard the tables (TorchRec DMP), dense part to the device
+    #   configure_ddp    -> DDP around the dense parameters, DDP comm hooks on that DDP
+    #   setup_optimizers -> tables out of the dense optimizers; their fused kernels follow the groups
+
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
-        assert self.accelerator is not None
-        self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and trainer.accumulate_grad_batches > 1:
+        self._refuse_unsupported(trainer, fitting)
+        self._sharders = default_sharders(fused_params=_clipping_fused_params(trainer) if fitting else None)
+        super().setup(trainer)
+
+    def _refuse_unsupported(self, trainer: "pl.Trainer", fitting: bool) -> None:
+        plugin = self.precision_plugin
+        if type(plugin) is not Precision and not (isinstance(plugin, MixedPrecision) and plugin.scaler is None):
+            scaled = isinstance(plugin, MixedPrecision)
+            raise ValueError(
+                f"precision={getattr(plugin, 'precision', type(plugin).__name__)!r} is not supported by "
+                "HybridParallelStrategy: "
+                + ("its GradScaler unscales the dense gradients before the optimizer step, but FBGEMM has "
+                   "already applied the scaled ones to the tables inside backward"
+                   if scaled else
+                   "it converts the module's parameters, but the tables keep the data type of their "
+                   "EmbeddingBagConfig (FBGEMM)")
+                + ". Use precision='bf16-mixed' (or '32-true'); for half-precision tables set data_type in the "
+                "tables' configs"
+            )
+        if self._model_averaging_period is not None or type(self._ddp_comm_state).__name__ == "PostLocalSGDState":
+            raise ValueError(
+                "HybridParallelStrategy does not support model averaging (post-local SGD): the tables are "
+                "sharded, not replicated, so there is nothing to average; remove ddp_comm_state / "
+                "model_averaging_period, or use strategy='ddp' for a model without sharded tables"
+            )
+        if not fitting:
+            return
+        if trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}: FBGEMM's fused optimizer updates "
                 "the embedding tables inside every backward, so they cannot accumulate gradients; raise the "
                 "batch size instead"
             )
-        self.model = self._shard(self.lightning_module, wrap_dense_in_ddp=fitting)
-        if fitting:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
 
     @override
     def model_to_device(self) -> None:
-        # Tables may live on the meta device; DistributedModelParallel materialises and places them.
-        pass
+        # Tables may live on the meta device: sharding materialises and places them.
+        self.model = self._shard(self.lightning_module)
 
-    def _shard(self, module: "pl.LightningModule", wrap_dense_in_ddp: bool) -> nn.Module:
+    @override
+    def configure_ddp(self) -> None:
+        assert self._dmp is not None
+        self._dmp.init_data_parallel()
+        self._ddp = _find_ddp(self._dmp)
+        self.model = self._dmp
+        self._register_ddp_hooks()
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # As DDPStrategy does (CUDA only), on the DDP that holds the dense parameters.
+        if self.root_device.type == "cuda" and self._ddp is not None:
+            register_ddp_comm_hook(
+                model=self._ddp,
+                ddp_comm_state=self._ddp_comm_state,
+                ddp_comm_hook=self._ddp_comm_hook,
+                ddp_comm_wrapper=self._ddp_comm_wrapper,
+            )
+
+    def _shard(self, module: "pl.LightningModule") -> DistributedModelParallel:
         if self._dmp is not None and self._dmp.module is module:
-            if wrap_dense_in_ddp:
-                self._dmp.init_data_parallel()
-                self._ddp = _find_ddp(self._dmp)
             return self._dmp
         embedding_modules = find_embedding_modules(module)
         if not embedding_modules:
@@ -222,17 +302,19 @@ class HybridParallelStrategy(DDPStrategy):
                 "use strategy='ddp' for a model without embedding tables, or wrap plain nn.Embedding / "
                 "nn.EmbeddingBag layers in lightning_dembed.DistributedEmbedding"
             )
-        optimizer = self._embedding_optimizer or EmbeddingOptimizer.from_optimizer(
-            first_optimizer(module.configure_optimizers())
-        )
-        optimizer.check_device(self.root_device)
-        self._embedding_optimizer = optimizer
+        tables = {
+            f"{path}.{name}": p for path, m in embedding_modules.items() for name, p in m.named_parameters()
+        }
+        self._table_groups, self._table_optimizers = self._choose_table_optimizers(module, tables)
+        for optimizer in {id(o): o for o in self._table_optimizers.values()}.values():
+            optimizer.check_device(self.root_device)
+        self._embedding_optimizer = next(iter(self._table_optimizers.values()))
 
         # Weights the user already initialised are kept; meta tables are initialised by TorchRec.
         initial_tables = {
             path: {k: v for k, v in m.state_dict().items() if not v.is_meta} for path, m in embedding_modules.items()
         }
-        apply_embedding_optimizer(embedding_modules.values(), optimizer)
+        apply_embedding_optimizers(tables, self._table_optimizers)
         world_size = self.world_size
         local_world_size = self.num_processes
         budget = self._memory_budget or default_memory_budget(self.root_device, local_world_size)
@@ -244,7 +326,7 @@ class HybridParallelStrategy(DDPStrategy):
             local_world_size=local_world_size,
             device=self.root_device,
             memory_budget=budget,
-            optimizer_state_factor=optimizer.state_factor,
+            optimizer_state_factor=max(o.state_factor for o in self._table_optimizers.values()),
             process_group=torch.distributed.group.WORLD,
         )
         self.sharding_plan, self.plan_summary = plan, summary
@@ -256,19 +338,63 @@ class HybridParallelStrategy(DDPStrategy):
             device=self.root_device,
             plan=plan,
             sharders=self._sharders,
-            init_data_parallel=wrap_dense_in_ddp,
+            init_data_parallel=False,
             data_parallel_wrapper=self._data_parallel_wrapper,
         )
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
             register_input_checks(sharded, unsharded, path)
             register_output_order(sharded, unsharded)
+            register_ragged_batches(sharded, {ps.sharding_type for ps in plan.plan[path].values()})
             if initial_tables[path]:
                 copy_full_into_sharded(sharded.state_dict(), initial_tables[path])
         # TorchRec's own DDP wrapping moves the whole module the same way; needed here when not fitting.
         module.to(self.root_device)
-        self._dmp, self._ddp = dmp, _find_ddp(dmp)
+        # Outside fit DDPStrategy broadcasts rank 0's parameters and buffers (DDP's own start-up sync);
+        # the shards differ per rank by design and must stay out of it.
+        dmp._ddp_params_and_buffers_to_ignore = [
+            name for name, p in dmp.named_parameters() if hasattr(p, "_in_backward_optimizers")
+        ]
+        self._dmp, self._ddp = dmp, None
         return dmp
+
+    def _choose_table_optimizers(
+        self, module: "pl.LightningModule", tables: dict[str, nn.Parameter]
+    ) -> tuple[dict[str, ParamGroupRef], dict[str, EmbeddingOptimizer]]:
+        """Each table's param group and the fused optimizer its kernel is built with.
+
+        A table trains with the hyper-parameters of the param group that holds it (the fused twin of
+        that group's optimizer); a table in no group (the optimizer got ``dense_parameters(self)``)
+        with those of the first optimizer's first group, schedule included. An explicit
+        ``embedding_optimizer`` fixes them instead.
+        """
+        optimizers, schedulers = init_optimizers_and_lr_schedulers(module)
+        held = table_param_groups(optimizers, tables)
+        explicit = self._explicit_embedding_optimizer
+        if explicit is not None:
+            scheduled = {id(config.scheduler.optimizer) for config in schedulers}
+            clash = sorted(name for name, ref in held.items() if id(optimizers[ref.optimizer]) in scheduled)
+            if clash:
+                raise ValueError(
+                    f"embedding_optimizer= fixes the tables' hyper-parameters, but configure_optimizers puts tables "
+                    f"{clash} in an optimizer with an LR scheduler, whose schedule they would then not follow. Drop "
+                    "embedding_optimizer= (the tables follow their param group and its schedule), or give that "
+                    "optimizer lightning_dembed.dense_parameters(self)"
+                )
+            return {}, {name: explicit for name in tables}
+        if not optimizers:
+            raise ValueError(
+                "configure_optimizers returned no optimizer to derive the embedding tables' optimizer from; return "
+                "one, or pass HybridParallelStrategy(embedding_optimizer=EmbeddingOptimizer(...))"
+            )
+        groups = {name: held.get(name, ParamGroupRef(0, 0)) for name in tables}
+        chosen = {
+            name: EmbeddingOptimizer.from_param_group(
+                optimizers[ref.optimizer], optimizers[ref.optimizer].param_groups[ref.group]
+            )
+            for name, ref in groups.items()
+        }
+        return groups, chosen
 
     def _dense_ddp(self) -> Optional[DistributedDataParallel]:
         """The DDP that TorchRec wraps around the dense parameters (None before fit's setup)."""
@@ -276,6 +402,31 @@ class HybridParallelStrategy(DDPStrategy):
 
     # Lightning's DDPStrategy drives its reducer by hand under manual optimization, for a DDP at the
     # top of the model; these do the same for the DDP inside DistributedModelParallel.
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        # The tables are updated inside this step's backward with the learning rate their kernels read
+        # in its forward: they take their param groups' current values first.
+        if self._table_hyper_parameters is not None:
+            self._table_hyper_parameters.sync(self.optimizers)
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._skip_nonfinite_loss and not self._finite_on_every_rank(closure_loss):
+            # No backward on any rank: FBGEMM updates nothing, the dense gradients stay None (their
+            # optimizers skip them), and DDP's reducer is never armed.
+            rank_zero_warn(
+                f"step {self.lightning_module.trainer.global_step}: the loss is not finite on at least one rank; "
+                "its backward and update are skipped on every rank (skip_nonfinite_loss=True)"
+            )
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
 
     @override
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
@@ -305,6 +456,10 @@ class HybridParallelStrategy(DDPStrategy):
                         state = optimizer.state.pop(p, {})
                         dropped_bytes += sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor))
                 group["params"] = list(dense.values())
+        if self._dmp is not None and self._table_groups:
+            self._table_hyper_parameters = TableHyperParameters(
+                self._dmp.fused_optimizer, self._table_groups, self._table_optimizers
+            )
         if dropped_bytes:
             rank_zero_warn(
                 f"configure_optimizers gave its optimizer the embedding tables too, and it allocated "
