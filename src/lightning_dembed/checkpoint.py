@@ -1,43 +1,142 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written so none is ever half there.
 
-A checkpoint is a directory: DCP's files hold the tensors (model state and the fused embedding
-optimizer's state, each rank writing its own shards), and ``meta.pt`` holds the rest of what
-Lightning saves (loop progress, callbacks, hyper-parameters, the dense optimizers, which are the
-same on every rank). It is written into a side directory and renamed into place only when every
-rank has finished, so a crash mid-write leaves the last good checkpoint as it was. DCP reshards on
-load, so a checkpoint written by N processes loads into M.
+A checkpoint ``P`` is a symbolic link to a complete version directory, ``.P.versions/<id>``, beside
+it. A version holds DCP's files (model state and the fused embedding optimizer's state, each rank
+writing its own shards) and ``meta.pt``, the rest of what Lightning saves (loop progress,
+callbacks, hyper-parameters, the dense optimizers, which are the same on every rank). A save:
+
+1. rank 0 removes versions no link points to (what a crashed save left) and creates a new one;
+2. every rank writes its shards into it with DCP (files fsync'd; DCP writes ``.metadata`` last);
+3. rank 0 writes ``meta.pt`` (fsync'd), then points ``P`` at the new version with one atomic
+   rename of a fresh link over ``P`` (directory fsync'd), then removes the old version.
+
+Until the rename, ``P`` is the last good checkpoint; after it, the new one. An error on rank 0 is
+raised on every rank (no rank waits in a barrier for the timeout). DCP reshards on load, so a
+checkpoint written by N processes loads into M.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
-import tempfile
+import uuid
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.tensor import DTensor
+
+from lightning_dembed._private import (
+    EmptyStateDictLoadPlanner,
+    compute_local_shape_and_global_offset,
+    load_state_dict_no_dist,
+)
 
 __all__ = [
     "META_FILE",
+    "CheckpointError",
     "consolidate_checkpoint",
     "copy_full_into_sharded",
+    "gather_full_state_dict",
     "is_sharded_checkpoint",
     "load_sharded_checkpoint",
+    "mark_for_assignment",
+    "remove_sharded_checkpoint",
     "save_sharded_checkpoint",
 ]
 
 META_FILE = "meta.pt"
-_PARTIAL = ".partial"
-_REPLACED = ".replaced"
+_DCP_METADATA = ".metadata"
+
+T = TypeVar("T")
+Broadcast = Callable[[Any, int], Any]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file at fault."""
+
+
+def _versions_dir(path: Path) -> Path:
+    # Hidden and not named *.ckpt, so Lightning's search for "last*.ckpt" never finds a version.
+    return path.with_name(f".{path.name}.versions")
 
 
 def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
-    """Whether ``path`` is a directory this module wrote."""
-    return (Path(path) / META_FILE).is_file() and (Path(path) / ".metadata").is_file()
+    """Whether ``path`` is (or links to) a complete checkpoint directory this module wrote."""
+    return (Path(path) / META_FILE).is_file() and (Path(path) / _DCP_METADATA).is_file()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _on_rank_zero(step: Callable[[], T], is_global_zero: bool, broadcast: Broadcast) -> T:
+    """Run ``step`` on rank 0 and hand its result to every rank, or raise its error on every rank."""
+    result: Any = None
+    error: Optional[str] = None
+    failure: Optional[BaseException] = None
+    if is_global_zero:
+        try:
+            result = step()
+        except (OSError, pickle.PicklingError, RuntimeError, TypeError, ValueError) as err:  # re-raised below
+            failure, error = err, f"{type(err).__name__}: {err}"
+    result, error = broadcast((result, error), 0)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CheckpointError(f"saving the checkpoint failed on rank 0: {error}")
+    return result
+
+
+def _remove_stale_versions(path: Path) -> None:
+    versions = _versions_dir(path)
+    if not versions.is_dir():
+        return
+    current = path.resolve() if path.is_symlink() else None
+    for entry in versions.iterdir():
+        if entry.resolve() != current:
+            shutil.rmtree(entry)
+
+
+def _begin(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_versions(path)
+    version = _versions_dir(path) / uuid.uuid4().hex[:16]
+    version.mkdir(parents=True)
+    return str(version)
+
+
+def _write_meta(version: Path, meta: dict[str, Any]) -> None:
+    with open(version / META_FILE, "wb") as f:
+        torch.save(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(version)
+
+
+def _link(path: Path, version: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        # Written by lightning-dembed 0.1 as a plain directory; a link cannot replace one atomically.
+        path.rename(_versions_dir(path) / "unversioned")
+    link = path.with_name(f".{path.name}.link")
+    link.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(version, path.parent), link)
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+
+
+def _commit(path: Path, version: Path, meta: dict[str, Any]) -> None:
+    _write_meta(version, meta)
+    _link(path, version)
+    _remove_stale_versions(path)
 
 
 def save_sharded_checkpoint(
@@ -45,51 +144,98 @@ def save_sharded_checkpoint(
     tensors: dict[str, Any],
     meta: dict[str, Any],
     is_global_zero: bool,
-    barrier: Callable[[], None],
+    broadcast: Broadcast,
 ) -> None:
     """Write ``tensors`` with DCP from every rank and ``meta`` from rank 0, atomically.
 
-    Every rank must call this. The new checkpoint goes to ``<path>.partial`` and replaces ``path``
-    only after all ranks are done; an old checkpoint at ``path`` is removed last.
+    Every rank must call this, with ``broadcast(obj, src)`` the strategy's object broadcast.
     """
     path = Path(path)
-    partial = path.with_name(path.name + _PARTIAL)
-    if is_global_zero:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    dcp.save(tensors, checkpoint_id=partial)
-    if is_global_zero:
-        torch.save(meta, partial / META_FILE)
-    barrier()
-    if is_global_zero:
-        replaced = path.with_name(path.name + _REPLACED)
-        if path.exists():
-            shutil.rmtree(replaced, ignore_errors=True)
-            path.rename(replaced)
-        partial.rename(path)
-        shutil.rmtree(replaced, ignore_errors=True)
-    barrier()
+    version = Path(_on_rank_zero(lambda: _begin(path), is_global_zero, broadcast))
+    dcp.save(tensors, checkpoint_id=version)  # raises on every rank if any rank fails
+    _on_rank_zero(lambda: _commit(path, version, meta), is_global_zero, broadcast)
 
 
-def load_sharded_checkpoint(path: Union[str, Path], tensors: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint into ``tensors`` in place (resharding as needed); returns its ``meta``."""
+def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
+    """Remove a checkpoint and its versions (call on one rank)."""
     path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    shutil.rmtree(_versions_dir(path), ignore_errors=True)
+
+
+def _check_files(path: Path) -> None:
+    """Name a missing or truncated file before DCP fails on it with a message that does not."""
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(
-            f"{path} is not a sharded checkpoint directory (no {META_FILE} or DCP .metadata in it); "
+            f"{path} is not a sharded checkpoint directory (no {META_FILE} or DCP {_DCP_METADATA} in it); "
             "HybridParallelStrategy writes and reads checkpoints as directories"
         )
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path / _DCP_METADATA} is truncated or corrupt ({err})") from err
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: shard file {file} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(
+                f"checkpoint {path}: shard file {file} is truncated ({file.stat().st_size} of {size} bytes)"
+            )
+
+
+def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+    try:
+        return torch.load(path / META_FILE, map_location="cpu", weights_only=weights_only)
+    except (EOFError, RuntimeError) as err:
+        raise CheckpointError(f"{path / META_FILE} is truncated or corrupt ({err})") from err
+
+
+def load_sharded_checkpoint(
+    path: Union[str, Path], tensors: dict[str, Any], weights_only: Optional[bool] = None
+) -> dict[str, Any]:
+    """Load a checkpoint into ``tensors`` in place (resharding as needed); returns its ``meta``.
+
+    ``weights_only`` is passed to ``torch.load`` for ``meta.pt``, as Lightning does for a
+    checkpoint file.
+    """
+    path = Path(path)
+    _check_files(path)
+    meta = _load_meta(path, weights_only)
     dcp.load(tensors, checkpoint_id=path)
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    return meta
+
+
+def mark_for_assignment(state: dict[str, torch.Tensor], keys: Iterable[str]) -> OrderedDict:
+    """``state`` as an OrderedDict whose modules owning ``keys`` load by assignment.
+
+    ``Module.load_state_dict`` copies into existing parameters, which does nothing for tables built
+    on the meta device (and ``.to()`` then fails with "Cannot copy out of meta tensor"). Modules
+    marked here take the loaded tensors as their parameters instead (``assign=True``, recorded in
+    the state dict's ``_metadata`` as ``torch.save`` keeps it), so ``load_from_checkpoint`` works.
+    """
+    marked = OrderedDict(state)
+    metadata = dict(getattr(state, "_metadata", {}) or {})
+    for key in keys:
+        module = key.rpartition(".")[0]
+        metadata[module] = {**metadata.get(module, {}), "assign_to_params_buffers": True}
+    marked._metadata = metadata  # type: ignore[attr-defined]
+    return marked
 
 
 def consolidate_checkpoint(path: Union[str, Path], output: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     """Turn a sharded checkpoint into one plain Lightning checkpoint the un-sharded module loads.
 
-    Full tables are assembled in this process's memory, so run it on a machine that holds the
-    whole model. With ``output`` the result is also written with ``torch.save``, ready for
-    ``MyModule.load_from_checkpoint(output)``.
+    Only the model state is read (not the embedding optimizer's), and full tables are assembled
+    in this process's memory, so run it on a machine that holds the whole model. With ``output``
+    the result is also written with ``torch.save``, ready for ``MyModule.load_from_checkpoint``,
+    also when the module builds its tables on the meta device.
 
     Example::
 
@@ -97,14 +243,18 @@ def consolidate_checkpoint(path: Union[str, Path], output: Optional[Union[str, P
         model = MyModule.load_from_checkpoint("last-full.ckpt")
     """
     path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint directory")
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "full.pt"
-        dcp_to_torch_save(path, flat)
-        tensors = torch.load(flat, map_location="cpu", weights_only=False)
-    checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = tensors["state_dict"]
+    _check_files(path)
+    checkpoint = _load_meta(path, weights_only=False)
+    tensors: dict[str, Any] = {}
+    load_state_dict_no_dist(
+        tensors,
+        storage_reader=dcp.FileSystemReader(str(path)),
+        planner=EmptyStateDictLoadPlanner(keys={"state_dict"}),
+        no_dist=True,
+    )
+    checkpoint["state_dict"] = mark_for_assignment(
+        tensors["state_dict"], checkpoint.get("lightning_dembed", {}).get("table_keys", [])
+    )
     checkpoint.pop("optimizer_states", None)
     checkpoint.pop("lr_schedulers", None)
     if output is not None:
@@ -133,32 +283,27 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
                 shard.tensor.copy_(source[index])
         elif isinstance(target, DTensor):
             local = target.to_local()
-            _, offsets = _dtensor_local_offsets(target)
+            _, offsets = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
             index = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))
             local.copy_(source[index])
         elif isinstance(target, torch.Tensor):
             target.copy_(source)
 
 
-def _dtensor_local_offsets(tensor: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return tuple(shape), tuple(offsets)
-
-
-
-def gather_full_state_dict(state: dict[str, Any], is_global_zero: bool) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(
+    state: dict[str, Any], is_global_zero: bool, table_keys: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
     """Assemble full tensors from a sharded state dict on rank 0 (every rank must call it).
 
     Other ranks get an empty dict. Meant for small models and hand-offs (e.g. back to the process
-    that launched training); for real checkpoints use `save_sharded_checkpoint`.
+    that launched training); for real checkpoints use `save_sharded_checkpoint`. ``table_keys``
+    load by assignment (`mark_for_assignment`).
     """
     full: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if isinstance(value, ShardedTensor):
             # NCCL gathers into device memory; gloo into host memory.
-            device = _collective_device(value)
+            device = _collective_device()
             out = torch.empty(value.size(), dtype=value.dtype, device=device) if is_global_zero else None
             value.gather(dst=0, out=out)
             tensor = out
@@ -168,10 +313,10 @@ def gather_full_state_dict(state: dict[str, Any], is_global_zero: bool) -> dict[
             tensor = value
         if is_global_zero and tensor is not None:
             full[key] = tensor.detach().cpu()
-    return full
+    return mark_for_assignment(full, [k for k in table_keys if k in full])
 
 
-def _collective_device(tensor: ShardedTensor) -> torch.device:
+def _collective_device() -> torch.device:
     import torch.distributed as dist
 
     if dist.get_backend() == "nccl":

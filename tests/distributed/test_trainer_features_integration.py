@@ -116,3 +116,40 @@ def test_bf16_mixed_trains_close_to_one_process(tmp_path: Path) -> None:
     state = full_state(tmp_path / "final.ckpt.full.pt")
     for key, value in ref_state.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=2e-2, msg=key)
+
+
+def test_validate_without_fit_uses_rank_zeros_dense_weights(tmp_path: Path) -> None:
+    run_worker(tmp_path, "--steps", "2", "--validate-only", "--policy", every_table("row_wise"))
+    rank0, rank1 = (torch.load(tmp_path / f"dense{r}.pt") for r in range(2))
+    assert_same_state(rank1, rank0)
+
+
+def test_consolidated_checkpoint_serves_a_meta_built_module(tmp_path: Path) -> None:
+    """Fork hands the trained tables back into meta-built tables; consolidate + load_from_checkpoint serve."""
+    from tiny import TinyRecModule, make_batch, rank_slice
+
+    run_worker(tmp_path, "--steps", str(STEPS), "--meta-tables", "--policy", every_table("row_wise"),
+               "--save", "final.ckpt", "--predict")
+    served = TinyRecModule.load_from_checkpoint(tmp_path / "final.ckpt.full.pt")
+    assert served.hparams.device == "meta" and not any(p.is_meta for p in served.parameters())
+    with torch.no_grad():
+        expected = torch.cat([served.predict_step(rank_slice(make_batch(step, GLOBAL_BATCH), 0, 2), step)
+                              for step in range(STEPS)])
+    # predictions.pt: the sharded model's, from the tables fork handed back to the launching process.
+    torch.testing.assert_close(torch.load(tmp_path / "predictions.pt"), expected, rtol=RTOL, atol=ATOL)
+    weights_only = TinyRecModule.load_from_checkpoint(tmp_path / "final.ckpt.full.pt", weights_only=True)
+    assert_same_state(weights_only.state_dict(), served.state_dict())
+
+
+def test_model_checkpoint_top_k_and_resume_from_last(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    common = ("--steps", str(STEPS), "--policy", every_table("row_wise"), "--checkpoint-dir", str(checkpoints))
+    run_worker(tmp_path / "first", *common, "--max-steps", str(STEPS))
+    names = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
+    assert len(names) == 3 and "last.ckpt" in names, names  # top 2 by train_loss, and last
+    # Versions of removed checkpoints are gone: one per checkpoint left.
+    assert len([p for p in checkpoints.iterdir() if p.name.startswith(".")]) == 3
+    run_worker(tmp_path / "resumed", *common, "--max-steps", str(STEPS + 2), "--resume", "last",
+               "--save", "final.ckpt")
+    _, ref_state = reference_run(STEPS + 2, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=STEPS)
+    assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -77,6 +78,23 @@ class SavePredictions(Callback):
             torch.save(torch.cat(self.outputs), self.path)
 
 
+class DenseWeightsAtValidation(Callback):
+    """Each rank's dense weights as validation starts (they must be rank 0's everywhere, as under DDP)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def setup(self, trainer: Trainer, module: TinyRecModule, stage: str) -> None:
+        # Before the strategy's setup: ranks start from different dense weights.
+        with torch.no_grad():
+            for p in module.mlp.parameters():
+                p.add_(trainer.global_rank)
+
+    def on_validation_start(self, trainer: Trainer, module: TinyRecModule) -> None:
+        weights = {k: v.clone() for k, v in module.mlp.state_dict().items()}
+        torch.save(weights, self.out / f"dense{trainer.global_rank}.pt")
+
+
 class ManualTinyRecModule(TinyRecModule):
     """The same model stepped by hand (``automatic_optimization = False``)."""
 
@@ -121,6 +139,9 @@ def main() -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--skip-nonfinite", action="store_true", help="HybridParallelStrategy(skip_nonfinite_loss=True)")
     p.add_argument("--nan-at", type=int, default=None, help="make the loss NaN at this step")
+    p.add_argument("--meta-tables", action="store_true", help="build the tables on the meta device")
+    p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
+    p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -129,31 +150,41 @@ def main() -> None:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
     module_class = ManualTinyRecModule if args.manual else TinyRecModule
-    module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups)
+    module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
+                          device="meta" if args.meta_tables else "cpu")
     module.nan_at = args.nan_at
     if args.skip_nonfinite:
         policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
+    callbacks = [Dump(out, args.save)]
+    if args.checkpoint_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, monitor="train_loss", save_top_k=2,
+                                         every_n_train_steps=1, save_last=True))
+    if args.validate_only:
+        callbacks.append(DenseWeightsAtValidation(out))
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.max_steps or args.steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.checkpoint_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=None if args.validate_only else 0,
         accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip,
         gradient_clip_algorithm=args.clip_algorithm if args.clip else None,
         precision=args.precision,
-        callbacks=[Dump(out, args.save)],
+        callbacks=callbacks,
     )
     split = [int(n) for n in args.split.split(",")] if args.split else None
     data = Data(args.steps, args.global_batch, args.data_seed, split)
     data.bad_id = args.bad_id
+    if args.validate_only:
+        trainer.validate(module, datamodule=data)
+        return
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     if args.predict:
         # Under fork the launching process got the trained full tables back; predict shards them again.

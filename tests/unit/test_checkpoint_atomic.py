@@ -1,24 +1,87 @@
-"""A crash while writing a checkpoint leaves the last good one as it was."""
+"""No instant at which the last good checkpoint is unreadable, whatever kills the saving process."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lightning_dembed.checkpoint import consolidate_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from lightning_dembed.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    consolidate_checkpoint,
+    load_sharded_checkpoint,
+    remove_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 
 
 def save(path: Path, value: float) -> None:
     save_sharded_checkpoint(
         path, {"state_dict": {"w": torch.full((3,), value)}}, {"global_step": int(value)},
-        is_global_zero=True, barrier=lambda: None,
+        is_global_zero=True, broadcast=lambda obj, src: obj,
     )
 
 
-def test_crash_mid_write_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def load(path: Path) -> tuple[int, list[float]]:
+    target = {"state_dict": {"w": torch.zeros(3)}}
+    meta = load_sharded_checkpoint(path, target)
+    return meta["global_step"], target["state_dict"]["w"].tolist()
+
+
+def versions(path: Path) -> list[Path]:
+    return sorted(path.with_name(f".{path.name}.versions").iterdir())
+
+
+# Each step of the protocol, and the function after which the process is killed.
+KILL_POINTS = {
+    "after creating the version": ("_begin", 1),
+    "after the shards": ("dcp.save", 1),
+    "after meta.pt": ("_write_meta", 1),
+    "after the link": ("_link", 1),
+    "after the cleanup": ("_remove_stale_versions", 2),
+}
+KILLER = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+import lightning_dembed.checkpoint as ckpt
+from test_checkpoint_atomic import save
+owner, name = (ckpt.dcp, "save") if {target!r} == "dcp.save" else (ckpt, {target!r})
+original = getattr(owner, name)
+calls = []
+def killed_after(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == {nth}:
+        os.kill(os.getpid(), 9)
+    return result
+setattr(owner, name, killed_after)
+save(__import__("pathlib").Path({path!r}), 2.0)
+"""
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_at_each_step_leaves_a_loadable_checkpoint(tmp_path: Path, point: str) -> None:
+    path = tmp_path / "last.ckpt"
+    save(path, 1.0)
+    target, nth = KILL_POINTS[point]
+    script = KILLER.format(tests=str(Path(__file__).parent), target=target, nth=nth, path=str(path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    step, weights = load(path)
+    expected = 2 if point in ("after the link", "after the cleanup") else 1
+    assert (step, weights) == (expected, [float(expected)] * 3)
+    # The next save (a restarted run) removes what the killed one left.
+    save(path, 3.0)
+    assert load(path) == (3, [3.0] * 3)
+    assert len(versions(path)) == 1
+
+
+def test_error_before_commit_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.ckpt"
     save(path, 1.0)
 
@@ -29,15 +92,55 @@ def test_crash_mid_write_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch:
     with pytest.raises(RuntimeError, match="disk full"):
         save(path, 2.0)
     monkeypatch.undo()
-    target = {"state_dict": {"w": torch.zeros(3)}}
-    meta = load_sharded_checkpoint(path, target)
-    assert meta["global_step"] == 1
-    torch.testing.assert_close(target["state_dict"]["w"], torch.ones(3))
-    save(path, 2.0)  # the leftover partial directory does not get in the way
+    assert load(path) == (1, [1.0] * 3)
+    save(path, 2.0)
     assert consolidate_checkpoint(path)["state_dict"]["w"].tolist() == [2.0, 2.0, 2.0]
 
 
+def test_rank_zero_error_is_raised_on_the_other_ranks(tmp_path: Path) -> None:
+    # What rank 1 receives when rank 0's part of the save failed.
+    with pytest.raises(CheckpointError, match="failed on rank 0: OSError: No space left"):
+        save_sharded_checkpoint(
+            tmp_path / "last.ckpt", {"state_dict": {"w": torch.zeros(3)}}, {}, is_global_zero=False,
+            broadcast=lambda obj, src: (None, "OSError: No space left on device"),
+        )
+
+
+def test_truncated_or_missing_shard_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    save(path, 1.0)
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"shard file .*{shard.name} is truncated"):
+        load(path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shard file .*{shard.name} is missing"):
+        load(path)
+    shard.write_bytes(data)
+    (path / META_FILE).write_bytes(b"\x80\x02")
+    with pytest.raises(CheckpointError, match=f"{META_FILE} is truncated or corrupt"):
+        consolidate_checkpoint(path)
+
+
+def test_plain_directory_of_an_older_release_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": {"w": torch.full((3,), 1.0)}}, checkpoint_id=path)
+    torch.save({"global_step": 1}, path / META_FILE)
+    assert load(path) == (1, [1.0] * 3)
+    save(path, 2.0)
+    assert path.is_symlink() and load(path) == (2, [2.0] * 3)
+    assert len(versions(path)) == 1
+
+
+def test_remove_takes_the_versions_too(tmp_path: Path) -> None:
+    path = tmp_path / "epoch=0.ckpt"
+    save(path, 1.0)
+    remove_sharded_checkpoint(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "model.ckpt").write_bytes(b"not a directory")
+    (tmp_path / "model.ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="is not a sharded checkpoint directory"):
         load_sharded_checkpoint(tmp_path / "model.ckpt", {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -22,15 +21,19 @@ from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
-from lightning_dembed._lightning_private import (
+from lightning_dembed._private import (
     DenseDDPForwardRedirection,
-    ShardedMultiProcessingLauncher,
     flush_first_static_graph_iteration,
     init_optimizers_and_lr_schedulers,
     prepare_for_backward,
     register_ddp_comm_hook,
 )
-from lightning_dembed.checkpoint import copy_full_into_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from lightning_dembed.checkpoint import (
+    copy_full_into_sharded,
+    load_sharded_checkpoint,
+    remove_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 from lightning_dembed.sharding.hooks import register_input_checks, register_output_order, register_ragged_batches
 from lightning_dembed.sharding.optimizer import (
     EmbeddingOptimizer,
@@ -47,6 +50,7 @@ from lightning_dembed.sharding.planner import (
 )
 from lightning_dembed.sharding.policy import Placement, ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
+from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
 
 __all__ = ["HybridParallelStrategy"]
 
@@ -173,6 +177,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_groups: dict[str, ParamGroupRef] = {}
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
+        self._embedding_paths: list[str] = []
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
@@ -302,6 +307,7 @@ class HybridParallelStrategy(DDPStrategy):
                 "use strategy='ddp' for a model without embedding tables, or wrap plain nn.Embedding / "
                 "nn.EmbeddingBag layers in lightning_dembed.DistributedEmbedding"
             )
+        self._embedding_paths = list(embedding_modules)
         tables = {
             f"{path}.{name}": p for path, m in embedding_modules.items() for name, p in m.named_parameters()
         }
@@ -476,6 +482,13 @@ class HybridParallelStrategy(DDPStrategy):
             tensors["embedding_optimizer"] = self._dmp.fused_optimizer.state_dict()
         return tensors
 
+    def table_state_keys(self) -> list[str]:
+        """The state-dict keys of the embedding tables (after setup)."""
+        return [
+            key for key in self.lightning_module.state_dict()
+            if any(key.startswith(path + ".") for path in self._embedding_paths)
+        ]
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # Saved by save_checkpoint through DCP; the sharded tensors never pass through torch.save.
@@ -488,22 +501,46 @@ class HybridParallelStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options is not supported")
+        # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
+        checkpoint["lightning_dembed"] = {"table_keys": self.table_state_keys()}
         save_sharded_checkpoint(
             filepath,
             self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint),
             checkpoint,
             is_global_zero=self.is_global_zero,
-            barrier=self.barrier,
+            broadcast=lambda obj, src: self.broadcast(obj, src=src),
         )
 
     @override
     def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if Path(checkpoint_path).is_file():
+            return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
         tensors = self._checkpoint_tensors(with_optimizer=fitting)
-        meta = load_sharded_checkpoint(checkpoint_path, tensors)
+        meta = load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
         if fitting and self._dmp is not None:
             self._dmp.fused_optimizer.load_state_dict(tensors["embedding_optimizer"])
         return meta
+
+    def _load_full_checkpoint(
+        self, checkpoint_path: Union[str, Path], weights_only: Optional[bool], fitting: bool
+    ) -> dict[str, Any]:
+        """Warm start from one file: a consolidated checkpoint, or one written under strategy="ddp"."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint["state_dict"]
+        target = self.lightning_module.state_dict()
+        missing = sorted(target.keys() - state.keys())
+        if missing:
+            raise KeyError(f"{checkpoint_path} has no {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                           f"it was written for another model")
+        copy_full_into_sharded(target, state)
+        if fitting and checkpoint.pop("optimizer_states", None):
+            rank_zero_warn(
+                f"{checkpoint_path} is a full (un-sharded) checkpoint: its weights, loop progress and LR schedulers "
+                "are restored, its optimizer state is not (the tables' fused optimizers and the dense optimizers "
+                "start fresh). Resume from a sharded checkpoint of this strategy to restore them too."
+            )
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -513,7 +550,7 @@ class HybridParallelStrategy(DDPStrategy):
     @override
     def remove_checkpoint(self, filepath: Union[str, Path]) -> None:
         if self.is_global_zero:
-            shutil.rmtree(filepath, ignore_errors=True)
+            remove_sharded_checkpoint(filepath)
 
     # -- teardown --------------------------------------------------------------------------------
 

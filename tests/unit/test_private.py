@@ -8,14 +8,15 @@ from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from torch.distributed import Reducer
 
-import lightning_dembed._lightning_private as private
+import lightning_dembed._private as private
+from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
 
 
 def test_launcher_hook_exists_with_expected_signature() -> None:
     params = list(inspect.signature(_MultiProcessingLauncher._collect_rank_zero_results).parameters)
     assert params == ["self", "trainer", "results"]
     assert "weights_path" in _WorkerOutput._fields
-    assert issubclass(private.ShardedMultiProcessingLauncher, _MultiProcessingLauncher)
+    assert issubclass(ShardedMultiProcessingLauncher, _MultiProcessingLauncher)
 
 
 def test_manual_optimization_pieces_exist() -> None:
@@ -34,3 +35,12 @@ def test_optimizer_and_comm_hook_helpers_exist() -> None:
     assert params == ["model"]
     params = list(inspect.signature(private.register_ddp_comm_hook).parameters)
     assert params == ["model", "ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper"]
+
+
+def test_dcp_load_everything_pieces_exist() -> None:
+    assert "keys" in inspect.signature(private.EmptyStateDictLoadPlanner).parameters
+    params = inspect.signature(private.load_state_dict_no_dist).parameters
+    assert {"state_dict", "storage_reader", "planner", "no_dist"} <= params.keys()
+    assert list(inspect.signature(private.compute_local_shape_and_global_offset).parameters)[:3] == [
+        "global_shape", "mesh", "placements"
+    ]

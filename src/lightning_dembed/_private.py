@@ -1,7 +1,8 @@
-"""Every private Lightning class or function lightning-dembed touches, in one place.
+"""Every private Lightning or torch class or function lightning-dembed touches, in one place.
 
-Lightning keeps its loops and launchers private. What we subclass or call from them is imported
-here only, and ``tests/unit/test_lightning_private.py`` fails loudly when an upgrade changes it.
+Lightning keeps its loops and launchers private, and torch.distributed.checkpoint its
+load-everything planner. What we subclass or call from them is imported here only, and
+``tests/unit/test_private.py`` fails loudly when an upgrade changes it.
 """
 
 from __future__ import annotations
@@ -13,15 +14,21 @@ from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers 
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook as register_ddp_comm_hook
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher as MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput as WorkerOutput
 from torch import nn
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner as EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as load_state_dict_no_dist
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
-
-from lightning_dembed.checkpoint import gather_full_state_dict
 
 __all__ = [
     "DenseDDPForwardRedirection",
-    "ShardedMultiProcessingLauncher",
+    "EmptyStateDictLoadPlanner",  # DCP's planner that loads every (or the named) tensor of a checkpoint
+    "MultiProcessingLauncher",
+    "WorkerOutput",
+    "compute_local_shape_and_global_offset",  # a DTensor shard's place in the full tensor
+    "load_state_dict_no_dist",  # DCP's load that returns what the planner above created
     "flush_first_static_graph_iteration",
     "init_optimizers_and_lr_schedulers",  # configure_optimizers' output in every form it may take
     "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
@@ -54,19 +61,3 @@ def flush_first_static_graph_iteration(ddp: DistributedDataParallel) -> None:
     no tensor) never reaches; Lightning's DDPStrategy calls the same reducer method for its own DDP.
     """
     ddp.reducer._delay_all_reduce()
-
-
-class ShardedMultiProcessingLauncher(_MultiProcessingLauncher):
-    """Spawn/fork launcher that hands full (gathered) tables back to the launching process.
-
-    Lightning's launcher sends rank 0's ``state_dict()`` to the parent, which for sharded tables
-    holds only rank 0's shards; here every rank joins a gather first, so the parent's un-sharded
-    module ends up with the trained tables, as it would under DDP.
-    """
-
-    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
-        full = gather_full_state_dict(trainer.lightning_module.state_dict(), trainer.is_global_zero)
-        output = super()._collect_rank_zero_results(trainer, results)
-        if output is not None and output.weights_path is not None:
-            self._strategy.checkpoint_io.save_checkpoint(full, output.weights_path)
-        return output
