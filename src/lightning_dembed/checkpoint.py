@@ -232,7 +232,8 @@ def mark_for_assignment(state: dict[str, torch.Tensor], keys: Iterable[str]) -> 
 def consolidate_checkpoint(path: Union[str, Path], output: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     """Turn a sharded checkpoint into one plain Lightning checkpoint the un-sharded module loads.
 
-    Only the model state is read (not the embedding optimizer's), and full tables are assembled
+    Only the model state is read (not the tables' fused optimizer state; the dense optimizers' and
+    LR schedulers' states are kept for a warm start), and full tables are assembled
     in this process's memory, so run it on a machine that holds the whole model. With ``output``
     the result is also written with ``torch.save``, ready for ``MyModule.load_from_checkpoint``,
     also when the module builds its tables on the meta device.
@@ -255,8 +256,6 @@ def consolidate_checkpoint(path: Union[str, Path], output: Optional[Union[str, P
     checkpoint["state_dict"] = mark_for_assignment(
         tensors["state_dict"], checkpoint.get("lightning_dembed", {}).get("table_keys", [])
     )
-    checkpoint.pop("optimizer_states", None)
-    checkpoint.pop("lr_schedulers", None)
     if output is not None:
         torch.save(checkpoint, output)
     return checkpoint

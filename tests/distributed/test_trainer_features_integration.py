@@ -153,3 +153,34 @@ def test_model_checkpoint_top_k_and_resume_from_last(tmp_path: Path) -> None:
                "--save", "final.ckpt")
     _, ref_state = reference_run(STEPS + 2, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=STEPS)
     assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)
+
+
+def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
+    # SGD has no state, so restarting its optimizer loses nothing: the result is the continuous run's.
+    common = ("--steps", str(STEPS), "--policy", every_table("row_wise"))
+    run_worker(tmp_path / "half", *common, "--max-steps", "2", "--save", "half.ckpt")
+    proc = run_worker(tmp_path / "warm", *common, "--resume", str(tmp_path / "half" / "half.ckpt.full.pt"),
+                      "--save", "final.ckpt")
+    assert "the tables' fused optimizer state starts fresh." in proc.stderr
+    _, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR)
+    assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
+
+
+@pytest.mark.parametrize("where", ["train", "save"])
+def test_killed_rank_then_restart_loses_nothing(tmp_path: Path, where: str) -> None:
+    """kill -9 of rank 1 mid-training or mid-save; a restart from last.ckpt ends where an uninterrupted run does.
+
+    Checkpoints at epoch ends (2 batches each): resuming mid-epoch would replay the epoch's first
+    batches, since the test's data does not record its position.
+    """
+    checkpoints = tmp_path / "checkpoints"
+    common = ("--steps", "2", "--optimizer", "adagrad", "--policy", every_table("row_wise"),
+              "--checkpoint-dir", str(checkpoints), "--checkpoint-every-epoch", "--max-steps", "6")
+    # train: killed as step 3 starts (last good: step 2); save: after its shards of the 2nd save (step 4).
+    kill = "1:3:train" if where == "train" else "1:2:save"
+    proc = run_worker(tmp_path / "killed", *common, "--kill", kill, expect_ok=False)
+    assert proc.returncode != 0
+    assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=False)["global_step"] == 2
+    run_worker(tmp_path / "restarted", *common, "--resume", "last", "--save", "final.ckpt")
+    _, ref_state = reference_run(6, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=2)
+    assert_same_state(full_state(tmp_path / "restarted" / "final.ckpt.full.pt"), ref_state)

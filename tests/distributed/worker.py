@@ -111,6 +111,37 @@ class ManualTinyRecModule(TinyRecModule):
         optimizer.step()
 
 
+def install_kill(rank: str, step: str, where: str) -> None:
+    """SIGKILL one rank at a step: as it starts the step, or after its shards of that step's save."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    import lightning_dembed.checkpoint as checkpoint
+
+    def is_victim(global_step: int) -> bool:
+        return dist.get_rank() == int(rank) and global_step == int(step)
+
+    if where == "train":
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if is_victim(trainer.global_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Dump.on_train_batch_start = on_train_batch_start
+        return
+    original, saves = checkpoint.dcp.save, [0]
+
+    def save_then_die(*args, **kwargs):
+        result = original(*args, **kwargs)
+        saves[0] += 1
+        if is_victim(saves[0]):  # the step-th save of this rank
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    checkpoint.dcp.save = save_then_die
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -141,8 +172,12 @@ def main() -> None:
     p.add_argument("--nan-at", type=int, default=None, help="make the loss NaN at this step")
     p.add_argument("--meta-tables", action="store_true", help="build the tables on the meta device")
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
+    p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
+    p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
+    if args.kill:
+        install_kill(*args.kill.split(":"))
 
     out = Path(args.out)
     policy = json.loads(args.policy)
@@ -157,7 +192,9 @@ def main() -> None:
         policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
     callbacks = [Dump(out, args.save)]
-    if args.checkpoint_dir:
+    if args.checkpoint_dir and args.checkpoint_every_epoch:
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True, save_on_train_epoch_end=True))
+    elif args.checkpoint_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, monitor="train_loss", save_top_k=2,
                                          every_n_train_steps=1, save_last=True))
     if args.validate_only:

@@ -534,13 +534,26 @@ class HybridParallelStrategy(DDPStrategy):
             raise KeyError(f"{checkpoint_path} has no {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                            f"it was written for another model")
         copy_full_into_sharded(target, state)
-        if fitting and checkpoint.pop("optimizer_states", None):
-            rank_zero_warn(
-                f"{checkpoint_path} is a full (un-sharded) checkpoint: its weights, loop progress and LR schedulers "
-                "are restored, its optimizer state is not (the tables' fused optimizers and the dense optimizers "
-                "start fresh). Resume from a sharded checkpoint of this strategy to restore them too."
-            )
+        if fitting:
+            self._fill_optimizer_states(checkpoint, checkpoint_path)
         return checkpoint
+
+    def _fill_optimizer_states(self, checkpoint: dict[str, Any], checkpoint_path: Union[str, Path]) -> None:
+        """Keep the dense optimizer states a full checkpoint has for these optimizers; start the rest fresh."""
+        fresh = [optimizer.state_dict() for optimizer in self.optimizers]
+        saved = checkpoint.get("optimizer_states")
+        shapes = [[len(g["params"]) for g in state["param_groups"]] for state in fresh]
+        keeps_dense = bool(saved) and [[len(g["params"]) for g in s["param_groups"]] for s in saved] == shapes
+        if not keeps_dense:
+            # Written under strategy="ddp" (its groups also hold the tables) or weights only.
+            checkpoint["optimizer_states"] = fresh
+        checkpoint.setdefault("lr_schedulers", [config.scheduler.state_dict() for config in self.lr_scheduler_configs])
+        rank_zero_warn(
+            f"{checkpoint_path} is a full (un-sharded) checkpoint: weights, loop progress and LR schedules are "
+            f"restored; the tables' fused optimizer state starts fresh"
+            + ("." if keeps_dense else ", and so does the dense optimizers' state (it has none for these groups).")
+            + " Resume from this strategy's sharded checkpoint to restore all of it."
+        )
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
