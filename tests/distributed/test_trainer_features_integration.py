@@ -41,7 +41,7 @@ def run_and_compare(tmp_path: Path, *args: str, sharding: str = "row_wise", comp
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
 
 
-@pytest.mark.parametrize("scheduler", ["step", "warmup", "onecycle"])
+@pytest.mark.parametrize("scheduler", ["step", "warmup", "onecycle", "plateau"])
 def test_lr_schedulers_drive_the_tables(tmp_path: Path, scheduler: str) -> None:
     run_and_compare(tmp_path, "--scheduler", scheduler, scheduler=scheduler)
 

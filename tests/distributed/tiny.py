@@ -71,7 +71,8 @@ class TinyRecModule(LightningModule):
         if h.scheduler == "none":
             return optimizer
         interval, scheduler = SCHEDULERS[h.scheduler](optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "train_loss"}}
 
 
 SCHEDULERS = {
@@ -80,6 +81,8 @@ SCHEDULERS = {
     "warmup": lambda opt: ("step", torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 4)),
     "onecycle": lambda opt: ("step", torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[0.5 * g["lr"] for g in opt.param_groups], total_steps=12, cycle_momentum=False)),
+    # mode="max" on a loss: the lr halves whenever the loss does not rise (most steps).
+    "plateau": lambda opt: ("step", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)),
 }
 
 
@@ -153,7 +156,11 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
             torch.nn.utils.clip_grad_value_(module.parameters(), clip)
         opt.step()
         if sched is not None and (sched["interval"] == "step" or (step + 1) % steps_per_epoch == 0):
-            sched["scheduler"].step()
+            scheduler = sched["scheduler"]
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(float(loss))
+            else:
+                scheduler.step()
         losses.append(float(loss))
     return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
 

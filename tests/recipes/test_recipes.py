@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import LightningDataModule
 
 import lightning_dembed  # noqa: F401
 from lightning_dembed.cli import recipe_for_config
-from lightning_dembed.data import write_fake_criteo_tsv
+from lightning_dembed.data import write_fake_criteo_tsv, write_fake_movielens
 from lightning_dembed.meta import MetaLearningLoop
 from lightning_dembed.models import DLRMModule
 from lightning_dembed.recipe import RecipeCLI
@@ -61,8 +62,20 @@ def test_dlrm_synthetic_tiny_learns(tmp_path: Path) -> None:
               "--data.init_args.train_batches=60", "--data.init_args.test_batches=4")
     assert "HybridParallelStrategy sharding plan (2 ranks)" in out
     assert metric(out, "test/auc") > 0.6
-    assert (tmp_path / "outputs" / "checkpoints" / "dlrm-synthetic-tiny" / "last.ckpt" / "meta.pt").is_file()
+    last = tmp_path / "outputs" / "checkpoints" / "dlrm-synthetic-tiny" / "last.ckpt"
+    assert (last / "meta.pt").is_file()
     assert list((tmp_path / "outputs" / "wandb").glob("offline-run-*"))
+    # The documented serve path: consolidate, then load_from_checkpoint into DLRMModule (tables on meta).
+    subprocess.run([*CLI, "consolidate", str(last), str(tmp_path / "full.ckpt")], check=True, timeout=300)
+    config = ROOT / "recipes" / "configs" / "dlrm_synthetic_tiny.yaml"
+    cli = RecipeCLI(DLRMModule, LightningDataModule, run=False,
+                    args=["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1",
+                          "--trainer.logger=false"])
+    served = DLRMModule.load_from_checkpoint(tmp_path / "full.ckpt", tables=cli.datamodule.tables())
+    assert not any(p.is_meta for p in served.parameters())
+    saved = torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"]
+    for key, value in served.state_dict().items():
+        assert torch.equal(value, saved[key]), key
 
 
 @pytest.mark.parametrize(
@@ -94,6 +107,24 @@ def test_meta_dlrm_runs_and_reports_cold_start_auc(tmp_path: Path) -> None:
               "--data.init_args.num_users=1200", "--data.init_args.num_workers=0", "--meta.learn_inner_lr=true")
     assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
     assert 0.0 < metric(out, "test/query_auc_unadapted") <= 1.0
+
+
+def test_plain_dlrm_on_tasks_is_scored_as_is_and_fine_tuned_on_its_best_checkpoint(tmp_path: Path) -> None:
+    out = run(tmp_path, "dlrm_tasks_synthetic.yaml", "--trainer.max_steps=20", "--trainer.val_check_interval=10",
+              "--data.init_args.num_users=1200", "--data.init_args.num_workers=0")
+    # The same cold-start query rows, side by side: plain DLRM as is, and fine-tuned on each support set.
+    assert 0.5 < metric(out, "test/query_auc_unadapted") <= 1.0
+    assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
+    assert "Restoring states from the checkpoint path at" in out and "step=" in out  # the best one, tested
+
+
+def test_meta_dlrm_runs_on_a_movielens_directory(tmp_path: Path) -> None:
+    movielens = write_fake_movielens(tmp_path / "ml-1m", "ml-1m", num_users=600, num_items=300)
+    out = run(tmp_path, "meta_dlrm_movielens.yaml", f"--data.init_args.interactions={movielens}",
+              "--trainer.max_steps=20", "--trainer.val_check_interval=20", "--data.init_args.num_workers=0")
+    stats = (tmp_path / "outputs" / "task_store_movielens" / "stats.json").read_text()
+    assert f'"source": "{movielens}"' in stats and '"label_rule": "rating >= 4"' in stats
+    assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
 
 
 def test_dlrm_dcn_on_criteo_format_files(tmp_path: Path) -> None:
