@@ -74,6 +74,14 @@ def test_an_empty_batch_on_one_rank_trains_as_ddp(tmp_path: Path) -> None:
     run_and_compare(tmp_path, "--split", "0,8", split=[0, 8], compare_losses=False)
 
 
+def test_a_rank_that_runs_out_of_batches_fails_every_rank_with_the_fix(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "4", "--max-steps", "10", "--rank-steps", "3,4",
+                      "--policy", every_table("row_wise"), expect_ok=False)
+    assert proc.returncode != 0
+    assert "yield different numbers of batches in epoch 0" in proc.stderr
+    assert "drop_last=True" in proc.stderr
+
+
 def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> None:
     run_worker(tmp_path, "--steps", str(STEPS), "--skip-nonfinite", "--nan-at", "1",
                "--policy", every_table("row_wise"), "--save", "final.ckpt")
@@ -141,6 +149,12 @@ def test_consolidated_checkpoint_serves_a_meta_built_module(tmp_path: Path) -> N
     assert_same_state(weights_only.state_dict(), served.state_dict())
 
 
+def test_hand_back_opt_out_leaves_no_untrained_weights_in_the_launching_process(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--policy", every_table("row_wise", hand_back_weights=False))
+    assert all(torch.load(tmp_path / "launcher_params_meta.pt").values())
+    assert "hand_back_weights=False" in proc.stderr
+
+
 def test_model_checkpoint_top_k_and_resume_from_last(tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     common = ("--steps", str(STEPS), "--policy", every_table("row_wise"), "--checkpoint-dir", str(checkpoints))
@@ -157,12 +171,13 @@ def test_model_checkpoint_top_k_and_resume_from_last(tmp_path: Path) -> None:
 
 def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
     # SGD has no state, so restarting its optimizer loses nothing: the result is the continuous run's.
-    common = ("--steps", str(STEPS), "--policy", every_table("row_wise"))
+    # Epochs of 2 batches: the saved run ends at an epoch's end (the data's position is not saved).
+    common = ("--steps", "2", "--policy", every_table("row_wise"))
     run_worker(tmp_path / "half", *common, "--max-steps", "2", "--save", "half.ckpt")
-    proc = run_worker(tmp_path / "warm", *common, "--resume", str(tmp_path / "half" / "half.ckpt.full.pt"),
-                      "--save", "final.ckpt")
+    proc = run_worker(tmp_path / "warm", *common, "--max-steps", "4",
+                      "--resume", str(tmp_path / "half" / "half.ckpt.full.pt"), "--save", "final.ckpt")
     assert "the tables' fused optimizer state starts fresh." in proc.stderr
-    _, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR)
+    _, ref_state = reference_run(4, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=2)
     assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
 
 

@@ -30,10 +30,12 @@ class Data(LightningDataModule):
         self.steps, self.global_size, self.seed, self.split = steps, global_size, seed, split
 
     bad_id = False
+    rank_steps: list[int] | None = None
 
     def train_dataloader(self):
         t = self.trainer
-        batches = GlobalBatches(self.steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
+        steps = self.rank_steps[t.global_rank] if self.rank_steps else self.steps
+        batches = GlobalBatches(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
         return torch.utils.data.DataLoader(batches, batch_size=None)
@@ -174,6 +176,7 @@ def main() -> None:
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
+    p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
     if args.kill:
@@ -219,10 +222,12 @@ def main() -> None:
     split = [int(n) for n in args.split.split(",")] if args.split else None
     data = Data(args.steps, args.global_batch, args.data_seed, split)
     data.bad_id = args.bad_id
+    data.rank_steps = [int(n) for n in args.rank_steps.split(",")] if args.rank_steps else None
     if args.validate_only:
         trainer.validate(module, datamodule=data)
         return
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    torch.save({name: p.is_meta for name, p in module.named_parameters()}, out / "launcher_params_meta.pt")
     if args.predict:
         # Under fork the launching process got the trained full tables back; predict shards them again.
         trainer.callbacks.append(SavePredictions(out / "predictions.pt"))

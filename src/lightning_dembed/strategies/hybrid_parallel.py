@@ -128,6 +128,9 @@ class HybridParallelStrategy(DDPStrategy):
         skip_nonfinite_loss: skip, on every rank, the backward and update of a step whose loss is
             NaN or infinite on any rank, before FBGEMM writes a non-finite update into the tables.
             The step still counts. Costs one scalar all-reduce and a host sync per backward.
+        hand_back_weights: under the spawn/fork start methods, gather the full tables on rank 0 and
+            hand them back to the launching process after ``fit``, as DDP does. Set False for
+            models larger than one host: that process's module is then moved to the meta device.
         **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...);
             DDP's own arguments (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``...)
             configure the DDP that TorchRec wraps around the dense parameters.
@@ -151,6 +154,7 @@ class HybridParallelStrategy(DDPStrategy):
         embedding_optimizer: Optional[EmbeddingOptimizer] = None,
         memory_budget_per_rank: Union[int, str, None] = None,
         skip_nonfinite_loss: bool = False,
+        hand_back_weights: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -173,11 +177,13 @@ class HybridParallelStrategy(DDPStrategy):
         self._embedding_optimizer: Optional[EmbeddingOptimizer] = embedding_optimizer
         self._memory_budget = _parse_bytes(memory_budget_per_rank)
         self._skip_nonfinite_loss = skip_nonfinite_loss
+        self._hand_back_weights = hand_back_weights
         self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
         self._table_groups: dict[str, ParamGroupRef] = {}
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._embedding_paths: list[str] = []
+        self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
@@ -204,7 +210,9 @@ class HybridParallelStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if self._start_method != "popen":
-            self._launcher = ShardedMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = ShardedMultiProcessingLauncher(
+                self, start_method=self._start_method, hand_back_weights=self._hand_back_weights
+            )
 
     @property
     @override
@@ -241,6 +249,9 @@ class HybridParallelStrategy(DDPStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._refuse_unsupported(trainer, fitting)
         self._sharders = default_sharders(fused_params=_clipping_fused_params(trainer) if fitting else None)
+        if self._control_group is None and torch.distributed.get_backend() != "gloo":
+            # Small host-side agreements between ranks (see _check_every_rank_has_this_batch).
+            self._control_group = torch.distributed.new_group(backend="gloo")
         super().setup(trainer)
 
     def _refuse_unsupported(self, trainer: "pl.Trainer", fitting: bool) -> None:
@@ -415,7 +426,34 @@ class HybridParallelStrategy(DDPStrategy):
         # in its forward: they take their param groups' current values first.
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.sync(self.optimizers)
+        self._check_every_rank_has_this_batch()
         return super().training_step(*args, **kwargs)
+
+    def _check_every_rank_has_this_batch(self) -> None:
+        """Fail on every rank, not hang, when the ranks' train dataloaders run out at different steps.
+
+        Every step exchanges embeddings between all ranks, so a rank whose data ends early would
+        leave the others waiting in a collective (or pair their lookup with its next collective).
+        Lightning knows one batch ahead whether a batch is a rank's last; the ranks compare that
+        once per step, on CPU (gloo), so no device sync is added.
+        """
+        trainer = self.lightning_module.trainer
+        loop = trainer.fit_loop.epoch_loop
+        ends = (
+            loop.batch_progress.is_last_batch
+            or loop.batch_idx + 1 >= trainer.num_training_batches
+            or (trainer.max_steps != -1 and trainer.global_step + 1 >= trainer.max_steps)
+        )
+        seen = torch.tensor([int(ends), int(not ends)], dtype=torch.int32)
+        torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=self._control_group)
+        if bool(seen.all()):
+            raise RuntimeError(
+                f"rank {self.global_rank}: the ranks' train dataloaders yield different numbers of batches in epoch "
+                f"{trainer.current_epoch} (this rank's {'ends' if ends else 'goes on'} after batch {loop.batch_idx}). "
+                "Sharded lookups and DDP need every rank in every step: make each rank yield the same number of "
+                "batches (a DistributedSampler with drop_last=True, an IterableDataset that drops the remainder "
+                "when it splits over ranks, or limit_train_batches)"
+            )
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
