@@ -56,6 +56,32 @@ def test_tables_take_their_param_groups_values_and_schedule(tmp_path: Path) -> N
                     sharding="table_wise")
 
 
+def test_tables_follow_the_optimizer_that_holds_them(tmp_path: Path) -> None:
+    # Two optimizer steps per batch: Lightning's global_step counts both.
+    run_worker(tmp_path, "--steps", str(STEPS), "--max-steps", str(2 * STEPS), "--two-optimizers",
+               "--policy", every_table("row_wise"), "--save", "final.ckpt")
+    from tiny import TinyRecModule, make_batch
+
+    torch.manual_seed(0)
+    module = TinyRecModule(lr=LR)
+    dense = torch.optim.SGD(module.mlp.parameters(), lr=LR)
+    tables = torch.optim.SGD(module.ebc.parameters(), lr=4 * LR)
+    schedule = torch.optim.lr_scheduler.StepLR(tables, step_size=1, gamma=0.5)
+    losses = []
+    for step in range(STEPS):
+        dense.zero_grad()
+        tables.zero_grad()
+        loss = module.loss(make_batch(step, GLOBAL_BATCH))
+        loss.backward()
+        dense.step()
+        tables.step()
+        schedule.step()
+        losses.append(float(loss))
+    torch.testing.assert_close(global_losses(tmp_path), losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"),
+                      {k: v.detach() for k, v in module.state_dict().items()})
+
+
 @pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
 def test_gradient_clipping_by_value_clips_the_tables(tmp_path: Path, sharding: str) -> None:
     # 0.02 is below most table gradients at this lr, so clipping changes the result.
@@ -107,8 +133,9 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--clip", "1.0", "--clip-algorithm", "norm"), "gradient_clip_algorithm='value'"),
         (("--precision", "bf16-true"), "Use precision='bf16-mixed'"),
         (("--precision", "64-true"), "Use precision='bf16-mixed'"),
+        (("--policy", '{"model_averaging_period": 4}'), "does not support model averaging"),
     ],
-    ids=["norm-clipping", "bf16-true", "64-true"],
+    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

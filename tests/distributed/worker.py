@@ -113,6 +113,30 @@ class ManualTinyRecModule(TinyRecModule):
         optimizer.step()
 
 
+class TwoOptimizerTinyRecModule(TinyRecModule):
+    """Manual optimization with one optimizer for the MLP and one, with a StepLR, for the tables."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        dense = torch.optim.SGD(self.mlp.parameters(), lr=self.hparams.lr)
+        tables = torch.optim.SGD(self.ebc.parameters(), lr=4 * self.hparams.lr)
+        return [dense, tables], [torch.optim.lr_scheduler.StepLR(tables, step_size=1, gamma=0.5)]
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        dense, tables = self.optimizers()
+        dense.zero_grad()
+        tables.zero_grad()
+        loss = self.loss(batch)
+        self.losses.append(float(loss))
+        self.manual_backward(loss)
+        dense.step()
+        tables.step()
+        self.lr_schedulers().step()
+
+
 def install_kill(rank: str, step: str, where: str) -> None:
     """SIGKILL one rank at a step: as it starts the step, or after its shards of that step's save."""
     import os
@@ -163,6 +187,7 @@ def main() -> None:
     p.add_argument("--predict", action="store_true", help="after fit, predict in the launching process")
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     p.add_argument("--manual", action="store_true", help="manual optimization")
+    p.add_argument("--two-optimizers", action="store_true", help="manual optimization, tables in a 2nd optimizer")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     p.add_argument("--scheduler", default="none", help="an LR schedule of tiny.SCHEDULERS")
     p.add_argument("--groups", action="store_true", help="tables in their own param group, 4x the lr")
@@ -188,6 +213,8 @@ def main() -> None:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
     module_class = ManualTinyRecModule if args.manual else TinyRecModule
+    if args.two_optimizers:
+        module_class = TwoOptimizerTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu")
     module.nan_at = args.nan_at

@@ -144,3 +144,19 @@ def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "model.ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="is not a sharded checkpoint directory"):
         load_sharded_checkpoint(tmp_path / "model.ckpt", {})
+
+
+class _NotAWeight:
+    """Anything torch.load's weights_only mode refuses to unpickle."""
+
+
+def test_weights_only_is_honoured_for_meta(tmp_path: Path) -> None:
+    import pickle
+
+    path = tmp_path / "last.ckpt"
+    save_sharded_checkpoint(path, {"state_dict": {"w": torch.ones(3)}}, {"extra": _NotAWeight()},
+                            is_global_zero=True, broadcast=lambda obj, src: obj)
+    target = {"state_dict": {"w": torch.zeros(3)}}
+    with pytest.raises(pickle.UnpicklingError):
+        load_sharded_checkpoint(path, target, weights_only=True)
+    assert isinstance(load_sharded_checkpoint(path, target, weights_only=False)["extra"], _NotAWeight)
