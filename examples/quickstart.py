@@ -29,7 +29,8 @@ class ClickModel(LightningModule):
         return loss
 
     def configure_optimizers(self):
-        # The MLP gets this Adagrad; the tables get its fused FBGEMM twin (same lr), inside backward.
+        # The MLP gets this Adagrad; the tables (in no group) its fused FBGEMM twin, same lr and
+        # schedule, applied inside backward. Put tables in a param group to give them their own.
         return torch.optim.Adagrad(dense_parameters(self), lr=0.05)
 
 
