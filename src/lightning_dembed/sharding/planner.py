@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.sharding_plan import (
     column_wise,
@@ -260,13 +261,13 @@ def _torchrec_plan(
     constraints: dict[str, ParameterConstraints] = dict(policy.constraints)
     for table, sharding_type in policy.sharding_types.items():
         constraints[table] = replace(constraints.get(table, ParameterConstraints()), sharding_types=[sharding_type])
-    cap = {"hbm_cap": memory_budget} if device_type == "cuda" else {"ddr_cap": memory_budget}
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(
-            world_size=world_size, local_world_size=local_world_size, compute_device=device_type, **cap
-        ),
-        constraints=constraints,
+    cap = {"hbm_cap_bytes": memory_budget} if device_type == "cuda" else {"ddr_cap_bytes": memory_budget}
+    # Built the way TorchRec asks (its factory validates and resolves the hardware defaults).
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size, **cap),
+        kernel_config=KernelConfig(compute_device=device_type),
     )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     try:
         if process_group is not None:
             return planner.collective_plan(root, sharders, process_group)
