@@ -23,6 +23,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "batches_done_in_epoch",  # the fit loop's position in the epoch, for exact resume of data
     "DenseDDPForwardRedirection",
     "EmptyStateDictLoadPlanner",  # DCP's planner that loads every (or the named) tensor of a checkpoint
     "MultiProcessingLauncher",
@@ -52,6 +53,11 @@ class DenseDDPForwardRedirection(_DDPForwardRedirection):
 
     def on_after_outer_forward(self, wrapper_module: nn.Module, original_module: "pl.LightningModule") -> None:
         super().on_after_outer_forward(self._dense_ddp() or wrapper_module, original_module)
+
+
+def batches_done_in_epoch(trainer: "pl.Trainer") -> int:
+    """Batches of the current epoch the fit loop has trained on (as a checkpoint saved now records)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 def flush_first_static_graph_iteration(ddp: DistributedDataParallel) -> None:

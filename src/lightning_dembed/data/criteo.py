@@ -34,6 +34,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import Batch
+from lightning_dembed.data.position import ResumablePasses
 
 __all__ = [
     "CRITEO_1TB_NUM_EMBEDDINGS",
@@ -446,7 +447,7 @@ def preprocess(
         return writer.commit(num_malformed=sum(reader.num_malformed for reader in readers))
 
 
-class CriteoDataset(IterableDataset):
+class CriteoDataset(ResumablePasses, IterableDataset):
     """Batches from a preprocessed click data directory (Criteo, or `materialize`'s synthetic data).
 
     The rows ``row_range`` (default: all) are cut into ``world_size`` equal contiguous slices, one
@@ -515,7 +516,6 @@ class CriteoDataset(IterableDataset):
             )
         self._first_row = start + self.rank * rows_per_rank
         self._file_starts = np.cumsum((0, *self.info.rows_per_file)).tolist()
-        self._passes = 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -523,8 +523,9 @@ class CriteoDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         order = np.arange(self.num_batches)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self._passes]).permutation(order)
-        self._passes += 1
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        order = order[self._take_start_batch():]
+        self.epoch += 1
         worker = get_worker_info()
         first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for index in order[first::step]:

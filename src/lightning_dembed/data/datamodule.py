@@ -6,12 +6,14 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from lightning_dembed._private import batches_done_in_epoch
 from lightning_dembed.data.criteo import (
     CRITEO_NUM_DENSE,
     ClickDataInfo,
@@ -41,9 +43,28 @@ def _raw_criteo_files(directory: Path) -> list[Path]:
 
 
 class SplitDataModule(LightningDataModule):
-    """Holds one data set per split in ``_datasets``; subclasses say how a split is loaded."""
+    """Holds one data set per split in ``_datasets``; subclasses say how a split is loaded.
+
+    Checkpoints record where training stands in the train split (epoch and batch), and a resumed
+    run starts reading there: training 2K steps equals K steps, a save (mid-epoch too), a resume
+    in fresh processes and K more, with shuffling on.
+    """
 
     _datasets: dict[str, IterableDataset]
+
+    def state_dict(self) -> dict[str, Any]:
+        train = self._datasets.get("train") if hasattr(self, "_datasets") else None
+        if self.trainer is None or train is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epoch, batch = self.trainer.current_epoch, batches_done_in_epoch(self.trainer)
+        if batch >= len(train):  # saved as the epoch ended: the next one starts from its beginning
+            epoch, batch = epoch + 1, 0
+        return {"train_position": {"epoch": epoch, "batch": batch}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if position is not None:
+            self._datasets["train"].set_position(**position)
 
     def _loader(self, split: str) -> DataLoader:
         raise NotImplementedError

@@ -25,6 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import Batch
 from lightning_dembed.data.criteo import ClickDataInfo, ClickDataWriter, _rank_and_world_size
+from lightning_dembed.data.position import ResumablePasses
 
 __all__ = [
     "SYNTHETIC_MODELS",
@@ -186,7 +187,7 @@ class _Layout:
     row: np.ndarray  # [V] int64: the row each value belongs to
 
 
-class SyntheticClickDataset(IterableDataset):
+class SyntheticClickDataset(ResumablePasses, IterableDataset):
     """Click batches for a synthetic model, generated on the fly, one rank's share.
 
     Batch ``i`` of rank ``r`` depends only on ``(seed, split, r, i)``, so a stream is reproducible
@@ -252,9 +253,12 @@ class SyntheticClickDataset(IterableDataset):
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
+        # Every pass is the same stream; a resumed pass starts where the saved one stood.
+        start = self._take_start_batch()
+        self.epoch += 1
         worker = get_worker_info()
         first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        for index in range(first, self.num_batches, step):
+        for index in range(start + first, self.num_batches, step):
             yield self.batch(index)
 
     @cached_property
