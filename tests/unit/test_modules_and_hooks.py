@@ -85,3 +85,28 @@ def test_output_order_restored() -> None:
     features = kjt(["user", "item"], [3, 2])
     assert shuffled(features).keys() == ["user", "item"]
     torch.testing.assert_close(shuffled(features).values(), module(features).values())
+
+
+def test_output_order_hook_removes_itself_when_orders_agree_and_never_waits_early() -> None:
+    from torchrec.distributed.types import LazyAwaitable
+
+    module = ebc()
+    features = kjt(["user", "item"], [3, 2])
+
+    class Lazy(LazyAwaitable[KeyedTensor]):
+        waited = False
+
+        def _wait_impl(self) -> KeyedTensor:
+            Lazy.waited = True
+            return module(features)
+
+    class Sharded(nn.Module):
+        def forward(self, features: KeyedJaggedTensor) -> LazyAwaitable[KeyedTensor]:
+            return Lazy()
+
+    sharded = Sharded()
+    register_output_order(sharded, module)
+    output = sharded(features)
+    assert not Lazy.waited and len(sharded._forward_hooks) == 1
+    assert output.wait().keys() == ["user", "item"]
+    assert len(sharded._forward_hooks) == 0

@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import LazyAwaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -90,23 +91,46 @@ def register_input_checks(sharded: nn.Module, unsharded: nn.Module, module_path:
     sharded.register_forward_pre_hook(_FeatureCheck(module_path, embedding_configs(unsharded)))
 
 
-def _restore_order(keys: list[str]):
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, LazyAwaitable):
-            output = output.wait()
-        if not isinstance(output, KeyedTensor) or output.keys() == keys:
-            return output
-        by_key = output.to_dict()
-        return KeyedTensor.from_tensor_list(keys, [by_key[k] for k in keys], key_dim=output.key_dim())
+def _then(output: Any, transform: Callable[[Any], Any]) -> Any:
+    """``transform(output)``; on a lazy TorchRec output, when it is waited for, so nothing waits early."""
+    if isinstance(output, LazyAwaitable):
+        output.callbacks.append(transform)
+        return output
+    return transform(output)
 
-    return hook
+
+class _OutputOrder:
+    """Reorders a sharded output into its tables' order, and removes itself if it already is."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.handle: Optional[RemovableHandle] = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return _then(output, self.reorder)
+
+    def reorder(self, pooled: Any) -> Any:
+        if not isinstance(pooled, KeyedTensor):
+            return pooled
+        if pooled.keys() == self.keys:
+            # The order is fixed by the plan: it will match in every later step too.
+            assert self.handle is not None
+            self.handle.remove()
+            return pooled
+        by_key = pooled.to_dict()
+        return KeyedTensor.from_tensor_list(self.keys, [by_key[k] for k in self.keys], key_dim=pooled.key_dim())
 
 
 def register_output_order(sharded: nn.Module, unsharded: nn.Module) -> None:
-    """Make ``sharded`` return pooled features in the order its unsharded twin did."""
+    """Make ``sharded`` return pooled features in the order its unsharded twin did.
+
+    The hook never waits for TorchRec's lazy output early (it runs when the output is used), and
+    removes itself after the first forward when the sharded order already is the tables' order
+    (the strategy places interchangeable tables so that it usually is).
+    """
     if isinstance(unsharded, EmbeddingBagCollection):
-        keys = [f for config in unsharded.embedding_bag_configs() for f in config.feature_names]
-        sharded.register_forward_hook(_restore_order(keys))
+        order = _OutputOrder([f for config in unsharded.embedding_bag_configs() for f in config.feature_names])
+        order.handle = sharded.register_forward_hook(order)
 
 
 # Sharding types whose pooled output is reduce-scattered across ranks.
@@ -144,14 +168,16 @@ class _RaggedBatches:
         if not self._rows:
             return output
         rows = self._rows.pop()
-        if isinstance(output, LazyAwaitable):
-            output = output.wait()
-        if not isinstance(output, KeyedTensor) or output.values().shape[0] == rows:
-            return output
-        return KeyedTensor(
-            keys=output.keys(), length_per_key=output.length_per_key(), values=output.values()[:rows],
-            key_dim=output.key_dim(),
-        )
+
+        def first_rows(pooled: Any) -> Any:
+            if not isinstance(pooled, KeyedTensor) or pooled.values().shape[0] == rows:
+                return pooled
+            return KeyedTensor(
+                keys=pooled.keys(), length_per_key=pooled.length_per_key(), values=pooled.values()[:rows],
+                key_dim=pooled.key_dim(),
+            )
+
+        return _then(output, first_rows)
 
 
 def register_ragged_batches(sharded: nn.Module, sharding_types: set[str]) -> None:
