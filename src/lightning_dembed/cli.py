@@ -3,6 +3,7 @@
     lightning-dembed run recipes/configs/dlrm_synthetic_tiny.yaml --devices 2 [-- --trainer.max_steps=50]
     lightning-dembed preprocess-criteo --input day_0 --output data/criteo --num-embeddings 100000
     lightning-dembed consolidate checkpoints/last.ckpt last-full.ckpt
+    lightning-dembed plan recipes/configs/dlrm_synthetic_medium.yaml --world-size 128 [--json] [-- overrides]
 
 ``run`` starts the recipe a config belongs to (``recipes/<name>.py`` for ``configs/<name>_*.yaml``)
 on N local processes per node through torch's elastic launcher (``torch.distributed.run``, what
@@ -71,6 +72,28 @@ def _consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    from lightning_dembed.dry_run import dry_run
+    from lightning_dembed.strategies.hybrid_parallel import parse_bytes
+
+    device = args.device
+    memory = parse_bytes(args.memory_per_rank or ("80GiB" if device == "cuda" else "64GiB"))
+    result = dry_run(
+        Path(args.config), args.world_size, args.local_world_size or min(args.world_size, 8), device, memory,
+        overrides, placement=args.placement, row_slice_threshold=args.row_slice_threshold,
+        column_slice_threshold=args.column_slice_threshold, data_parallel_threshold=args.data_parallel_threshold,
+    )
+    if args.json:
+        print(json.dumps({**result.summary.as_dict(), "fits": result.error is None, "error": result.error}))
+    else:
+        print(result.summary)
+        if result.error:
+            print(f"does not fit: {result.error}")
+    return 0 if result.error is None else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
@@ -94,12 +117,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     consolidate.add_argument("checkpoint")
     consolidate.add_argument("output")
 
+    plan = sub.add_parser("plan", help="plan a config's tables for N ranks, without the cluster")
+    plan.add_argument("config", help="a recipe config (its data section decides the tables)")
+    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--local-world-size", type=int, default=None, help="ranks per host (default min(N, 8))")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--memory-per-rank", default=None, help="e.g. 80GiB (default: 80GiB cuda, 64GiB cpu)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--placement", choices=["basic", "memory_balanced", "memory_optimized"], default=None,
+                      help="Merlin placement (fast for thousands of tables); default: the config's strategy")
+    plan.add_argument("--row-slice-threshold", type=int, default=None)
+    plan.add_argument("--column-slice-threshold", type=int, default=None)
+    plan.add_argument("--data-parallel-threshold", type=int, default=None)
+
     if argv[:1] == ["preprocess-criteo"]:
         return _preprocess_criteo(argv[1:] + overrides)
     args, unknown = parser.parse_known_args(argv)
     if args.command == "run":
         # LightningCLI overrides such as --trainer.max_steps=50 may also come without "--".
         return _run(args, unknown + overrides)
+    if args.command == "plan":
+        return _plan(args, unknown + overrides)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return _consolidate(args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,19 @@ class PlanSummary:
 
     COLUMNS = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB"]
 
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data: per rank its bytes, per table its sharding, ranks and bytes."""
+        return {
+            "world_size": len(self.rank_bytes),
+            "memory_budget": self.memory_budget,
+            "ranks": [{"rank": r, "bytes": b} for r, b in enumerate(self.rank_bytes)],
+            "tables": [
+                {"name": t.name, "sharding": t.sharding_type, "kernel": t.compute_kernel, "ranks": list(t.ranks),
+                 "bytes": t.size_bytes}
+                for t in self.tables
+            ],
+        }
+
     def __str__(self) -> str:
         rows = [self.COLUMNS] + [[str(v) for v in row] for row in self.as_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
@@ -194,12 +207,17 @@ def check_memory_budget(summary: PlanSummary) -> None:
         return
     worst = max(over, key=lambda r: summary.rank_bytes[r])
     on_worst = sorted((t for t in summary.tables if worst in t.ranks), key=lambda t: -t.size_bytes)[:3]
+    total = sum(summary.rank_bytes)
+    least_ranks = -(-total // summary.memory_budget)
+    shown = over if len(over) <= 16 else f"{len(over)} of {len(summary.rank_bytes)}"
     raise MemoryBudgetError(
         f"the sharding plan needs {summary.rank_bytes[worst] / 2**30:.2f} GiB on rank {worst}, over its budget of "
-        f"{summary.memory_budget / 2**30:.2f} GiB (ranks over budget: {over}). Largest tables there: "
+        f"{summary.memory_budget / 2**30:.2f} GiB (ranks over budget: {shown}). Largest tables there: "
         + ", ".join(f"{t.name} ({t.sharding_type}, {t.size_bytes / 2**30:.2f} GiB)" for t in on_worst)
         + ". Shard them row-wise (sharding_types={'<table>': 'row_wise'} or a lower row_slice_threshold), "
-        "use more processes, shrink the tables, or raise memory_budget_per_rank if the budget is too low."
+        f"use more processes (all tables and optimizer state take {total / 2**30:.1f} GiB: about "
+        f"{least_ranks} ranks of this budget), shrink the tables, or raise memory_budget_per_rank if the budget "
+        "is too low."
     )
 
 

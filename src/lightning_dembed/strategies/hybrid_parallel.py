@@ -52,14 +52,15 @@ from lightning_dembed.sharding.policy import Placement, ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
 
-__all__ = ["HybridParallelStrategy"]
+__all__ = ["HybridParallelStrategy", "parse_bytes"]
 
 log = logging.getLogger(__name__)
 
 
-def _parse_bytes(value: Union[int, str, None]) -> Optional[int]:
+def parse_bytes(value: Union[int, str, None]) -> Optional[int]:
     if value is None or isinstance(value, int):
         return value
+    """Bytes from an int or a string such as ``"80GiB"``."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1}
     text = value.strip().lower()
     for unit, factor in units.items():
@@ -175,7 +176,7 @@ class HybridParallelStrategy(DDPStrategy):
             )
         self._explicit_embedding_optimizer = embedding_optimizer
         self._embedding_optimizer: Optional[EmbeddingOptimizer] = embedding_optimizer
-        self._memory_budget = _parse_bytes(memory_budget_per_rank)
+        self._memory_budget = parse_bytes(memory_budget_per_rank)
         self._skip_nonfinite_loss = skip_nonfinite_loss
         self._hand_back_weights = hand_back_weights
         self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
