@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.sharding_plan import (
@@ -285,7 +286,13 @@ def _torchrec_plan(
         TrainerConfig(world_size=world_size, local_world_size=local_world_size, **cap),
         kernel_config=KernelConfig(compute_device=device_type),
     )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        # TorchRec's recommendation over its default heuristic (which also over-estimates dense sizes
+        # of meta-built models); the strategy checks each rank's tables against the budget itself.
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+    )
     try:
         if process_group is not None:
             return planner.collective_plan(root, sharders, process_group)
