@@ -56,6 +56,11 @@ def test_tables_take_their_param_groups_values_and_schedule(tmp_path: Path) -> N
                     sharding="table_wise")
 
 
+@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
+def test_a_frozen_table_stays_as_it_was(tmp_path: Path, sharding: str) -> None:
+    run_and_compare(tmp_path, "--frozen-table", "t1", frozen_table="t1", sharding=sharding)
+
+
 def test_tables_follow_the_optimizer_that_holds_them(tmp_path: Path) -> None:
     # Two optimizer steps per batch: Lightning's global_step counts both.
     run_worker(tmp_path, "--steps", str(STEPS), "--max-steps", str(2 * STEPS), "--two-optimizers",
@@ -134,8 +139,10 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--precision", "bf16-true"), "Use precision='bf16-mixed'"),
         (("--precision", "64-true"), "Use precision='bf16-mixed'"),
         (("--policy", '{"model_averaging_period": 4}'), "does not support model averaging"),
+        (("--swa",), "StochasticWeightAveraging keeps an averaged copy"),
+        (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
     ],
-    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging"],
+    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging", "swa", "frozen-replicated"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

@@ -27,10 +27,12 @@ class TinyRecModule(LightningModule):
     """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``."""
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
-                 groups: bool = False) -> None:
+                 groups: bool = False, frozen_table: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.ebc = EmbeddingBagCollection(tables=tables(), device=torch.device(device))
+        if frozen_table:
+            self.ebc.embedding_bags[frozen_table].weight.requires_grad_(False)
         width = sum(d for _, _, d in TABLES) + NUM_DENSE
         self.mlp = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 1))
         self.losses: list[float] = []
@@ -130,14 +132,14 @@ class GlobalBatches(torch.utils.data.IterableDataset):
 
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
-                  groups: bool = False, steps_per_epoch: int | None = None):
+                  groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
     averages gradients over ranks, whatever their row counts; an empty rank contributes zeros).
     """
     torch.manual_seed(init_seed)
-    module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups)
+    module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table)
     configured = module.configure_optimizers()
     opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
         else (configured, None)

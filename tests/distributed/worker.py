@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -201,6 +201,8 @@ def main() -> None:
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
+    p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
+    p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
@@ -216,7 +218,7 @@ def main() -> None:
     if args.two_optimizers:
         module_class = TwoOptimizerTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
-                          device="meta" if args.meta_tables else "cpu")
+                          device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table)
     module.nan_at = args.nan_at
     if args.skip_nonfinite:
         policy["skip_nonfinite_loss"] = True
@@ -229,6 +231,8 @@ def main() -> None:
                                          every_n_train_steps=1, save_last=True))
     if args.validate_only:
         callbacks.append(DenseWeightsAtValidation(out))
+    if args.swa:
+        callbacks.append(StochasticWeightAveraging(swa_lrs=0.01))
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,

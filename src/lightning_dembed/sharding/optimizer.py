@@ -121,6 +121,8 @@ def apply_embedding_optimizers(tables: Mapping[str, nn.Parameter], optimizers: M
     """
     for name, param in tables.items():
         optimizer = optimizers[name]
+        # The hook needs a parameter that takes gradients; a frozen table is given learning rate 0.
+        param.requires_grad_(True)
         apply_optimizer_in_backward(optimizer.optimizer_class, [param], optimizer.fused_kwargs())
 
 
@@ -178,7 +180,7 @@ class TableHyperParameters:
 
     Args:
         fused_optimizer: ``DistributedModelParallel.fused_optimizer``.
-        groups: each table's param group (`table_param_groups`).
+        groups: the param group of each table that follows one (`table_param_groups`).
         built_with: the fused optimizer each table's kernel was built with.
     """
 
@@ -191,7 +193,8 @@ class TableHyperParameters:
         name_of = {id(t): name for name, t in fused_optimizer.params.items()}
         self._kernels: list[tuple[KeyedOptimizer, list[str]]] = []
         for leaf in _fused_leaves(fused_optimizer):
-            names = sorted(name_of[id(t)] for t in leaf.params.values())
+            # Tables in no group (frozen ones) keep the hyper-parameters they were built with.
+            names = sorted(n for n in (name_of[id(t)] for t in leaf.params.values()) if n in groups)
             if names:
                 self._kernels.append((leaf, names))
         self._groups = dict(groups)

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -85,6 +86,10 @@ def _data_parallel_wrapper(ddp_kwargs: Mapping[str, Any]) -> DefaultDataParallel
 
 def _find_ddp(dmp: DistributedModelParallel) -> Optional[DistributedDataParallel]:
     return next((m for m in dmp.modules() if isinstance(m, DistributedDataParallel)), None)
+
+
+WEIGHT_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
+FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": 0.0})
 
 
 def _clipping_fused_params(trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
@@ -278,6 +283,13 @@ class HybridParallelStrategy(DDPStrategy):
             )
         if not fitting:
             return
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WEIGHT_AVERAGING_CALLBACKS)]
+        if averaging:
+            raise ValueError(
+                f"{averaging[0]} keeps an averaged copy of every parameter, which for sharded tables would mean "
+                "a full copy of each table on every rank (or a silently partial average). Average the dense "
+                "parameters in your own callback, or use strategy='ddp' for a model whose tables fit one device"
+            )
         if trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}: FBGEMM's fused optimizer updates "
@@ -326,7 +338,9 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_groups, self._table_optimizers = self._choose_table_optimizers(module, tables)
         for optimizer in {id(o): o for o in self._table_optimizers.values()}.values():
             optimizer.check_device(self.root_device)
-        self._embedding_optimizer = next(iter(self._table_optimizers.values()))
+        self._embedding_optimizer = next(
+            (o for o in self._table_optimizers.values() if o is not FROZEN_TABLE), FROZEN_TABLE
+        )
 
         # Weights the user already initialised are kept; meta tables are initialised by TorchRec.
         initial_tables = {
@@ -348,6 +362,7 @@ class HybridParallelStrategy(DDPStrategy):
             process_group=torch.distributed.group.WORLD,
         )
         self.sharding_plan, self.plan_summary = plan, summary
+        self._refuse_frozen_replicated_tables(summary)
         rank_zero_info(f"HybridParallelStrategy sharding plan ({world_size} ranks):\n{summary}")
 
         dmp = DistributedModelParallel(
@@ -376,6 +391,19 @@ class HybridParallelStrategy(DDPStrategy):
         self._dmp, self._ddp = dmp, None
         return dmp
 
+    def _refuse_frozen_replicated_tables(self, summary: PlanSummary) -> None:
+        # Replicated tables share one dense kernel trained by DDP and the dense optimizers, which
+        # cannot leave one of them out; the learning-rate-0 kernel only exists for sharded tables.
+        frozen = {name.rpartition(".")[0].rpartition(".")[2]
+                  for name, o in self._table_optimizers.items() if o is FROZEN_TABLE}
+        replicated = sorted(t.name for t in summary.tables if t.name in frozen and t.sharding_type == "data_parallel")
+        if replicated:
+            raise ValueError(
+                f"tables {replicated} are frozen (requires_grad=False) and planned data_parallel, where they "
+                "would train; shard them instead, e.g. HybridParallelStrategy(sharding_types={"
+                + ", ".join(f"'{t}': 'table_wise'" for t in replicated) + "})"
+            )
+
     def _choose_table_optimizers(
         self, module: "pl.LightningModule", tables: dict[str, nn.Parameter]
     ) -> tuple[dict[str, ParamGroupRef], dict[str, EmbeddingOptimizer]]:
@@ -387,7 +415,11 @@ class HybridParallelStrategy(DDPStrategy):
         ``embedding_optimizer`` fixes them instead.
         """
         optimizers, schedulers = init_optimizers_and_lr_schedulers(module)
-        held = table_param_groups(optimizers, tables)
+        # A frozen table (requires_grad=False) gets SGD at learning rate 0: FBGEMM updates every table
+        # it shards, and an update of zero leaves the table as it stays under DDP.
+        frozen = {name: FROZEN_TABLE for name, p in tables.items() if not p.requires_grad}
+        trainable = {name: p for name, p in tables.items() if p.requires_grad}
+        held = table_param_groups(optimizers, trainable)
         explicit = self._explicit_embedding_optimizer
         if explicit is not None:
             scheduled = {id(config.scheduler.optimizer) for config in schedulers}
@@ -399,20 +431,20 @@ class HybridParallelStrategy(DDPStrategy):
                     "embedding_optimizer= (the tables follow their param group and its schedule), or give that "
                     "optimizer lightning_dembed.dense_parameters(self)"
                 )
-            return {}, {name: explicit for name in tables}
+            return {}, {**{name: explicit for name in trainable}, **frozen}
         if not optimizers:
             raise ValueError(
                 "configure_optimizers returned no optimizer to derive the embedding tables' optimizer from; return "
                 "one, or pass HybridParallelStrategy(embedding_optimizer=EmbeddingOptimizer(...))"
             )
-        groups = {name: held.get(name, ParamGroupRef(0, 0)) for name in tables}
+        groups = {name: held.get(name, ParamGroupRef(0, 0)) for name in trainable}
         chosen = {
             name: EmbeddingOptimizer.from_param_group(
                 optimizers[ref.optimizer], optimizers[ref.optimizer].param_groups[ref.group]
             )
             for name, ref in groups.items()
         }
-        return groups, chosen
+        return groups, {**chosen, **frozen}
 
     def _dense_ddp(self) -> Optional[DistributedDataParallel]:
         """The DDP that TorchRec wraps around the dense parameters (None before fit's setup)."""
