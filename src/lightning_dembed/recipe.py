@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -14,9 +15,10 @@ class _LogConfig(SaveConfigCallback):
     """Saves the resolved config beside the logs and sends it to the loggers (W&B run config)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="json")
+        # Nested, as in the YAML, so W&B can filter and group runs by any key (trainer.max_steps...).
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config})
+            logger.log_hyperparams(config)
 
 
 class RecipeCLI(LightningCLI):
@@ -24,7 +26,8 @@ class RecipeCLI(LightningCLI):
 
     The model's ``tables`` and ``num_dense_features`` come from the datamodule (the data decides
     which features exist and how many rows each table has), so configs set them in one place. After
-    ``fit`` the model is tested on the held-out split.
+    ``fit`` the model is tested on the held-out split: from the best checkpoint when the config's
+    ``ModelCheckpoint`` monitors a validation metric, else as training left it.
 
     Example::
 
@@ -45,4 +48,8 @@ class RecipeCLI(LightningCLI):
         )
 
     def after_fit(self) -> None:
-        self.trainer.test(self.model, datamodule=self.datamodule)
+        # A config that selects checkpoints by a validation metric is tested on its best one.
+        checkpoint = self.trainer.checkpoint_callback
+        selects = checkpoint is not None and checkpoint.monitor and checkpoint.best_model_path
+        best = "best" if selects else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)

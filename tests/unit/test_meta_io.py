@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -138,6 +139,28 @@ def test_cold_start_holdout_is_disjoint_and_stable() -> None:
     assert set(again.cold_start.keys) <= cold and set(again.train.keys) <= train
 
 
+@pytest.mark.parametrize("unseen_task_fraction", [0.0, 0.3, 1.0])
+def test_ids_never_seen_in_training_share_the_reserved_row(unseen_task_fraction: float) -> None:
+    table = interactions(num_tasks=400)
+    store = build(table, holdout_fraction=0.25, min_rows_per_task=2, reserve_unseen_row=True,
+                  unseen_task_fraction=unseen_task_fraction)
+    train, cold = store.train, store.cold_start
+    train_users, cold_items = train.column("user"), cold.column("item")
+    # Every cold-start user is new: all on row 0. Seen items keep their row, unseen ones take 0.
+    assert (cold.column("user") == 0).all()
+    seen_items = set(train.column("item").tolist())
+    assert all((i == 0) == (i not in seen_items) for i in cold_items.tolist())
+    assert 1 <= train.column("item").min()
+    # A share of the training users are trained as new ones, on row 0, task by task.
+    per_task = [set(train_users[a:b].tolist()) for a, b in zip(train.offsets[:-1], train.offsets[1:])]
+    as_new = np.mean([users == {0} for users in per_task])
+    assert all(users == {0} or 0 not in users for users in per_task)
+    assert as_new == pytest.approx(unseen_task_fraction, abs=0.1)
+    assert store.stats["config"]["reserve_unseen_row"] is True
+    with pytest.raises(ValueError, match="reserve_unseen_row"):
+        build(table, unseen_task_fraction=0.5)
+
+
 def test_string_keys_from_csv_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "interactions.csv"
     pyarrow.csv.write_csv(interactions(string_keys=True), path)
@@ -265,11 +288,14 @@ def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
         MetaBatchDataset(split, tasks_per_batch=split.num_tasks + 1)
 
 
-def test_synthetic_tasks_are_deterministic_and_adaptation_pays(tmp_path: Path) -> None:
-    config = SyntheticTaskConfig(num_users=3000, seed=5)
+@pytest.mark.parametrize("heterogeneity", [0.0, 2.0])
+def test_synthetic_tasks_are_deterministic_and_adaptation_pays_as_users_differ(
+    tmp_path: Path, heterogeneity: float
+) -> None:
+    config = SyntheticTaskConfig(num_users=3000, heterogeneity=heterogeneity, seed=5)
     table = generate_interactions(config)
     assert table.equals(generate_interactions(config))
-    assert not table.equals(generate_interactions(SyntheticTaskConfig(num_users=3000, seed=6)))
+    assert not table.equals(generate_interactions(dataclasses.replace(config, seed=6)))
     assert table.column_names == [*config.categorical_columns, *config.dense_columns, "label", "timestamp"]
     assert pa.parquet.read_table(write_interactions(config, tmp_path / "i.parquet")).equals(table)
 
@@ -305,7 +331,18 @@ def test_synthetic_tasks_are_deterministic_and_adaptation_pays(tmp_path: Path) -
         y = label[~support]
         return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
-    assert log_loss(user_rate[cell[~support]]) < 0.95 * log_loss(global_rate[category[~support]])
+    ratio = log_loss(user_rate[cell[~support]]) / log_loss(global_rate[category[~support]])
+    # Users alike: the per-user rates only add noise. Users differing: they pay.
+    assert ratio > 1.0 if heterogeneity == 0 else ratio < 0.95
+    rows_per_user = np.diff(split.offsets)
+    assert np.median(rows_per_user) < rows_per_user.mean()  # long-tailed: many light users
+
+
+def test_synthetic_task_config_checks_its_knobs() -> None:
+    with pytest.raises(ValueError, match="heterogeneity"):
+        SyntheticTaskConfig(heterogeneity=-1.0)
+    with pytest.raises(ValueError, match="label_noise"):
+        SyntheticTaskConfig(label_noise=1.5)
 
 
 # -- sources, query rows, one worker, rank arguments, empty splits ----------------------------------
@@ -391,3 +428,37 @@ def test_task_data_module_refuses_a_store_built_with_other_settings(tmp_path: Pa
     (store_dir / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=r"format 1; this version reads format 2"):
         TaskStore.load(store_dir)
+
+
+def test_task_data_module_plain_training_with_cold_start_tasks_and_generator_settings(tmp_path: Path) -> None:
+    from lightning_dembed.data import TaskDataModule
+
+    data = TaskDataModule(store_dir=str(tmp_path / "store"), num_users=300, as_tasks=False,
+                          eval_as_tasks=True, synthetic={"heterogeneity": 0.0, "label_noise": 0.0})
+    data.prepare_data()
+    data.setup("fit")
+    assert isinstance(data._datasets["train"], QueryRowDataset)
+    assert all(isinstance(data._datasets[split], MetaBatchDataset) for split in ("val", "test"))
+    # Validation and test: the two disjoint halves of the cold-start users.
+    val = {int(k) for b in data._datasets["val"] for k in b.task_keys}
+    test = {int(k) for b in data._datasets["test"] for k in b.task_keys}
+    assert val and test and val.isdisjoint(test)
+    # The generator's settings name the interactions file, so a store records what generated it.
+    assert list(tmp_path.glob("store_interactions_*_heterogeneity0.0_label_noise0.0.parquet"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_pass_resumes_at_a_saved_epoch_and_batch(num_workers: int) -> None:
+    store = build(interactions(num_tasks=60))
+    for make in (lambda: MetaBatchDataset(store.train, tasks_per_batch=4, rank=0, world_size=1),
+                 lambda: QueryRowDataset(store.train, batch_size=16, rank=0, world_size=1)):
+        reference = make()
+        epochs = [collect(reference, num_workers=0) for _ in range(2)]
+        resumed = make()
+        resumed.set_position(epoch=1, batch=2)  # mid-way through the second epoch
+        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+        batches = collect(resumed, **kwargs)
+        expected = epochs[1][2:]
+        assert len(batches) == len(expected) > 0
+        for got, want in zip(batches, expected):
+            assert torch.equal(got.labels, want.labels) and torch.equal(got.dense_features, want.dense_features)

@@ -1,4 +1,5 @@
-"""Click data for recommender training: synthetic models' streams, Criteo logs, a Lightning data module.
+"""Click data for recommender training: synthetic models' streams, Criteo logs, MovieLens ratings and
+task stores for meta-learning, Lightning data modules.
 
 Every data set here yields `Batch` (TorchRec's): dense features, a `KeyedJaggedTensor` of sparse
 features, labels.
@@ -20,6 +21,12 @@ from lightning_dembed.data.criteo import (
 from lightning_dembed.data.datamodule import RecDataModule
 from lightning_dembed.data.meta_datamodule import TaskDataModule
 from lightning_dembed.data.meta_io import MetaBatchDataset, QueryRowDataset, TaskStore, build_task_store
+from lightning_dembed.data.movielens import (
+    movielens_format,
+    read_interactions,
+    read_movielens,
+    write_fake_movielens,
+)
 from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions
 from lightning_dembed.data.synthetic import (
     SYNTHETIC_MODELS,
@@ -37,6 +44,10 @@ __all__ = [
     "TaskStore",
     "build_task_store",
     "generate_interactions",
+    "movielens_format",
+    "read_interactions",
+    "read_movielens",
+    "write_fake_movielens",
     "CRITEO_1TB_NUM_EMBEDDINGS",
     "SYNTHETIC_MODELS",
     "Batch",

@@ -20,7 +20,10 @@ class TaskDataModule(SplitDataModule):
     """Tasks (users, scenarios...) for meta-learning, built once into a Meta-IO task store.
 
     With ``interactions=None`` the interactions come from `SyntheticTaskConfig` (``num_users``
-    users with their own tastes); otherwise from a parquet or CSV file with the named columns.
+    users with their own tastes); otherwise from a parquet or CSV file with the named columns, or
+    an unzipped MovieLens ml-100k / ml-1m directory (`read_movielens`: each rating with the user's
+    and the movie's features). ``side_tables`` joins side-feature tables on by key first, e.g.
+    ``{"user_id": "users.parquet", "item_id": "items.csv"}`` (`read_interactions`).
     Training uses the ``train`` tasks; validation and test use the two halves of the ``cold_start``
     tasks (users never seen in training). ``support_size`` and ``query_size`` are rows per task
     (int) or fractions of each task's rows (float); see `build_task_store`.
@@ -28,7 +31,16 @@ class TaskDataModule(SplitDataModule):
     ``as_tasks=True`` yields `TaskBatch` meta-batches of ``tasks_per_batch`` tasks per rank (for
     `MetaLearningLoop`). ``as_tasks=False`` yields plain `Batch`es of ``batch_size`` rows of the
     same training tasks, and scores on the cold-start tasks' query rows only, so a model trained
-    without meta-learning is measured on exactly the rows a meta-learned one is.
+    without meta-learning is measured on exactly the rows a meta-learned one is. ``eval_as_tasks``
+    (default: ``as_tasks``) sets validation and test apart: plain training batches with cold-start
+    meta-batches scores a plain model as is and fine-tuned on each user's support set
+    (`ColdStartEvaluation`), on the same query rows.
+
+    ``reserve_unseen_row`` and ``unseen_task_fraction`` give ids never seen in training (a new
+    user's) one shared, trained row instead of an untrained one; see `build_task_store`.
+
+    ``synthetic`` passes settings to `SyntheticTaskConfig` (``heterogeneity``, ``label_noise``...)
+    when the interactions are generated.
 
     Example::
 
@@ -40,6 +52,7 @@ class TaskDataModule(SplitDataModule):
         self,
         store_dir: str = "outputs/task_store",
         interactions: Optional[str] = None,
+        side_tables: Optional[dict[str, str]] = None,
         num_users: int = 4000,
         task_key: str = "user_id",
         categorical: tuple[str, ...] = ("user_id", "item_id", "category"),
@@ -52,9 +65,13 @@ class TaskDataModule(SplitDataModule):
         query_size: Optional[Union[int, float]] = None,
         min_rows_per_task: int = 4,
         holdout_fraction: float = 0.2,
+        reserve_unseen_row: bool = False,
+        unseen_task_fraction: float = 0.0,
         num_embeddings: int = 8192,
         embedding_dim: int = 16,
         as_tasks: bool = True,
+        eval_as_tasks: Optional[bool] = None,
+        synthetic: Optional[dict[str, Any]] = None,
         tasks_per_batch: int = 32,
         batch_size: int = 512,
         num_workers: int = 0,
@@ -83,7 +100,10 @@ class TaskDataModule(SplitDataModule):
             self._check_store_matches(source, build_args)
             return
         if h.interactions is None:
-            write_interactions(SyntheticTaskConfig(num_users=h.num_users, num_dense=len(h.dense), seed=h.seed), source)
+            generator = SyntheticTaskConfig(
+                num_users=h.num_users, num_dense=len(h.dense), seed=h.seed, **(h.synthetic or {})
+            )
+            write_interactions(generator, source)
         build_task_store(source, self.store_dir, **build_args)
 
     def _store_arguments(self) -> tuple[Path, dict[str, Any]]:
@@ -91,7 +111,11 @@ class TaskDataModule(SplitDataModule):
         h = self.hparams
         if h.interactions is None:
             # The generator's settings are in the name, so a store records what generated it.
-            name = f"{self.store_dir.name}_interactions_{h.num_users}users_{len(h.dense)}dense_seed{h.seed}.parquet"
+            settings = "".join(f"_{k}{v}" for k, v in sorted((h.synthetic or {}).items()))
+            name = (
+                f"{self.store_dir.name}_interactions_{h.num_users}users_{len(h.dense)}dense_seed{h.seed}"
+                f"{settings}.parquet"
+            )
             source = self.store_dir.with_name(name)
         else:
             source = Path(h.interactions)
@@ -100,6 +124,8 @@ class TaskDataModule(SplitDataModule):
             dense=list(h.dense), label=h.label, label_rule=h.label_rule, time_column=h.time_column, split=h.split,
             support_size=h.support_size, query_size=h.query_size, min_rows_per_task=h.min_rows_per_task,
             holdout_fraction=h.holdout_fraction, seed=h.seed,
+            reserve_unseen_row=h.reserve_unseen_row, unseen_task_fraction=h.unseen_task_fraction,
+            side_tables=dict(h.side_tables) if h.side_tables else None,
         )
         return source, build_args
 
@@ -123,14 +149,17 @@ class TaskDataModule(SplitDataModule):
         train, cold = store.train, store.cold_start
         half = cold.num_tasks // 2
         held_out = {"val": cold.task_range(0, half), "test": cold.task_range(half, cold.num_tasks)}
-        if h.as_tasks:
-            self._datasets["train"] = MetaBatchDataset(train, h.tasks_per_batch, **shard)
+        self._datasets["train"] = (
+            MetaBatchDataset(train, h.tasks_per_batch, **shard)
+            if h.as_tasks
+            else QueryRowDataset(train, h.batch_size, **shard)
+        )
+        if h.as_tasks if h.eval_as_tasks is None else h.eval_as_tasks:
             for split, store in held_out.items():
                 self._datasets[split] = MetaBatchDataset(
                     store, h.tasks_per_batch, shuffle=False, drop_last=False, **shard
                 )
         else:
-            self._datasets["train"] = QueryRowDataset(train, h.batch_size, **shard)
             for split, store in held_out.items():
                 self._datasets[split] = QueryRowDataset(
                     store, h.batch_size, query_only=True, shuffle=False, drop_last=False, **shard

@@ -31,6 +31,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import Batch, TaskBatch
+from lightning_dembed.data.movielens import read_interactions
+from lightning_dembed.data.position import ResumablePasses
 
 __all__ = [
     "MetaBatchDataset",
@@ -130,14 +132,23 @@ def _ids(column: pa.ChunkedArray, size: int) -> np.ndarray:
     return (_string_codes(column)[1] % np.uint64(size)).astype(np.int64)
 
 
-def _read(source: Union[str, Path, pa.Table], columns: list[str]) -> pa.Table:
+def _read(
+    source: Union[str, Path, pa.Table],
+    columns: list[str],
+    side_tables: Optional[Mapping[str, Union[str, Path, pa.Table]]] = None,
+) -> pa.Table:
     """The needed columns of the interactions; errors name the missing file or columns."""
+    if side_tables or (not isinstance(source, pa.Table) and Path(source).is_dir()):
+        # A MovieLens directory, or side tables to join on: the joined table, then its needed columns.
+        source = read_interactions(source, side_tables)
     if isinstance(source, pa.Table):
         table = source
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"interactions file {path} does not exist")
+            raise FileNotFoundError(
+                f"interactions file {path} does not exist (a .parquet or .csv file, or a MovieLens directory)"
+            )
         if path.suffix == ".parquet":
             names = pq.read_schema(path).names
             missing = sorted(set(columns) - set(names))
@@ -315,6 +326,9 @@ def build_task_store(
     min_rows_per_task: int = 4,
     holdout_fraction: float = 0.1,
     seed: int = 0,
+    reserve_unseen_row: bool = False,
+    unseen_task_fraction: float = 0.0,
+    side_tables: Optional[Mapping[str, Union[str, Path, pa.Table]]] = None,
 ) -> TaskStore:
     """Group an interactions table by task into a `TaskStore` (on disk, or in memory).
 
@@ -334,7 +348,9 @@ def build_task_store(
     (``"column op number"``, e.g. ``"rating >= 4"``).
 
     Args:
-        source: a ``.parquet`` or ``.csv`` file, or a `pyarrow.Table` (e.g. `generate_interactions`).
+        source: a ``.parquet`` or ``.csv`` file, a `pyarrow.Table` (e.g. `generate_interactions`), or
+            an unzipped MovieLens ml-100k / ml-1m directory (`read_movielens`: ratings with the
+            user's and the movie's features).
         out_dir: where to write the store (built beside it and renamed into place when complete);
             None keeps it in memory.
         task_key: the column whose values are the tasks (a user id, say).
@@ -350,6 +366,17 @@ def build_task_store(
         min_rows_per_task: smaller tasks are dropped.
         holdout_fraction: share of task keys held out as ``cold_start``.
         seed: seeds the random split.
+        reserve_unseen_row: row 0 of every table is reserved for values never seen in training:
+            training values take ids ``[1, num_embeddings)``, and cold-start values absent from the
+            training rows (a new user's id, a new item's) take 0, so a new user or item gets one
+            learned row instead of an untrained one.
+        unseen_task_fraction: with ``reserve_unseen_row``, this share of the training tasks (by a
+            stable hash of the key) have their ``task_key`` column's ids replaced by the reserved
+            row too, so that it is trained as a new task's row (1.0: the model never sees a task's
+            own id and learns the reserved row as every new task's starting point).
+        side_tables: key column -> a side-feature table (file or `pyarrow.Table`, one row per key)
+            joined onto the interactions before anything else, e.g. ``{"user_id": "users.csv"}``;
+            see `read_interactions`.
 
     Returns:
         The `TaskStore` (memory-mapped from ``out_dir`` when one is given).
@@ -368,6 +395,10 @@ def build_task_store(
         raise ValueError(f"split must be 'time' or 'random', got {split!r}")
     if split == "time" and time_column is None:
         raise ValueError("split='time' needs time_column; or use split='random'")
+    if not 0.0 <= unseen_task_fraction <= 1.0:
+        raise ValueError(f"unseen_task_fraction must be in [0, 1], got {unseen_task_fraction}")
+    if unseen_task_fraction and not reserve_unseen_row:
+        raise ValueError("unseen_task_fraction needs reserve_unseen_row=True (the row those tasks' ids take)")
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     _check_size(support_size, "support_size")
@@ -377,15 +408,16 @@ def build_task_store(
     unsized = [c for c in categorical if c not in num_embeddings]
     if unsized:
         raise ValueError(f"num_embeddings has no table size for categorical column(s) {unsized}")
-    bad_sizes = {c: num_embeddings[c] for c in categorical if int(num_embeddings[c]) < 1}
+    smallest = 1 + int(reserve_unseen_row)  # the reserved row, and one for the values seen
+    bad_sizes = {c: num_embeddings[c] for c in categorical if int(num_embeddings[c]) < smallest}
     if bad_sizes:
-        raise ValueError(f"num_embeddings must be >= 1, got {bad_sizes}")
+        raise ValueError(f"num_embeddings must be >= {smallest}, got {bad_sizes}")
     rule = parse_label_rule(label_rule) if label_rule is not None else None
     label_source = label if rule is None else rule[0]
     needed = list(
         dict.fromkeys([task_key, *categorical, *dense, label_source, *([time_column] if time_column else [])])
     )
-    table = _read(source, needed)
+    table = _read(source, needed, side_tables)
     input_rows = table.num_rows
     if input_rows == 0:
         raise ValueError("the interactions table has no rows")
@@ -455,10 +487,18 @@ def build_task_store(
         "single_class": int((single_class & kept).sum()),
     }
     splits = {}
+    # Training tasks trained as unseen ones (another hash than the holdout's), and the ids training saw.
+    as_unseen = (_mix(_mix(task_keys)) >> np.uint64(11)).astype(np.float64) * 2.0**-53 < unseen_task_fraction
+    seen: dict[str, np.ndarray] = {}
     for name, chosen in (("train", kept & ~held_out), ("cold_start", kept & held_out)):
         rows = order[_ranges(starts[chosen], used[chosen])]
         picked = table.take(rows)
-        columns = {c: _ids(picked.column(c), int(num_embeddings[c])) for c in categorical}
+        reserved = int(reserve_unseen_row)
+        columns = {
+            c: reserved + _ids(picked.column(c), int(num_embeddings[c]) - reserved) for c in categorical
+        }
+        if reserve_unseen_row:
+            _reserve_unseen(columns, seen, name, np.repeat(as_unseen[chosen], used[chosen]), task_key)
         for c in dense:
             values = pc.fill_null(picked.column(c).cast(pa.float32()), 0.0)
             columns[c] = values.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -493,13 +533,33 @@ def build_task_store(
         "query_size": query_size,
         "min_rows_per_task": min_rows_per_task,
         "holdout_fraction": holdout_fraction,
+        "reserve_unseen_row": reserve_unseen_row,
+        "unseen_task_fraction": unseen_task_fraction,
         "seed": seed,
         "source": str(source) if not isinstance(source, pa.Table) else "pyarrow.Table",
+        "side_tables": {
+            k: str(v) if not isinstance(v, pa.Table) else "pyarrow.Table" for k, v in side_tables.items()
+        }
+        if side_tables
+        else None,
     }
     store = TaskStore(train=splits["train"], cold_start=splits["cold_start"], stats=stats)
     if out_dir is None:
         return store
     return _write(store, Path(out_dir))
+
+
+def _reserve_unseen(
+    columns: dict[str, np.ndarray], seen: dict[str, np.ndarray], split: str, as_unseen: np.ndarray, task_key: str
+) -> None:
+    """Give row 0 to the ids training does not see (in place); training's ids are recorded in ``seen``."""
+    if split == "train":
+        if task_key in columns:
+            columns[task_key][as_unseen] = 0
+        seen.update({c: np.unique(ids) for c, ids in columns.items()})
+        return
+    for c, ids in columns.items():
+        ids[~np.isin(ids, seen[c])] = 0
 
 
 def _write(store: TaskStore, out_dir: Path) -> TaskStore:
@@ -642,7 +702,7 @@ def _deal(order: np.ndarray, per_batch: int, rank: int, world_size: int, drop_la
     return np.array_split(order, count * world_size)[rank::world_size]
 
 
-class MetaBatchDataset(IterableDataset):
+class MetaBatchDataset(ResumablePasses, IterableDataset):
     """Task-consistent meta-batches: every row of a task in one `TaskBatch`, on one rank.
 
     Each pass shuffles the tasks (by ``seed`` and the epoch), deals them to ranks (disjoint), and
@@ -734,13 +794,13 @@ class MetaBatchDataset(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[TaskBatch]:
-        plan = self.plan()
+        plan = self.plan()[self._take_start_batch():]
         self.epoch += 1
         for task_positions in _worker_share(plan):
             yield self.batch(task_positions)
 
 
-class QueryRowDataset(IterableDataset):
+class QueryRowDataset(ResumablePasses, IterableDataset):
     """Plain `Batch`es of a split's rows, for training and scoring a model without adaptation.
 
     ``query_only`` keeps just each task's query rows: the rows meta-learning is scored on, so a
@@ -787,6 +847,6 @@ class QueryRowDataset(IterableDataset):
             rows = np.random.default_rng((self.seed, self.epoch)).permutation(rows)
         self.epoch += 1
         mine = _deal(rows, self.batch_size, self.rank, self.world_size, self.drop_last)
-        for batch_rows in _worker_share(mine):
+        for batch_rows in _worker_share(mine[self._take_start_batch():]):
             dense, kjt, labels, _ = self.reader.gather(np.sort(batch_rows))
             yield Batch(dense_features=dense, sparse_features=kjt, labels=labels)

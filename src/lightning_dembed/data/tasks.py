@@ -1,10 +1,15 @@
-"""Synthetic interactions in which tasks (users) really differ, so per-task adaptation pays.
+"""A synthetic family of cold-start tasks, with how much users differ as a knob.
 
 Each user has a hidden taste vector over item latent factors, and items of one category share
 most of their factors: a user likes some categories and dislikes others. A click depends on a
-global part (item and brand popularity, hour, dense context) and on that taste. A global model can
-learn the first part, and from the user's segment a little of the second; only adaptation on the
-user's own support rows recovers the rest, which is what cold-start meta-learning is measured on.
+global part (item and brand popularity, hour, dense context) and on the user's own part (a click
+bias and that taste), scaled by ``heterogeneity``. At ``heterogeneity=0`` every user is alike and a
+global model is all there is to learn; the larger it is, the more only adaptation on the user's own
+support rows recovers, which is what cold-start meta-learning is measured on. Side features carry
+part of the user part (``user_segment``: users of a segment share part of their taste) and of the
+item part (``category``, ``brand``). Like real interaction logs, items are drawn with a long-tailed
+popularity, users have long-tailed row counts (many light users, a few heavy ones) and a share of
+the labels is flipped at random.
 """
 
 from __future__ import annotations
@@ -33,18 +38,21 @@ class SyntheticTaskConfig:
 
     Args:
         num_users: tasks.
-        num_items: catalogue size; items are drawn with a long-tailed popularity.
+        num_items: catalogue size.
         num_categories: item categories; a user's taste is mostly a preference over them.
         min_rows: fewest interactions of a user.
-        max_rows: most interactions of a user (uniform in between).
+        max_rows: most interactions of a user; counts in between are log-uniform (long-tailed).
         num_dense: dense context features ``d0..``.
         latent_dim: width of the hidden item factors and user tastes.
-        taste_strength: weight of the per-user part of the click logit (0: tasks do not differ).
+        heterogeneity: how much users differ: the standard deviation of the per-user part of the
+            click logit (taste; plus a per-user click bias of half that). 0: every user alike.
+        popularity_skew: Zipf exponent of item popularity (0: items drawn uniformly).
+        label_noise: share of labels replaced by a fair coin flip.
         seed: seed of everything.
 
     Example::
 
-        config = SyntheticTaskConfig(num_users=500)
+        config = SyntheticTaskConfig(num_users=500, heterogeneity=2.0)
         table = generate_interactions(config)
         table.column_names  # ['user_id', 'item_id', 'category', 'brand', 'user_segment', 'hour',
                             #  'device', 'd0', 'd1', 'd2', 'd3', 'label', 'timestamp']
@@ -58,7 +66,9 @@ class SyntheticTaskConfig:
     max_rows: int = 40
     num_dense: int = 4
     latent_dim: int = 8
-    taste_strength: float = 3.0
+    heterogeneity: float = 1.0
+    popularity_skew: float = 0.8
+    label_noise: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +79,11 @@ class SyntheticTaskConfig:
             raise ValueError(f"max_rows ({self.max_rows}) must be >= min_rows ({self.min_rows})")
         if self.num_dense < 0:
             raise ValueError(f"num_dense must be >= 0, got {self.num_dense}")
+        for name in ("heterogeneity", "popularity_skew"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
 
     @property
     def categorical_columns(self) -> tuple[str, ...]:
@@ -107,15 +122,18 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     ) / np.sqrt(dim)
     item_bias = rng.normal(0.0, 0.5, size=config.num_items)
     brand_bias = rng.normal(0.0, 0.3, size=num_brands)
-    popularity = 1.0 / (1.0 + rng.permutation(config.num_items)) ** 0.8
+    popularity = 1.0 / (1.0 + rng.permutation(config.num_items)) ** config.popularity_skew
 
     # Users: a segment sharing part of the taste (what a global model can see), the rest their own.
     segment = rng.integers(_SEGMENTS, size=config.num_users)
     segment_taste = rng.standard_normal((_SEGMENTS, dim))
     taste = 0.5 * segment_taste[segment] + np.sqrt(0.75) * rng.standard_normal((config.num_users, dim))
+    user_bias = rng.normal(0.0, 0.5, size=config.num_users)
     favourite_device = rng.integers(_DEVICES, size=config.num_users)
 
-    rows_per_user = rng.integers(config.min_rows, config.max_rows + 1, size=config.num_users)
+    # Log-uniform row counts: many light users, a few heavy ones, as in real logs.
+    log_rows = rng.uniform(np.log(config.min_rows), np.log(config.max_rows + 1), size=config.num_users)
+    rows_per_user = np.clip(np.exp(log_rows).astype(np.int64), config.min_rows, config.max_rows)
     user = np.repeat(np.arange(config.num_users), rows_per_user)
     n = user.size
     item = rng.choice(config.num_items, size=n, p=popularity / popularity.sum())
@@ -124,15 +142,19 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     dense = rng.standard_normal((n, config.num_dense)).astype(np.float32)
     dense_weights = rng.normal(0.0, 0.5, size=config.num_dense)
 
+    # The taste term has unit variance (unit-variance tastes, item factors of squared norm ~1).
+    personal = user_bias[user] + np.einsum("nd,nd->n", taste[user], item_factors[item])
     logit = (
         -0.5
         + item_bias[item]
         + brand_bias[item_brand[item]]
         + 0.3 * np.sin(2 * np.pi * hour / _HOURS)
         + dense @ dense_weights
-        + config.taste_strength * np.einsum("nd,nd->n", taste[user], item_factors[item])
+        + config.heterogeneity * personal
     )
-    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    label = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+    noisy = rng.random(n) < config.label_noise
+    label = np.where(noisy, rng.random(n) < 0.5, label).astype(np.float32)
 
     # Each user's interactions are spread over time from their own start.
     gaps = rng.exponential(3600.0, size=n)

@@ -14,10 +14,11 @@ from lightning_dembed.meta.functional import (
     meta_step,
     task_index,
 )
-from lightning_dembed.meta.loop import MetaLearningLoop, lookup_in_step
+from lightning_dembed.meta.loop import ColdStartEvaluation, MetaLearningLoop, lookup_in_step
 
 __all__ = [
     "AdaptResult",
+    "ColdStartEvaluation",
     "InnerLearningRates",
     "MetaLearningConfig",
     "MetaLearningLoop",

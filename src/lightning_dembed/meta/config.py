@@ -30,6 +30,14 @@ class MetaLearningConfig:
         adapt_embeddings: features whose looked-up vectors get a per-task additive offset, adapted
             in the inner loop (one ``[D]`` offset per task and feature, shared by the task's rows):
             cold-start users or items. The tables themselves only change in the outer step.
+        plain_loss_weight: weight of the shared (unadapted) model's loss on every row of the
+            meta-batch, support and query, added to the outer loss. The query loss after adaptation
+            alone teaches the tables only from query rows; this term lets every row teach them as
+            plain training does, and keeps the shared model a good one for users alike.
+        vectorize: run the tasks of a meta-batch side by side under ``torch.func.vmap`` (the
+            default); ``False`` loops over them, for a ``forward`` that vmap cannot batch
+            (Python control flow on tensor values, ``.item()``), which is slower. Decided here, once:
+            a vmap failure is raised as it is, never retried as a loop.
 
     Lists are accepted for ``adapt`` and ``adapt_embeddings`` (YAML gives lists) and kept as tuples.
 
@@ -47,6 +55,8 @@ class MetaLearningConfig:
     adapt: tuple[str, ...] = ("over_arch",)
     learn_inner_lr: bool = False
     adapt_embeddings: tuple[str, ...] = ()
+    plain_loss_weight: float = 0.0
+    vectorize: bool = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -64,8 +74,17 @@ class MetaLearningConfig:
             or self.inner_lr <= 0
         ):
             raise ValueError(f"inner_lr must be a finite number > 0, got {self.inner_lr!r}")
-        if not isinstance(self.learn_inner_lr, bool):
-            raise TypeError(f"learn_inner_lr must be a bool, got {self.learn_inner_lr!r}")
+        if (
+            isinstance(self.plain_loss_weight, bool)
+            or not isinstance(self.plain_loss_weight, (int, float))
+            or not 0 <= self.plain_loss_weight < math.inf
+        ):
+            raise ValueError(
+                f"plain_loss_weight must be a finite number >= 0, got {self.plain_loss_weight!r}"
+            )
+        for flag in ("learn_inner_lr", "vectorize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         for field in ("adapt", "adapt_embeddings"):
             value = getattr(self, field)
             # A bare string would silently iterate as single characters.

@@ -11,8 +11,6 @@ reaches the (possibly sharded) tables through their one lookup.
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -31,9 +29,6 @@ __all__ = [
     "meta_step",
     "task_index",
 ]
-
-# Modules whose forward vmap could not run; their tasks are looped over from then on.
-_LOOPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 _State = dict  # {"params": {name: tensor}, "offsets": [A, D] tensor (only with adapt_embeddings)}
 _Rows = tuple  # (dense, embedded, labels, mask), each with a leading task dimension when batched
@@ -161,7 +156,9 @@ class MetaStepOutput:
     """Losses and query predictions of one meta-batch.
 
     Attributes:
-        query_loss: the outer loss: mean over tasks of each task's mean query BCE after adaptation.
+        loss: the outer loss, to backpropagate: ``query_loss``, plus ``config.plain_loss_weight``
+            times the shared model's mean BCE over every row of the meta-batch when that is set.
+        query_loss: mean over tasks of each task's mean query BCE after adaptation.
             Differentiable with respect to the given parameters, ``embedded`` and the inner rates.
         query_logits_adapted: ``[N]`` detached logits of every query row after adaptation, in row
             order (task by task).
@@ -176,6 +173,7 @@ class MetaStepOutput:
     query_labels: Tensor
     support_loss: Tensor
     query_loss_unadapted: Tensor
+    loss: Tensor
 
 
 @dataclass
@@ -317,20 +315,10 @@ class _MetaBatch:
 
     def run(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every task: ``[T]`` query losses, ``[T]`` support losses, ``[T, Q]`` query logits."""
-        if self.module not in _LOOPED:
-            try:
-                return vmap(self.task)(self.support, self.query)
-            except (RuntimeError, NotImplementedError) as error:
-                # Data-dependent Python control flow or .item() in forward: vmap cannot batch it.
-                outputs = self._loop()  # raises on its own if the model is broken regardless of vmap
-                _LOOPED.add(self.module)
-                warnings.warn(
-                    f"torch.func.vmap cannot run {type(self.module).__name__}.forward "
-                    f"({str(error).splitlines()[0]}); "
-                    "the meta-step loops over tasks instead, which is slower",
-                    stacklevel=3,
-                )
-                return outputs
+        # Chosen by the config, never by catching vmap's errors: a failure (an out-of-memory
+        # included) is raised as it is, and the config's vectorize=False is the documented fix.
+        if self.config.vectorize:
+            return vmap(self.task)(self.support, self.query)
         return self._loop()
 
     def _loop(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -380,7 +368,7 @@ def meta_step(
         inner_lrs: Meta-SGD's rates, with ``config.learn_inner_lr``.
 
     Returns:
-        `MetaStepOutput`; ``query_loss.backward()`` gives the meta-gradient of every tensor in
+        `MetaStepOutput`; ``loss.backward()`` gives the meta-gradient of every tensor in
         ``params``, of ``inner_lrs`` and of ``embedded`` (hence of the tables) in one backward.
 
     Example::
@@ -389,7 +377,7 @@ def meta_step(
         out = meta_step(model, dict(model.named_parameters()), batch.dense_features, embedded,
                         batch.labels, batch.task_offsets, batch.support_sizes, config,
                         batch.sparse_features.keys())
-        out.query_loss.backward()
+        out.loss.backward()
     """
     if config.learn_inner_lr and inner_lrs is None:
         raise ValueError(
@@ -411,12 +399,20 @@ def meta_step(
     query_mask = batch.index.query_mask
     query_labels = batch.query[2]
     unadapted = _masked_bce(batch.unadapted_query_logits(), query_labels, batch.query[3])
+    query_loss = query_losses.mean()
+    loss = query_loss
+    if config.plain_loss_weight:
+        # The shared model on every row, as plain training sees them: one more forward, no lookup.
+        plain_logits = batch.logits({"params": batch.initial["params"]}, *batch.all_rows)
+        plain = nn.functional.binary_cross_entropy_with_logits(plain_logits, labels)
+        loss = query_loss + config.plain_loss_weight * plain
     return MetaStepOutput(
-        query_loss=query_losses.mean(),
+        query_loss=query_loss,
         query_logits_adapted=logits.detach()[query_mask],
         query_labels=query_labels.detach()[query_mask],
         support_loss=support_losses.mean().detach(),
         query_loss_unadapted=unadapted.mean(),
+        loss=loss,
     )
 
 

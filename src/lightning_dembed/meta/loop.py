@@ -17,7 +17,7 @@ Nothing in it depends on how many tasks a meta-batch holds or how many inner ste
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,11 +29,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
 from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step
+from lightning_dembed.sharding.hooks import pad_to_stride
 from lightning_dembed.sharding.planner import embedding_configs, find_embedding_modules
 
-__all__ = ["MetaLearningLoop", "lookup_in_step"]
-
-_STEPS = ("training_step", "validation_step", "test_step")
+__all__ = ["ColdStartEvaluation", "MetaLearningLoop", "lookup_in_step"]
 
 
 def lookup_in_step(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -48,95 +47,105 @@ def lookup_in_step(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tens
         return module.embed(features)
     most = torch.tensor([rows], device=features.values().device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    padding = int(most) - rows
-    if padding:
-        lengths = features.lengths().reshape(len(features.keys()), rows)
-        lengths = torch.cat([lengths, lengths.new_zeros(lengths.shape[0], padding)], dim=1).reshape(-1)
-        features = KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=lengths)
-    return module.embed(features)[:rows]
+    return module.embed(pad_to_stride(features, int(most)))[:rows]
 
 
-def _feature_names(module: nn.Module, batch: TaskBatch) -> list[str]:
-    # The order of the looked-up [R, F, D] tensor: the module's, when it says (DLRM: its tables').
-    return list(getattr(module, "feature_names", None) or batch.sparse_features.keys())
+class ColdStartEvaluation(Callback):
+    """Cold-start validation and test for any model: adapt on each held-out task's support set.
 
+    Validation and test batches are `TaskBatch` meta-batches of held-out tasks (users never seen
+    in training). Each task's query rows are scored by the model as it is (``unadapted``) and after
+    ``inner_steps`` gradient steps on the task's support rows (``adapted``): the same inner loop
+    (`adapt_and_predict`) that `MetaLearningLoop` meta-trains. On a model trained without
+    meta-learning, ``adapted`` is the practitioners' baseline: plain training, then fine-tuning on
+    each new user's first interactions. Logged per stage (``val``, ``test``):
+    ``query_auc_adapted``, ``query_auc_unadapted`` (AUC over every query row of every rank),
+    ``query_loss_adapted``, ``query_loss_unadapted`` (mean over tasks of the query log loss).
 
-class MetaLearningLoop(Callback):
-    """Optimization-based meta-learning (MAML family) in ``trainer.fit``.
-
-    Install it on any Trainer in one line, ``Trainer(callbacks=[MetaLearningLoop(...)])`` (or in a
-    recipe's YAML under ``trainer.callbacks``), and feed `TaskBatch` meta-batches. The module stays
-    an ordinary model; it must provide:
-
-    - ``embed(sparse_features: KeyedJaggedTensor) -> Tensor[R, F, D]``, the embedding lookup;
-    - ``forward(dense_features, sparse_features)`` returning ``[R]`` logits, where
-      ``sparse_features`` is a `KeyedJaggedTensor` or the looked-up ``[R, F, D]`` tensor.
-
-    The loss is binary cross-entropy on click labels. The outer optimizer is the one
-    ``configure_optimizers`` returns; embedding tables keep their fused optimizer. Validation and
-    test adapt on each held-out task's support set and score its query set (cold start), with
-    gradients enabled although Lightning evaluates under inference mode; they log query AUC and
-    loss after adaptation and without it.
+    Training is left to the module: install it with plain training batches and cold-start
+    evaluation batches (`TaskDataModule` with ``as_tasks=False, eval_as_tasks=True``). The module
+    must provide ``embed`` and accept its output in ``forward``, as for `MetaLearningLoop`.
+    Evaluation adapts with gradients enabled although Lightning evaluates under inference mode.
+    Nothing it installs on the module outlives the run (``fit``, ``validate`` or ``test``), whether
+    it ends or fails.
 
     Args:
-        algorithm: ``"maml"`` (second order) or ``"fomaml"`` (first order).
         inner_steps: gradient steps on each support set.
-        inner_lr: their learning rate (the initial one, with ``learn_inner_lr``).
-        adapt: parameter-name prefixes that adapt in the inner loop (ANIL-style); by default the
-            DLRM top MLP, as MeLU.
-        learn_inner_lr: Meta-SGD: a learned inner learning rate per adapted weight (and per
-            dimension of the embedding offsets), trained by the outer optimizer. The loop gives the
-            module an `InnerLearningRates` as ``inner_lrs`` unless it has one.
-        adapt_embeddings: feature names whose looked-up vectors get a per-task offset adapted in
-            the inner loop (cold-start users or items); done locally, tables stay as they are.
+        inner_lr: their learning rate.
+        adapt: parameter-name prefixes that adapt (fine-tune); by default the DLRM top MLP.
+        adapt_embeddings: feature names whose looked-up vectors get a per-task offset, adapted too;
+            the module must then name its features in order (``feature_names``).
+        vectorize: adapt the tasks side by side under ``torch.func.vmap``; ``False`` loops over
+            them, for a ``forward`` vmap cannot batch (see `MetaLearningConfig`).
 
     Example::
 
-        trainer = Trainer(strategy="hybrid_parallel", devices=2, max_steps=1000,
-                          callbacks=[MetaLearningLoop(inner_steps=2, inner_lr=0.1)])
-        trainer.fit(model, datamodule=meta_data)   # meta_data yields TaskBatch
+        trainer = Trainer(callbacks=[ColdStartEvaluation(inner_steps=5, inner_lr=0.1)])
+        trainer.fit(dlrm, datamodule=TaskDataModule(as_tasks=False, eval_as_tasks=True))
+        trainer.test(dlrm, datamodule=..., ckpt_path="best")  # test/query_auc_{unadapted,adapted}
     """
 
     def __init__(
         self,
-        algorithm: str = "maml",
         inner_steps: int = 1,
         inner_lr: float = 0.1,
         adapt: Sequence[str] = ("dlrm.over_arch",),
-        learn_inner_lr: bool = False,
         adapt_embeddings: Sequence[str] = (),
+        vectorize: bool = True,
     ) -> None:
         self.config = MetaLearningConfig(
-            algorithm=algorithm,  # type: ignore[arg-type]
             inner_steps=inner_steps,
             inner_lr=inner_lr,
             adapt=tuple(adapt),
-            learn_inner_lr=learn_inner_lr,
             adapt_embeddings=tuple(adapt_embeddings),
+            vectorize=vectorize,
         )
         self._module: Optional[LightningModule] = None
+        self._replaced: dict[str, object] = {}
         self._auc: dict[str, dict[str, BinaryAUROC]] = {}
 
     # -- installation ----------------------------------------------------------------------------
 
+    def _steps(self) -> dict[str, Callable]:
+        """The step methods this callback installs on the module, by name."""
+        return {"validation_step": self._validation_step, "test_step": self._test_step}
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        missing = [name for name in ("embed",) if not callable(getattr(pl_module, name, None))]
-        if missing:
+        if not callable(getattr(pl_module, "embed", None)):
             raise TypeError(
-                f"MetaLearningLoop needs {type(pl_module).__name__} to define {missing}: embed(sparse_features) "
+                f"{type(self).__name__} needs {type(pl_module).__name__} to define embed(sparse_features) "
                 "returning the looked-up [rows, features, dim] tensor, and forward(dense_features, sparse_features) "
                 "accepting it in place of the KeyedJaggedTensor"
+            )
+        if self.config.adapt_embeddings and not getattr(pl_module, "feature_names", None):
+            raise TypeError(
+                f"adapt_embeddings {list(self.config.adapt_embeddings)} needs "
+                f"{type(pl_module).__name__}.feature_names: the features of embed()'s output in order, so "
+                "each offset lands on its feature"
             )
         self._prepare_adaptation(pl_module)
         self._module = pl_module
         # Lightning resolves the step methods on the instance, inside the strategy's wrapped forward.
-        pl_module.training_step = self._training_step  # type: ignore[method-assign]
-        pl_module.validation_step = self._validation_step  # type: ignore[method-assign]
-        pl_module.test_step = self._test_step  # type: ignore[method-assign]
+        # What the instance held before is kept, and put back by _restore.
+        for name, step in self._steps().items():
+            if name in pl_module.__dict__:
+                self._replaced[name] = pl_module.__dict__[name]
+            setattr(pl_module, name, step)
+
+    def _restore(self, pl_module: LightningModule) -> None:
+        """Undo `setup`: the module's own step methods again."""
+        for name in self._steps():
+            pl_module.__dict__.pop(name, None)
+            if name in self._replaced:
+                setattr(pl_module, name, self._replaced.pop(name))
+        self._module = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for name in _STEPS:
-            pl_module.__dict__.pop(name, None)
+        self._restore(pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A failed run skips teardown: restore here so the module is the user's own again.
+        self._restore(pl_module)
 
     def _prepare_adaptation(self, module: LightningModule) -> None:
         names = [n for n, _ in module.named_parameters()]
@@ -146,37 +155,10 @@ class MetaLearningLoop(Callback):
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
-        if not self.config.learn_inner_lr:
-            return
-        if getattr(module, "inner_lrs", None) is None:
-            # Before sharding and configure_optimizers: the outer optimizer and DDP pick the rates up.
-            module.inner_lrs = InnerLearningRates(module, self.config, embedding_dim=self._embedding_dim(module))
-        if not isinstance(module.inner_lrs, InnerLearningRates):
-            raise TypeError(
-                f"learn_inner_lr (Meta-SGD): {type(module).__name__}.inner_lrs must be an InnerLearningRates, "
-                f"got {type(module.inner_lrs).__name__}"
-            )
 
-    def _embedding_dim(self, module: LightningModule) -> Optional[int]:
-        """The width of the features whose looked-up vectors adapt (their rates' width)."""
-        if not self.config.adapt_embeddings:
-            return None
-        dims = {
-            config.embedding_dim
-            for m in find_embedding_modules(module).values()
-            for config in embedding_configs(m)
-            if set(config.feature_names) & set(self.config.adapt_embeddings)
-        }
-        if len(dims) != 1:
-            raise ValueError(
-                f"adapt_embeddings {list(self.config.adapt_embeddings)} must name features of tables of one "
-                f"width; found widths {sorted(dims)}"
-            )
-        return dims.pop()
+    # -- evaluation ------------------------------------------------------------------------------
 
-    # -- steps -----------------------------------------------------------------------------------
-
-    def _adapt(self, function, batch: TaskBatch):
+    def _adapt(self, function: Callable, batch: TaskBatch):
         """The one lookup of the meta-batch, then ``function`` (meta_step or adapt_and_predict) on it."""
         module = self._module
         assert module is not None
@@ -190,25 +172,19 @@ class MetaLearningLoop(Callback):
             batch.task_offsets,
             batch.support_sizes,
             self.config,
-            _feature_names(module, batch),
+            # The order of the looked-up [R, F, D] tensor: the module's (checked in setup when it matters).
+            list(getattr(module, "feature_names", None) or batch.sparse_features.keys()),
             inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
         )
-
-    def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
-        module = self._module
-        assert module is not None
-        out = self._adapt(meta_step, batch)
-        tasks = batch.num_tasks
-        module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
-        module.log("train/support_loss", out.support_loss, batch_size=tasks)
-        module.log("train/query_loss_unadapted", out.query_loss_unadapted, batch_size=tasks)
-        # This rank's tasks; summing over ranks would cost an all-reduce every meta-batch.
-        module.log("train/tasks_per_rank", float(tasks), batch_size=tasks)
-        return out.query_loss
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         module = self._module
         assert module is not None
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(
+                f"{type(self).__name__} scores {stage} batches of whole tasks (TaskBatch), got "
+                f"{type(batch).__name__}; with TaskDataModule set eval_as_tasks=true"
+            )
         # Lightning evaluates under inference mode; adaptation needs autograd, on ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
             result = self._adapt(adapt_and_predict, _plain_tensors(batch))
@@ -241,6 +217,119 @@ class MetaLearningLoop(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_auc("test", pl_module)
+
+
+class MetaLearningLoop(ColdStartEvaluation):
+    """Optimization-based meta-learning (MAML family) in ``trainer.fit``.
+
+    Install it on any Trainer in one line, ``Trainer(callbacks=[MetaLearningLoop(...)])`` (or in a
+    recipe's YAML under ``trainer.callbacks``), and feed `TaskBatch` meta-batches. The module stays
+    an ordinary model; it must provide:
+
+    - ``embed(sparse_features: KeyedJaggedTensor) -> Tensor[R, F, D]``, the embedding lookup;
+    - ``forward(dense_features, sparse_features)`` returning ``[R]`` logits, where
+      ``sparse_features`` is a `KeyedJaggedTensor` or the looked-up ``[R, F, D]`` tensor.
+
+    The loss is binary cross-entropy on click labels. The outer optimizer is the one
+    ``configure_optimizers`` returns; embedding tables keep their fused optimizer. Validation and
+    test are `ColdStartEvaluation`'s: adapt on each held-out task's support set and score its query
+    set, logging query AUC and loss after adaptation and without it. The step methods it installs
+    on the module are removed when the run ends or fails.
+
+    Args:
+        algorithm: ``"maml"`` (second order) or ``"fomaml"`` (first order).
+        inner_steps: gradient steps on each support set.
+        inner_lr: their learning rate (the initial one, with ``learn_inner_lr``).
+        adapt: parameter-name prefixes that adapt in the inner loop (ANIL-style); by default the
+            DLRM top MLP, as MeLU.
+        learn_inner_lr: Meta-SGD: a learned inner learning rate per adapted weight (and per
+            dimension of the embedding offsets), trained by the outer optimizer. The loop gives the
+            module an `InnerLearningRates` as ``inner_lrs`` unless it has one (it stays, as a
+            trained part of the model that checkpoints hold).
+        adapt_embeddings: feature names whose looked-up vectors get a per-task offset adapted in
+            the inner loop (cold-start users or items); done locally, tables stay as they are. The
+            module must name its features in order (``feature_names``).
+        plain_loss_weight: weight of the shared model's loss on every row of the meta-batch, added
+            to the outer loss (see `MetaLearningConfig`); 0 is pure MAML.
+        vectorize: run the tasks of a meta-batch side by side under ``torch.func.vmap`` (default);
+            ``False`` loops over them, for a ``forward`` vmap cannot batch. Set once, here: a vmap
+            failure is raised as it is, never retried as a loop mid-training.
+
+    Example::
+
+        trainer = Trainer(strategy="hybrid_parallel", devices=2, max_steps=1000,
+                          callbacks=[MetaLearningLoop(inner_steps=2, inner_lr=0.1)])
+        trainer.fit(model, datamodule=meta_data)   # meta_data yields TaskBatch
+    """
+
+    def __init__(
+        self,
+        algorithm: str = "maml",
+        inner_steps: int = 1,
+        inner_lr: float = 0.1,
+        adapt: Sequence[str] = ("dlrm.over_arch",),
+        learn_inner_lr: bool = False,
+        adapt_embeddings: Sequence[str] = (),
+        plain_loss_weight: float = 0.0,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__(inner_steps, inner_lr, adapt, adapt_embeddings, vectorize)
+        self.config = MetaLearningConfig(
+            algorithm=algorithm,  # type: ignore[arg-type]
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            adapt=tuple(adapt),
+            learn_inner_lr=learn_inner_lr,
+            adapt_embeddings=tuple(adapt_embeddings),
+            plain_loss_weight=plain_loss_weight,
+            vectorize=vectorize,
+        )
+
+    def _steps(self) -> dict[str, Callable]:
+        return {"training_step": self._training_step, **super()._steps()}
+
+    def _prepare_adaptation(self, module: LightningModule) -> None:
+        super()._prepare_adaptation(module)
+        if not self.config.learn_inner_lr:
+            return
+        if getattr(module, "inner_lrs", None) is None:
+            # Before sharding and configure_optimizers: the outer optimizer and DDP pick the rates up.
+            width = self._embedding_dim(module)
+            module.inner_lrs = InnerLearningRates(module, self.config, embedding_dim=width)
+        if not isinstance(module.inner_lrs, InnerLearningRates):
+            raise TypeError(
+                f"learn_inner_lr (Meta-SGD): {type(module).__name__}.inner_lrs must be an InnerLearningRates, "
+                f"got {type(module.inner_lrs).__name__}"
+            )
+
+    def _embedding_dim(self, module: LightningModule) -> Optional[int]:
+        """The width of the features whose looked-up vectors adapt (their rates' width)."""
+        if not self.config.adapt_embeddings:
+            return None
+        dims = {
+            config.embedding_dim
+            for m in find_embedding_modules(module).values()
+            for config in embedding_configs(m)
+            if set(config.feature_names) & set(self.config.adapt_embeddings)
+        }
+        if len(dims) != 1:
+            raise ValueError(
+                f"adapt_embeddings {list(self.config.adapt_embeddings)} must name features of tables of one "
+                f"width; found widths {sorted(dims)}"
+            )
+        return dims.pop()
+
+    def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        module = self._module
+        assert module is not None
+        out = self._adapt(meta_step, batch)
+        tasks = batch.num_tasks
+        module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
+        module.log("train/support_loss", out.support_loss, batch_size=tasks)
+        module.log("train/query_loss_unadapted", out.query_loss_unadapted, batch_size=tasks)
+        # This rank's tasks; summing over ranks would cost an all-reduce every meta-batch.
+        module.log("train/tasks_per_rank", float(tasks), batch_size=tasks)
+        return out.loss
 
 
 def _plain_tensors(batch: TaskBatch) -> TaskBatch:

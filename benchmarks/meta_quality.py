@@ -1,0 +1,282 @@
+"""Cold-start quality of meta-DLRM against plain DLRM, over a family of synthetic users.
+
+    OMP_NUM_THREADS=1 python benchmarks/meta_quality.py                 # defaults below
+    python benchmarks/meta_quality.py --heterogeneity 0 2 --seeds 0 --methods plain maml
+
+For each heterogeneity level (`SyntheticTaskConfig.heterogeneity`: how much users differ, 0 =
+every user alike) and seed (of the generated users, the cold-start holdout and the training), the
+shipped recipes run in this process, one after the other, on one device and the same task store:
+
+- ``plain``: ``recipes/configs/dlrm_tasks_synthetic.yaml`` (plain DLRM on the training users'
+  rows), tested as is on the checkpoint with the best validation AUC as is;
+- ``plain+ft``: the same training run, tested fine-tuned on each cold user's support set (the same
+  inner loop as meta-DLRM, `ColdStartEvaluation`) on the checkpoint with the best fine-tuned
+  validation AUC; the fine-tuning steps and rate are chosen on the validation users among
+  ``--finetune-grid``, so the baseline is tuned as a practitioner would tune it;
+- ``maml``, ``fomaml``, ``anil``, ``metasgd``: ``recipes/configs/meta_dlrm_synthetic.yaml`` with
+  MAML (one inner rate), first-order MAML, only the last layer adapting and no embedding offsets
+  (ANIL), or learned inner rates (Meta-SGD, the config as shipped); adapted on each cold user's
+  support set, on the checkpoint with the best adapted validation AUC.
+
+Every method keeps the configs' model selection (best validation checkpoint, early stopping) and
+is scored on every query row of the same test users (the validation users are the other half of
+the cold-start users). Reported per level and method: query AUC and query log loss (mean over
+users of their mean), mean and standard deviation over seeds, and meta-DLRM's AUC gain over the
+best plain baseline with its spread over seeds (per-seed differences).
+
+Writes ``benchmarks/results/meta_quality.json`` and ``benchmarks/results/meta_quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
+
+METHODS = ("plain", "plain+ft", "maml", "fomaml", "anil", "metasgd")
+# Overrides of the shipped meta config per method: only the algorithm differs (shipped: Meta-SGD).
+META_OVERRIDES = {
+    "maml": ["--meta.algorithm=maml", "--meta.learn_inner_lr=false"],
+    "fomaml": ["--meta.algorithm=fomaml", "--meta.learn_inner_lr=false"],
+    "anil": ["--meta.algorithm=maml", "--meta.learn_inner_lr=false", "--meta.adapt=[dlrm.over_arch.model.1]",
+             "--meta.adapt_embeddings=[]"],
+    "metasgd": ["--meta.algorithm=maml", "--meta.learn_inner_lr=true"],
+}
+
+
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    """Run a recipe with its relative output paths (checkpoints) under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _common_args(args: argparse.Namespace, heterogeneity: float, seed: int, store: Path) -> list[str]:
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--data.init_args.num_users={args.num_users}",
+        f"--data.init_args.synthetic={{heterogeneity: {heterogeneity}}}",
+        f"--data.init_args.store_dir={store}",
+        "--data.init_args.num_workers=0",
+        *args.override,
+    ]
+
+
+def _scores(metrics: dict[str, float], kind: str) -> dict[str, float]:
+    return {
+        "auc": float(metrics[f"test/query_auc_{kind}"]),
+        "log_loss": float(metrics[f"test/query_loss_{kind}"]),
+    }
+
+
+def run_plain(args: argparse.Namespace, common: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Plain DLRM: as is and fine-tuned, each on its own best validation checkpoint."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_dembed.meta import ColdStartEvaluation, MetaLearningConfig
+    from lightning_dembed.models import DLRMModule
+    from lightning_dembed.recipe import RecipeCLI
+
+    with _inside(workdir):
+        start = time.perf_counter()
+        plain_args = [a for a in common if not a.startswith("--meta.")]  # the meta section is meta-DLRM's
+        config = ROOT / "recipes/configs/dlrm_tasks_synthetic.yaml"
+        cli = RecipeCLI(DLRMModule, LightningDataModule, run=False,
+                        args=["--config", str(config), *plain_args])
+        trainer, model, data = cli.trainer, cli.model, cli.datamodule
+        # The shipped config selects by the fine-tuned AUC; the as-is baseline gets its own selection.
+        as_is = ModelCheckpoint(dirpath="as_is", monitor="val/query_auc_unadapted", mode="max", save_top_k=1)
+        trainer.callbacks.append(as_is)
+        trainer.fit(model, datamodule=data)
+        steps = trainer.global_step
+        # Read before testing: loading a checkpoint restores the callbacks' state as it was saved.
+        as_is_ckpt, best_ckpt = as_is.best_model_path, trainer.checkpoint_callback.best_model_path
+        unadapted = trainer.test(model, datamodule=data, ckpt_path=as_is_ckpt, verbose=False)[0]
+
+        evaluation = next(c for c in trainer.callbacks if isinstance(c, ColdStartEvaluation))
+        shipped = evaluation.config
+        chosen, chosen_auc = shipped, -1.0
+        for inner_steps, inner_lr in args.finetune_grid:
+            evaluation.config = MetaLearningConfig(
+                inner_steps=inner_steps, inner_lr=inner_lr, adapt=shipped.adapt,
+                adapt_embeddings=shipped.adapt_embeddings,
+            )
+            val = trainer.validate(model, datamodule=data, ckpt_path=best_ckpt, verbose=False)[0]
+            if val["val/query_auc_adapted"] > chosen_auc:
+                chosen, chosen_auc = evaluation.config, val["val/query_auc_adapted"]
+        evaluation.config = chosen
+        finetuned = trainer.test(model, datamodule=data, ckpt_path=best_ckpt, verbose=False)[0]
+        seconds = time.perf_counter() - start
+    return {
+        "plain": {**_scores(unadapted, "unadapted"), "steps": steps, "seconds": seconds,
+                  "best_checkpoint": Path(as_is_ckpt).name},
+        "plain+ft": {**_scores(finetuned, "adapted"), "steps": steps, "seconds": seconds,
+                     "best_checkpoint": Path(best_ckpt).name,
+                     "finetune": {"inner_steps": chosen.inner_steps, "inner_lr": chosen.inner_lr}},
+    }
+
+
+def run_meta(method: str, common: list[str], workdir: Path) -> dict[str, Any]:
+    """Meta-DLRM by one algorithm, adapted, on its best validation checkpoint."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from lightning_dembed.meta import MetaLearningLoop
+    from lightning_dembed.models import DLRMModule
+    from lightning_dembed.recipe import RecipeCLI
+
+    class MetaRecipeCLI(RecipeCLI):  # recipes/meta_dlrm.py's
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.add_lightning_class_args(MetaLearningLoop, "meta")
+
+    with _inside(workdir):
+        start = time.perf_counter()
+        cli = MetaRecipeCLI(DLRMModule, LightningDataModule, run=False,
+                            args=["--config", str(ROOT / "recipes/configs/meta_dlrm_synthetic.yaml"), *common,
+                                  *META_OVERRIDES[method]])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        best_ckpt = cli.trainer.checkpoint_callback.best_model_path
+        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best_ckpt,
+                                   verbose=False)[0]
+        return {**_scores(metrics, "adapted"), "unadapted": _scores(metrics, "unadapted"),
+                "steps": cli.trainer.global_step, "seconds": time.perf_counter() - start,
+                "best_checkpoint": Path(best_ckpt).name}
+
+
+def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds per level and method, and each meta method's gain over plain's best."""
+    rows = []
+    for level in sorted({r["heterogeneity"] for r in runs}):
+        at = [r for r in runs if r["heterogeneity"] == level]
+        seeds = sorted({r["seed"] for r in at})
+        score = {(r["method"], r["seed"]): r for r in at}
+        plain = [m for m in ("plain", "plain+ft") if m in methods]
+        # Best plain baseline at this level: the one with the higher mean AUC over seeds.
+        best_plain = (
+            max(plain, key=lambda m: statistics.fmean(score[m, s]["auc"] for s in seeds)) if plain else None
+        )
+        for method in methods:
+            aucs = [score[method, s]["auc"] for s in seeds]
+            losses = [score[method, s]["log_loss"] for s in seeds]
+            row = {"heterogeneity": level, "method": method, "seeds": len(seeds),
+                   "auc": _mean_std(aucs), "log_loss": _mean_std(losses),
+                   "steps": statistics.fmean(score[method, s]["steps"] for s in seeds)}
+            if best_plain is not None and method not in plain:
+                row["vs_best_plain"] = best_plain
+                row["auc_gain"] = _mean_std(
+                    [score[method, s]["auc"] - score[best_plain, s]["auc"] for s in seeds]
+                )
+                row["log_loss_change"] = _mean_std(
+                    [score[method, s]["log_loss"] - score[best_plain, s]["log_loss"] for s in seeds]
+                )
+            rows.append(row)
+    return rows
+
+
+def _pm(value: tuple[float, Optional[float]], signed: bool = False) -> str:
+    mean, std = value
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if std is None else f"{text} ± {std:.3f}"
+
+
+def report(record: dict[str, Any]) -> str:
+    rows = [
+        [r["heterogeneity"], r["method"], _pm(r["auc"]), _pm(r["log_loss"]),
+         _pm(r["auc_gain"], signed=True) if "auc_gain" in r else "",
+         _pm(r["log_loss_change"], signed=True) if "log_loss_change" in r else "",
+         f"{r['steps']:.0f}"]
+        for r in record["summary"]
+    ]
+    table = markdown_table(
+        ["heterogeneity", "method", "query AUC", "query log loss", "AUC vs best plain",
+         "log loss vs best plain", "steps trained"],
+        rows,
+    )
+    return (
+        "# Cold-start quality: meta-DLRM vs plain DLRM\n\n"
+        f"`{record['command']}`\n\n"
+        f"{record['settings']['num_users']} generated users per level and seed, seeds "
+        f"{record['settings']['seeds']}; mean ± standard deviation over seeds; 'vs best plain': per-seed "
+        "difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heterogeneity", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--num-users", type=int, default=2000)
+    parser.add_argument("--finetune-grid", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])),
+                        nargs="+", default=[(1, 0.1), (5, 0.1), (5, 0.5)],
+                        help="inner_steps:inner_lr pairs tried for plain+ft on the validation users")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a LightningCLI override for every run (--meta.* ones for meta-DLRM only), e.g. "
+                        "--override=--trainer.max_steps=200 (repeat for more)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="task stores and checkpoints (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/meta_quality.json")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meta_quality_"))
+    runs = []
+    for heterogeneity in args.heterogeneity:
+        for seed in args.seeds:
+            where = workdir / f"h{heterogeneity}_s{seed}"
+            common = _common_args(args, heterogeneity, seed, where / "task_store")
+            results: dict[str, dict[str, Any]] = {}
+            if {"plain", "plain+ft"} & set(args.methods):
+                results.update(run_plain(args, common, where / "plain"))
+            for method in args.methods:
+                if method in META_OVERRIDES:
+                    results[method] = run_meta(method, common, where / method)
+            for method in args.methods:
+                run = {"heterogeneity": heterogeneity, "seed": seed, "method": method, **results[method]}
+                runs.append(run)
+                print(f"h={heterogeneity} seed={seed} {method}: {results[method]}", flush=True)
+    record = {
+        "command": command_line(),
+        "machine": machine_info(ROOT),
+        "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds, "num_users": args.num_users,
+                     "finetune_grid": args.finetune_grid, "override": args.override},
+        "runs": runs,
+        "summary": summarize(runs, args.methods),
+    }
+    write_results(args.out, record, report)
+
+
+if __name__ == "__main__":
+    main()

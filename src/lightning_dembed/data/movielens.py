@@ -1,0 +1,355 @@
+"""MovieLens as downloaded, and any interactions table with side-feature tables, as one Arrow table.
+
+`read_movielens` reads an unzipped ml-100k or ml-1m directory (the format is told from its files)
+into one row per rating, the user's and the movie's features joined on; `read_interactions` does
+the same for a parquet/CSV interactions file with side tables joined by key. Both feed
+`build_task_store` (which calls `read_interactions` for a directory or ``side_tables``), e.g.
+users as tasks with ``label_rule="rating >= 4"`` and ``time_column="timestamp"``.
+
+A malformed line stops reading with the file and the 1-based line at fault
+(``ratings.dat:7: malformed line: expected 4 '::'-separated fields (...), got 3: '1::2::5'``);
+a missing file is named with the format that needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet as pq
+
+__all__ = [
+    "MOVIELENS_GENRES",
+    "MovieLensFormat",
+    "genre_column",
+    "movielens_format",
+    "read_interactions",
+    "read_movielens",
+    "write_fake_movielens",
+]
+
+MovieLensFormat = Literal["ml-100k", "ml-1m"]
+TableSource = Union[str, Path, pa.Table]
+
+# The genres both formats share (ml-100k also has "unknown"), in their documented order; each
+# becomes a 0/1 column genre_<name> (lower case, non-letters as "_"): dense features for a model.
+MOVIELENS_GENRES = (
+    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+_ML100K_GENRES = ("unknown", *MOVIELENS_GENRES)  # u.item's 19 flag columns, in u.genre's order
+
+# Files of each format: (file name, separator, field names); the ratings file comes first.
+_FILES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    "ml-100k": (
+        ("u.data", "\t", ("user_id", "item_id", "rating", "timestamp")),
+        ("u.user", "|", ("user_id", "age", "gender", "occupation", "zip")),
+        ("u.item", "|", ("item_id", "title", "release_date", "video_release_date", "imdb_url",
+                         *_ML100K_GENRES)),
+    ),
+    "ml-1m": (
+        ("ratings.dat", "::", ("user_id", "item_id", "rating", "timestamp")),
+        ("users.dat", "::", ("user_id", "gender", "age", "occupation", "zip")),
+        ("movies.dat", "::", ("item_id", "title", "genres")),
+    ),
+}
+_INTEGER_FIELDS = {"user_id", "item_id", "rating", "timestamp", "age", *_ML100K_GENRES}
+_ML1M_INTEGER_FIELDS = {"occupation"}  # ml-1m codes occupations 0-20; ml-100k names them
+
+
+def genre_column(genre: str) -> str:
+    """A genre's 0/1 column: lower case, apostrophes dropped, other non-letters as ``_``.
+
+    ``"Children's"`` -> ``"genre_childrens"``, ``"Sci-Fi"`` -> ``"genre_sci_fi"``.
+    """
+    return "genre_" + re.sub(r"[^a-z]+", "_", genre.lower().replace("'", "")).strip("_")
+
+
+def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
+    """The MovieLens format of a directory: ``"ml-100k"`` (has ``u.data``) or ``"ml-1m"`` (``ratings.dat``).
+
+    Raises:
+        FileNotFoundError: the directory does not exist, holds neither ratings file, or lacks a
+            file its format needs (the message names it).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"MovieLens directory {directory} does not exist")
+    found = [fmt for fmt, files in _FILES.items() if (directory / files[0][0]).is_file()]
+    if not found:
+        # Unzipping ml-1m.zip makes an ml-1m/ folder: name it when the user points at its parent.
+        nested = sorted(
+            str(d) for d in directory.iterdir()
+            if d.is_dir() and any((d / files[0][0]).is_file() for files in _FILES.values())
+        )
+        hint = f"; did you mean {' or '.join(nested)}?" if nested else ""
+        raise FileNotFoundError(
+            f"{directory} is not a MovieLens directory: it has neither u.data (ml-100k) nor ratings.dat "
+            f"(ml-1m){hint}"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{directory} holds both u.data (ml-100k) and ratings.dat (ml-1m); point at one data set"
+        )
+    fmt = found[0]
+    for name, _, _ in _FILES[fmt][1:]:
+        if not (directory / name).is_file():
+            expected = ", ".join(f[0] for f in _FILES[fmt])
+            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {expected}")
+    return fmt  # type: ignore[return-value]
+
+
+def _read_fields(path: Path, separator: str, names: Sequence[str], integers: set[str]) -> pa.Table:
+    """A separated text file without header (latin-1) as a table; the first bad line is an error.
+
+    Each line is read as one string by Arrow's CSV reader (no quoting, empty lines kept so that
+    row ``i`` is line ``i + 1``), then split on ``separator`` (``::`` included) and converted,
+    all vectorised; a line with another field count, or a non-integer where an integer belongs,
+    raises with ``path:line``.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    lines = pyarrow.csv.read_csv(
+        path,
+        read_options=pyarrow.csv.ReadOptions(column_names=["line"], encoding="latin-1"),
+        # \x1f (ASCII unit separator) is in no MovieLens file: each line stays one field.
+        parse_options=pyarrow.csv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
+        convert_options=pyarrow.csv.ConvertOptions(column_types={"line": pa.string()}),
+    ).column("line").combine_chunks()
+    fields = pc.split_pattern(lines, separator)
+    counts = pc.list_value_length(fields).to_numpy()
+    bad = np.flatnonzero(counts != len(names))
+    if bad.size:
+        i = int(bad[0])
+        described = f"{separator!r}-separated fields" + (f" ({' '.join(names)})" if len(names) <= 6 else "")
+        raise ValueError(
+            f"{path}:{i + 1}: malformed line: expected {len(names)} {described}, got {counts[i]}: "
+            f"{lines[i].as_py()!r}"
+        )
+    columns = {}
+    for j, name in enumerate(names):
+        column = pc.list_element(fields, j)
+        if name in integers:
+            integer = pc.match_substring_regex(column, r"^\s*[+-]?\d+\s*$")
+            wrong = np.flatnonzero(~integer.to_numpy(zero_copy_only=False))
+            if wrong.size:
+                i = int(wrong[0])
+                raise ValueError(
+                    f"{path}:{i + 1}: malformed line: field {j + 1} ({name}) is {column[i].as_py()!r}, "
+                    f"expected an integer: {lines[i].as_py()!r}"
+                )
+            column = pc.utf8_trim_whitespace(column).cast(pa.int64())
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _unique_key(table: pa.Table, key: str, where: str, line_numbers: bool) -> None:
+    """A side table must hold each key once, or the join would repeat interactions."""
+    keys = table.column(key).combine_chunks()
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return
+    codes = pc.index_in(keys, value_set=pc.unique(keys)).to_numpy(zero_copy_only=False)
+    repeated = np.ones(len(keys), dtype=bool)
+    repeated[np.unique(codes, return_index=True)[1]] = False
+    i = int(np.flatnonzero(repeated)[0])
+    at = f"{where}:{i + 1}" if line_numbers else where
+    raise ValueError(
+        f"{at}: {key} {keys[i].as_py()!r} appears more than once; a side table holds one row per {key}"
+    )
+
+
+def read_movielens(directory: Union[str, Path]) -> pa.Table:
+    """One row per rating of an ml-100k or ml-1m directory, with the user's and the movie's features.
+
+    Columns (both formats): ``user_id``, ``item_id``, ``rating`` (1-5), ``timestamp`` (seconds),
+    int64; the user's ``gender`` (``"M"``/``"F"``), ``age`` (years in ml-100k, an age-group code
+    in ml-1m), ``occupation`` (a name in ml-100k, a code 0-20 in ml-1m), ``zip``; the movie's
+    ``title``, ``year`` (from the title, null when it has none), ``genres`` (``|``-joined names,
+    e.g. ``"Animation|Children's|Comedy"``) and one float32 0/1 column per genre of
+    `MOVIELENS_GENRES` (``genre_action`` ... ``genre_western``, see `genre_column`). Rows are in the
+    ratings file's order; a rating whose user or movie is missing from its file has nulls there.
+
+    Example::
+
+        table = read_movielens("data/ml-1m")
+        store = build_task_store(table, "stores/ml-1m", task_key="user_id", label_rule="rating >= 4", ...)
+    """
+    directory = Path(directory)
+    fmt = movielens_format(directory)
+    integers = _INTEGER_FIELDS | (_ML1M_INTEGER_FIELDS if fmt == "ml-1m" else set())
+    _, (users_file, *_), (items_file, *_) = _FILES[fmt]
+    ratings, users, items = (
+        _read_fields(directory / name, separator, names, integers) for name, separator, names in _FILES[fmt]
+    )
+    _unique_key(users, "user_id", str(directory / users_file), line_numbers=True)
+    _unique_key(items, "item_id", str(directory / items_file), line_numbers=True)
+
+    if fmt == "ml-100k":
+        flags = [items.column(g) for g in _ML100K_GENRES]
+        names = np.array(_ML100K_GENRES, dtype=object)
+        marked = np.stack([f.to_numpy() for f in flags], axis=1) != 0
+        genres = pa.array(["|".join(names[row]) for row in marked], pa.string())
+    else:
+        genres = items.column("genres")
+    item_features = {"item_id": items.column("item_id"), "title": items.column("title")}
+    year = pc.struct_field(pc.extract_regex(items.column("title"), r"\((?P<year>\d{4})\)\s*$"), "year")
+    item_features["year"] = year.cast(pa.int64())
+    item_features["genres"] = genres
+    for genre in MOVIELENS_GENRES:
+        listed = pc.match_substring_regex(genres, rf"(^|\|){re.escape(genre)}(\||$)")
+        item_features[genre_column(genre)] = listed.cast(pa.float32())
+    user_features = users.select(["user_id", "gender", "age", "occupation", "zip"])
+    return _left_join(_left_join(ratings, user_features, "user_id"), pa.table(item_features), "item_id")
+
+
+def _left_join(table: pa.Table, side: pa.Table, key: str) -> pa.Table:
+    """``table`` with ``side``'s columns for each row's ``key`` (nulls when absent), rows in order."""
+    # Arrow's hash join does not keep row order: the time sort of build_task_store breaks ties by it.
+    order = "__row__"
+    joined = table.append_column(order, pa.array(np.arange(table.num_rows))).join(
+        side, keys=key, join_type="left outer", use_threads=False
+    )
+    joined = joined.sort_by(order).drop_columns([order])
+    return joined.select([*table.column_names, *(c for c in side.column_names if c != key)])
+
+
+def _read_table(source: TableSource, what: str) -> pa.Table:
+    if isinstance(source, pa.Table):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix == ".csv":
+        try:
+            return pyarrow.csv.read_csv(path)
+        except pa.ArrowInvalid as error:  # Arrow's message has the bad row, not the file
+            raise ValueError(f"{path}: {error}") from error
+    raise ValueError(f"{what} {path} must be a .parquet or .csv file (or a pyarrow.Table)")
+
+
+def read_interactions(
+    source: TableSource, side_tables: Optional[Mapping[str, TableSource]] = None
+) -> pa.Table:
+    """Interactions with side features joined on: ``source``'s rows, each side table's columns beside.
+
+    Args:
+        source: a MovieLens directory (`read_movielens`), a ``.parquet`` or ``.csv`` file, or a
+            `pyarrow.Table`.
+        side_tables: key column -> table (file or `pyarrow.Table`) with one row per key, e.g.
+            ``{"user_id": "users.parquet", "item_id": "items.csv"}``; joined left in turn (rows
+            without a match get nulls, which `build_task_store` reads as 0 or ""). The key must be
+            a column of the interactions and of the side table; other column names must not clash.
+
+    Returns:
+        The rows of ``source`` in their order, with the side tables' columns appended.
+
+    Example::
+
+        table = read_interactions("clicks.parquet", {"user_id": "users.csv", "item_id": "items.parquet"})
+    """
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        table = read_movielens(source)
+    else:
+        table = _read_table(source, "interactions file")
+    for key, side_source in (side_tables or {}).items():
+        where = "side table" if isinstance(side_source, pa.Table) else f"side table {side_source}"
+        side = _read_table(side_source, "side table")
+        for name, columns in (("the interactions", table.column_names), (where, side.column_names)):
+            if key not in columns:
+                raise ValueError(f"no key column {key!r} to join on in {name}; its columns: {columns}")
+        clashes = sorted((set(side.column_names) - {key}) & set(table.column_names))
+        if clashes:
+            raise ValueError(
+                f"{where} and the interactions both have column(s) {clashes}; rename them in one"
+            )
+        left, right = table.column(key).type, side.column(key).type
+        if left != right:
+            if not (pa.types.is_integer(left) and pa.types.is_integer(right)):
+                raise TypeError(f"join key {key!r} is {left} in the interactions but {right} in {where}")
+            side = side.set_column(side.column_names.index(key), key, side.column(key).cast(left))
+        if side.column(key).null_count:
+            raise ValueError(f"{where} has {side.column(key).null_count} missing {key!r} values")
+        _unique_key(side, key, where, line_numbers=False)
+        table = _left_join(table, side, key)
+    return table
+
+
+def write_fake_movielens(
+    directory: Union[str, Path],
+    format: MovieLensFormat = "ml-1m",
+    num_users: int = 300,
+    num_items: int = 200,
+    min_ratings: int = 20,
+    max_ratings: int = 60,
+    seed: int = 0,
+) -> Path:
+    """Write made-up ratings in the exact files of ``format``, for tests and demos; returns ``directory``.
+
+    Users rate ``min_ratings..max_ratings`` movies each (at least 20, as in MovieLens), popular
+    movies more often; a rating follows the user's own taste for the movie's genres plus the
+    movie's quality, so adapting to a user's first ratings pays. Titles carry a year and some
+    latin-1 characters (``Café``), as the real ``u.item`` and ``movies.dat`` do.
+    """
+    if format not in _FILES:
+        raise ValueError(f"format must be one of {list(_FILES)}, got {format!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    num_genres = len(MOVIELENS_GENRES)
+    item_genres = rng.random((num_items, num_genres)) < 2.0 / num_genres
+    item_genres[np.arange(num_items), rng.integers(0, num_genres, num_items)] = True
+    quality = rng.normal(0.0, 0.5, num_items)
+    taste = rng.normal(0.0, 1.0, (num_users, num_genres))
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    popularity /= popularity.sum()
+
+    ratings = []
+    for user in range(num_users):
+        count = int(rng.integers(min_ratings, max_ratings + 1))
+        items = rng.choice(num_items, size=min(count, num_items), replace=False, p=popularity)
+        affinity = (item_genres[items] * taste[user]).sum(1) / item_genres[items].sum(1)
+        stars = np.clip(np.rint(3.2 + affinity + quality[items] + rng.normal(0, 0.5, items.size)), 1, 5)
+        times = 874_724_710 + user * 1000 + np.sort(rng.choice(10**6, items.size, replace=False))
+        ratings += [(user + 1, item + 1, int(s), int(t)) for item, s, t in zip(items, stars, times)]
+    ratings = [ratings[i] for i in rng.permutation(len(ratings))]  # files are not sorted by user and time
+
+    genders = rng.choice(["M", "F"], num_users)
+    zips = [f"{z:05d}" for z in rng.integers(0, 100_000, num_users)]
+    titles = [f"{'Café ' if i % 7 == 0 else ''}Movie {i + 1} ({1930 + i % 70})" for i in range(num_items)]
+    if format == "ml-100k":
+        occupations = rng.choice(["student", "engineer", "writer", "other", "technician"], num_users)
+        ages = rng.integers(7, 74, num_users)
+        files = {
+            "u.data": ["\t".join(map(str, r)) for r in ratings],
+            "u.user": [
+                f"{u + 1}|{ages[u]}|{genders[u]}|{occupations[u]}|{zips[u]}" for u in range(num_users)
+            ],
+            "u.item": [
+                f"{i + 1}|{titles[i]}|01-Jan-{1930 + i % 70}||http://us.imdb.com/M/title-exact?M{i + 1}|0|"
+                + "|".join(str(int(f)) for f in item_genres[i])
+                for i in range(num_items)
+            ],
+        }
+    else:
+        groups = rng.choice([1, 18, 25, 35, 45, 50, 56], num_users)
+        occupations = rng.integers(0, 21, num_users)
+        files = {
+            "ratings.dat": ["::".join(map(str, r)) for r in ratings],
+            "users.dat": [
+                f"{u + 1}::{genders[u]}::{groups[u]}::{occupations[u]}::{zips[u]}" for u in range(num_users)
+            ],
+            "movies.dat": [
+                f"{i + 1}::{titles[i]}::" + "|".join(np.array(MOVIELENS_GENRES)[item_genres[i]])
+                for i in range(num_items)
+            ],
+        }
+    for name, lines in files.items():
+        (directory / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return directory
