@@ -38,11 +38,15 @@ class CountCollectives(Callback):
         self.per_step: list[dict] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        control_group = trainer.strategy._control_group
         for name in COLLECTIVES:
             original = getattr(dist, name)
 
             def counted(*args, _name=name, _original=original, **kwargs):
-                self.calls[_name] += 1
+                # The strategy's host-side bookkeeping (do all ranks have this batch?) has a group of
+                # its own and is not part of the meta-step.
+                if kwargs.get("group") is not control_group or control_group is None:
+                    self.calls[_name] += 1
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)

@@ -105,11 +105,14 @@ def test_an_empty_batch_on_one_rank_trains_as_ddp(tmp_path: Path) -> None:
     run_and_compare(tmp_path, "--split", "0,8", split=[0, 8], compare_losses=False)
 
 
-def test_a_rank_that_runs_out_of_batches_fails_every_rank_with_the_fix(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sized", "message"), [(False, "yield different numbers of batches in epoch 0"),
+                                                (True, "have different lengths in epoch 0 (from 3 to 4 batches")])
+def test_a_rank_that_runs_out_of_batches_fails_every_rank_with_the_fix(tmp_path: Path, sized: bool,
+                                                                         message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "4", "--max-steps", "10", "--rank-steps", "3,4",
-                      "--policy", every_table("row_wise"), expect_ok=False)
+                      "--policy", every_table("row_wise"), *(["--sized"] if sized else []), expect_ok=False)
     assert proc.returncode != 0
-    assert "yield different numbers of batches in epoch 0" in proc.stderr
+    assert message in proc.stderr
     assert "drop_last=True" in proc.stderr
 
 

@@ -130,6 +130,13 @@ class GlobalBatches(torch.utils.data.IterableDataset):
             yield rank_slice(make_batch(self.seed + step, self.global_size), self.rank, self.world_size, self.split)
 
 
+class SizedGlobalBatches(GlobalBatches):
+    """`GlobalBatches` that also say how many they are."""
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None):

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import TABLES, GlobalBatches, TinyRecModule  # noqa: E402
+from tiny import TABLES, GlobalBatches, SizedGlobalBatches, TinyRecModule  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint  # noqa: E402
 
@@ -31,11 +31,13 @@ class Data(LightningDataModule):
 
     bad_id = False
     rank_steps: list[int] | None = None
+    sized = False
 
     def train_dataloader(self):
         t = self.trainer
         steps = self.rank_steps[t.global_rank] if self.rank_steps else self.steps
-        batches = GlobalBatches(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
+        kind = SizedGlobalBatches if self.sized else GlobalBatches
+        batches = kind(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
         return torch.utils.data.DataLoader(batches, batch_size=None)
@@ -204,6 +206,7 @@ def main() -> None:
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
+    p.add_argument("--sized", action="store_true", help="the train data has a length")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
     if args.kill:
@@ -254,6 +257,7 @@ def main() -> None:
     data = Data(args.steps, args.global_batch, args.data_seed, split)
     data.bad_id = args.bad_id
     data.rank_steps = [int(n) for n in args.rank_steps.split(",")] if args.rank_steps else None
+    data.sized = args.sized
     if args.validate_only:
         trainer.validate(module, datamodule=data)
         return

@@ -109,6 +109,28 @@ def _clipping_fused_params(trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
     return {"gradient_clipping": True, "max_gradient": float(trainer.gradient_clip_val)}
 
 
+class _BatchCountCheck:
+    """One step's comparison of "this is my last batch" across ranks, started without waiting."""
+
+    def __init__(self, ends: bool, rank: int, epoch: int, batch_idx: int, group: Any) -> None:
+        self.ends, self.rank, self.epoch, self.batch_idx = ends, rank, epoch, batch_idx
+        self.seen = torch.tensor([int(ends), int(not ends)], dtype=torch.int32)
+        self.work = torch.distributed.all_reduce(
+            self.seen, op=torch.distributed.ReduceOp.MAX, group=group, async_op=True
+        )
+
+    def verify(self) -> None:
+        self.work.wait()
+        if bool(self.seen.all()):
+            raise RuntimeError(
+                f"rank {self.rank}: the ranks' train dataloaders yield different numbers of batches in epoch "
+                f"{self.epoch} (this rank's {'ends' if self.ends else 'goes on'} after batch {self.batch_idx}). "
+                "Sharded lookups and DDP need every rank in every step: make each rank yield the same number of "
+                "batches (a DistributedSampler with drop_last=True, an IterableDataset that drops the remainder "
+                "when it splits over ranks, or limit_train_batches)"
+            )
+
+
 class HybridParallelStrategy(DDPStrategy):
     """Shard every TorchRec embedding module of a LightningModule; keep the dense rest under DDP.
 
@@ -190,6 +212,8 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
+        self._batch_check: Optional[_BatchCountCheck] = None
+        self._batches_per_rank_agree: Optional[bool] = None
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
@@ -255,9 +279,11 @@ class HybridParallelStrategy(DDPStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._refuse_unsupported(trainer, fitting)
         self._sharders = default_sharders(fused_params=_clipping_fused_params(trainer) if fitting else None)
-        if self._control_group is None and torch.distributed.get_backend() != "gloo":
-            # Small host-side agreements between ranks (see _check_every_rank_has_this_batch).
+        if self._control_group is None:
+            # Small host-side agreements between ranks, off the queue of the model's collectives
+            # (see _check_every_rank_has_this_batch).
             self._control_group = torch.distributed.new_group(backend="gloo")
+        self._batch_check, self._batches_per_rank_agree = None, None
         super().setup(trainer)
 
     def _refuse_unsupported(self, trainer: "pl.Trainer", fitting: bool) -> None:
@@ -467,26 +493,47 @@ class HybridParallelStrategy(DDPStrategy):
 
         Every step exchanges embeddings between all ranks, so a rank whose data ends early would
         leave the others waiting in a collective (or pair their lookup with its next collective).
-        Lightning knows one batch ahead whether a batch is a rank's last; the ranks compare that
-        once per step, on CPU (gloo), so no device sync is added.
+        Ranks whose dataloaders have lengths compare them once per epoch (host-side, gloo). Without
+        lengths, Lightning still knows one batch ahead whether a batch is a rank's last, and the
+        ranks compare that every step; a rank that goes on reads the result at its next step, so
+        the comparison never stalls a step, and a rank at its last batch waits for it.
         """
         trainer = self.lightning_module.trainer
         loop = trainer.fit_loop.epoch_loop
-        ends = (
+        if loop.batch_idx == 0 or self._batches_per_rank_agree is None:
+            self._batches_per_rank_agree = self._compare_epoch_lengths(trainer)
+        if self._batches_per_rank_agree:
+            return
+        if self._batch_check is not None:
+            self._batch_check.verify()
+        ends = bool(
             loop.batch_progress.is_last_batch
             or loop.batch_idx + 1 >= trainer.num_training_batches
             or (trainer.max_steps != -1 and trainer.global_step + 1 >= trainer.max_steps)
         )
-        seen = torch.tensor([int(ends), int(not ends)], dtype=torch.int32)
-        torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=self._control_group)
-        if bool(seen.all()):
+        check = _BatchCountCheck(ends, self.global_rank, trainer.current_epoch, loop.batch_idx, self._control_group)
+        self._batch_check = None if ends else check
+        if ends:
+            check.verify()
+
+    def _compare_epoch_lengths(self, trainer: "pl.Trainer") -> bool:
+        """Whether every rank's train dataloader has the same known length (else check every step)."""
+        length = trainer.num_training_batches
+        known = length != float("inf")
+        mine = int(length) if known else -1
+        extremes = torch.tensor([mine, -mine], dtype=torch.int64)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=self._control_group)
+        longest, shortest = int(extremes[0]), -int(extremes[1])
+        if shortest == -1 or longest == -1:
+            return False
+        if longest != shortest:
             raise RuntimeError(
-                f"rank {self.global_rank}: the ranks' train dataloaders yield different numbers of batches in epoch "
-                f"{trainer.current_epoch} (this rank's {'ends' if ends else 'goes on'} after batch {loop.batch_idx}). "
-                "Sharded lookups and DDP need every rank in every step: make each rank yield the same number of "
-                "batches (a DistributedSampler with drop_last=True, an IterableDataset that drops the remainder "
-                "when it splits over ranks, or limit_train_batches)"
+                f"rank {self.global_rank}: the ranks' train dataloaders have different lengths in epoch "
+                f"{trainer.current_epoch} (from {shortest} to {longest} batches; this rank's: {mine}). Sharded "
+                "lookups and DDP need every rank in every step: make each rank yield the same number of batches "
+                "(a DistributedSampler with drop_last=True, or limit_train_batches)"
             )
+        return True
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
