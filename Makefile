@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	WANDB_MODE=offline $(BIN)/lightning-dembed run recipes/configs/dlrm_synthetic_tiny.yaml --devices $(DEVICES)
+	WANDB_MODE=offline $(BIN)/lightning-dembed run dlrm_synthetic_tiny --devices $(DEVICES)
 
 test: install
 	$(BIN)/python -m pytest -q tests

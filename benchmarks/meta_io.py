@@ -267,7 +267,7 @@ def train_worker(args: argparse.Namespace) -> None:
             self.seconds = time.perf_counter() - self.start
 
     seed_everything(0)
-    # The recipe's data, model, optimizer and meta section (recipes/configs/meta_dlrm_synthetic.yaml).
+    # The recipe's data, model, optimizer and meta section (meta_dlrm_synthetic).
     data = TaskDataModule(store_dir=str(Path(args.work_dir) / "recipe_store"), num_users=4000,
                           tasks_per_batch=args.tasks_per_batch, num_workers=1)
     model = DLRMModule(data.tables(), num_dense_features=data.num_dense_features, dense_arch_layer_sizes=(32, 16),

@@ -71,7 +71,7 @@ from lightning_dembed.models import DLRMModule  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("g-meta", "naive")
-# The meta-DLRM recipe's meta section (recipes/configs/meta_dlrm_synthetic.yaml).
+# The meta-DLRM recipe's meta section (meta_dlrm_synthetic).
 META = dict(algorithm="maml", inner_steps=1, inner_lr=0.1, adapt=("dlrm.over_arch",), adapt_embeddings=("user_id",))
 # Every table split across ranks in a different way: each lookup is a real cross-rank exchange.
 SHARDING = {"t_user_id": "row_wise", "t_item_id": "table_wise", "t_category": "column_wise"}

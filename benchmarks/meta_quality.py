@@ -7,13 +7,13 @@ For each heterogeneity level (`SyntheticTaskConfig.heterogeneity`: how much user
 every user alike) and seed (of the generated users, the cold-start holdout and the training), the
 shipped recipes run in this process, one after the other, on one device and the same task store:
 
-- ``plain``: ``recipes/configs/dlrm_tasks_synthetic.yaml`` (plain DLRM on the training users'
+- ``plain``: the shipped ``dlrm_tasks_synthetic`` config (plain DLRM on the training users'
   rows), tested as is on the checkpoint with the best validation AUC as is;
 - ``plain+ft``: the same training run, tested fine-tuned on each cold user's support set (the same
   inner loop as meta-DLRM, `ColdStartEvaluation`) on the checkpoint with the best fine-tuned
   validation AUC; the fine-tuning steps and rate are chosen on the validation users among
   ``--finetune-grid``, so the baseline is tuned as a practitioner would tune it;
-- ``maml``, ``fomaml``, ``anil``, ``metasgd``: ``recipes/configs/meta_dlrm_synthetic.yaml`` with
+- ``maml``, ``fomaml``, ``anil``, ``metasgd``: the shipped ``meta_dlrm_synthetic`` config with
   MAML (one inner rate), first-order MAML, only the last layer adapting and no embedding offsets
   (ANIL), or learned inner rates (Meta-SGD, the config as shipped); adapted on each cold user's
   support set, on the checkpoint with the best adapted validation AUC.
@@ -101,11 +101,12 @@ def run_plain(args: argparse.Namespace, common: list[str], workdir: Path) -> dic
     from lightning_dembed.meta import ColdStartEvaluation, MetaLearningConfig
     from lightning_dembed.models import DLRMModule
     from lightning_dembed.recipe import RecipeCLI
+    from lightning_dembed.recipes import config_path
 
     with _inside(workdir):
         start = time.perf_counter()
         plain_args = [a for a in common if not a.startswith("--meta.")]  # the meta section is meta-DLRM's
-        config = ROOT / "recipes/configs/dlrm_tasks_synthetic.yaml"
+        config = config_path("dlrm_tasks_synthetic")
         cli = RecipeCLI(DLRMModule, LightningDataModule, run=False,
                         args=["--config", str(config), *plain_args])
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
@@ -144,21 +145,15 @@ def run_plain(args: argparse.Namespace, common: list[str], workdir: Path) -> dic
 def run_meta(method: str, common: list[str], workdir: Path) -> dict[str, Any]:
     """Meta-DLRM by one algorithm, adapted, on its best validation checkpoint."""
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningArgumentParser
 
-    from lightning_dembed.meta import MetaLearningLoop
     from lightning_dembed.models import DLRMModule
-    from lightning_dembed.recipe import RecipeCLI
-
-    class MetaRecipeCLI(RecipeCLI):  # recipes/meta_dlrm.py's
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            super().add_arguments_to_parser(parser)
-            parser.add_lightning_class_args(MetaLearningLoop, "meta")
+    from lightning_dembed.recipes import config_path
+    from lightning_dembed.recipes.meta_dlrm import MetaRecipeCLI
 
     with _inside(workdir):
         start = time.perf_counter()
         cli = MetaRecipeCLI(DLRMModule, LightningDataModule, run=False,
-                            args=["--config", str(ROOT / "recipes/configs/meta_dlrm_synthetic.yaml"), *common,
+                            args=["--config", str(config_path("meta_dlrm_synthetic")), *common,
                                   *META_OVERRIDES[method]])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         best_ckpt = cli.trainer.checkpoint_callback.best_model_path

@@ -1,14 +1,17 @@
 """The ``lightning-dembed`` console command.
 
-    lightning-dembed run recipes/configs/dlrm_synthetic_tiny.yaml --devices 2 [-- --trainer.max_steps=50]
+    lightning-dembed recipes                                   # the recipes and configs that ship
+    lightning-dembed cp dlrm_synthetic_tiny my_tiny.yaml       # a config to edit
+    lightning-dembed run dlrm_synthetic_tiny --devices 2 [-- --trainer.max_steps=50]
+    lightning-dembed run my_tiny.yaml --devices 2              # any YAML that names its recipe
     lightning-dembed preprocess-criteo --input day_0 --output data/criteo --num-embeddings 100000
     lightning-dembed consolidate checkpoints/last.ckpt last-full.ckpt
-    lightning-dembed plan recipes/configs/dlrm_synthetic_medium.yaml --world-size 128 [--json] [-- overrides]
+    lightning-dembed plan dlrm_synthetic_medium --world-size 128 [--json] [-- overrides]
 
-``run`` starts the recipe a config belongs to (``recipes/<name>.py`` for ``configs/<name>_*.yaml``)
-on N local processes per node through torch's elastic launcher (``torch.distributed.run``, what
-``torchrun`` and ``fabric run`` use); Lightning reads the ranks it sets. Anything after ``--`` is
-passed to the recipe as LightningCLI overrides, as is any option ``run`` does not know itself.
+``run`` starts the recipe a config names (``recipe: dlrm``, or ``--recipe``) on N local processes
+per node through torch's elastic launcher (``torch.distributed.run``, what ``torchrun`` and
+``fabric run`` use); Lightning reads the ranks it sets. Anything after ``--`` is passed to the
+recipe as LightningCLI overrides, as is any option ``run`` does not know itself.
 """
 
 from __future__ import annotations
@@ -18,42 +21,58 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "recipe_for_config"]
-
-
-def recipe_for_config(config: Path) -> Path:
-    """``recipes/configs/meta_dlrm_synthetic.yaml`` -> ``recipes/meta_dlrm.py`` (longest matching name)."""
-    recipes_dir = config.resolve().parent.parent
-    candidates = sorted(recipes_dir.glob("*.py"), key=lambda p: -len(p.stem))
-    for recipe in candidates:
-        if config.stem == recipe.stem or config.stem.startswith(recipe.stem + "_"):
-            return recipe
-    raise FileNotFoundError(
-        f"no recipe for config {config}: expected recipes/<name>.py beside configs/ with the config named "
-        f"<name>_*.yaml; recipes found: {[p.name for p in candidates]}"
-    )
+__all__ = ["main"]
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from torch.distributed.run import main as elastic_main
 
-    config = Path(args.config)
-    if not config.is_file():
-        raise SystemExit(f"config file not found: {config}")
-    recipe = recipe_for_config(config)
+    from lightning_dembed.recipes import config_path, recipe_of
+
+    config = config_path(args.config)
+    recipe = recipe_of(config, args.recipe)
     launcher = [
         f"--nproc-per-node={args.devices}",
         f"--nnodes={args.num_nodes}",
         f"--node-rank={args.node_rank}",
         f"--master-addr={args.main_address}",
         f"--master-port={args.main_port}",
+        "--module",
     ]
     recipe_args = [
-        str(recipe), "fit", "--config", str(config),
+        f"lightning_dembed.recipes.{recipe}", "fit", "--config", str(config),
         f"--trainer.devices={args.devices}", f"--trainer.num_nodes={args.num_nodes}",
         *overrides,
     ]
     elastic_main(launcher + recipe_args)
+    return 0
+
+
+def _recipes() -> int:
+    from lightning_dembed.recipes import RECIPES, recipe_of, shipped_configs
+
+    print("recipes:")
+    for name, what in RECIPES.items():
+        print(f"  {name:<12} {what}")
+    print("configs (lightning-dembed run NAME, lightning-dembed cp NAME DEST):")
+    for name, path in sorted(shipped_configs().items()):
+        print(f"  {name:<24} recipe {recipe_of(path)}")
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    import shutil
+
+    from lightning_dembed.recipes import config_path
+
+    source = config_path(args.name)
+    destination = Path(args.destination)
+    if destination.is_dir():
+        destination = destination / source.name
+    if destination.exists():
+        raise SystemExit(f"{destination} exists; choose another destination")
+    shutil.copyfile(source, destination)
+    print(f"wrote {destination}: run it with `lightning-dembed run {destination}`")
     return 0
 
 
@@ -80,8 +99,10 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
     device = args.device
     memory = parse_bytes(args.memory_per_rank or ("80GiB" if device == "cuda" else "64GiB"))
+    from lightning_dembed.recipes import config_path
+
     result = dry_run(
-        Path(args.config), args.world_size, args.local_world_size or min(args.world_size, 8), device, memory,
+        config_path(args.config), args.world_size, args.local_world_size or min(args.world_size, 8), device, memory,
         overrides, placement=args.placement, row_slice_threshold=args.row_slice_threshold,
         column_slice_threshold=args.column_slice_threshold, data_parallel_threshold=args.data_parallel_threshold,
     )
@@ -103,8 +124,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-dembed", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe config on N processes (per node)")
-    run.add_argument("config", help="recipes/configs/<recipe>_*.yaml")
+    sub.add_parser("recipes", help="list the recipes and configs that ship with the package")
+    cp = sub.add_parser("cp", help="copy a shipped config, to edit")
+    cp.add_argument("name", help="a shipped config (see `lightning-dembed recipes`)")
+    cp.add_argument("destination", help="a file or a directory")
+
+    run = sub.add_parser("run", help="run a config on N processes (per node)")
+    run.add_argument("config", help="a shipped config's name, or a YAML file that names its recipe")
+    run.add_argument("--recipe", default=None, help="the recipe, when the YAML does not name one")
     run.add_argument("--devices", type=int, default=1, help="processes per node (one per GPU, or CPU processes)")
     run.add_argument("--num-nodes", type=int, default=1)
     run.add_argument("--node-rank", type=int, default=0)
@@ -118,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     consolidate.add_argument("output")
 
     plan = sub.add_parser("plan", help="plan a config's tables for N ranks, without the cluster")
-    plan.add_argument("config", help="a recipe config (its data section decides the tables)")
+    plan.add_argument("config", help="a shipped config's name or a YAML file (its data section decides the tables)")
     plan.add_argument("--world-size", type=int, required=True)
     plan.add_argument("--local-world-size", type=int, default=None, help="ranks per host (default min(N, 8))")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -138,6 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args, unknown + overrides)
     if args.command == "plan":
         return _plan(args, unknown + overrides)
+    if args.command == "recipes":
+        return _recipes()
+    if args.command == "cp":
+        return _copy(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return _consolidate(args)

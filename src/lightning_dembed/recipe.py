@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -31,7 +31,7 @@ class RecipeCLI(LightningCLI):
 
     Example::
 
-        RecipeCLI(DLRMModule, LightningDataModule)  # python recipes/dlrm.py fit --config recipes/configs/...yaml
+        RecipeCLI(DLRMModule, LightningDataModule)  # python -m lightning_dembed.recipes.dlrm fit --config my.yaml
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -42,6 +42,8 @@ class RecipeCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The config names its recipe, for `lightning-dembed run`; the recipe itself has no use for it.
+        parser.add_argument("--recipe", type=Optional[str], default=None, help="the recipe this config runs with")
         parser.link_arguments("data", "model.tables", compute_fn=lambda data: data.tables(), apply_on="instantiate")
         parser.link_arguments(
             "data", "model.num_dense_features", compute_fn=lambda data: data.num_dense_features, apply_on="instantiate"

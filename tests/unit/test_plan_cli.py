@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from lightning_dembed.cli import main
 
-CONFIG = Path(__file__).parents[2] / "recipes" / "configs" / "dlrm_synthetic_tiny.yaml"
+CONFIG = "dlrm_synthetic_tiny"  # a shipped config, by name
 
 
 def plan(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict]:
-    code = main(["plan", str(CONFIG), "--json", *args])
+    code = main(["plan", CONFIG, "--json", *args])
     return code, json.loads(capsys.readouterr().out)
 
 

@@ -1,6 +1,6 @@
 """Meta-DLRM: DLRM meta-learned over tasks (MAML family) with sharded embeddings, G-Meta style.
 
-    lightning-dembed run recipes/configs/meta_dlrm_synthetic.yaml --devices 2
+    lightning-dembed run meta_dlrm_synthetic --devices 2
 
 The `meta` section of the YAML configures `MetaLearningLoop`; see docs/meta-learning.md.
 """
@@ -8,7 +8,6 @@ The `meta` section of the YAML configures `MetaLearningLoop`; see docs/meta-lear
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
-import lightning_dembed  # noqa: F401  registers strategy="hybrid_parallel"
 from lightning_dembed.meta import MetaLearningLoop
 from lightning_dembed.models import DLRMModule
 from lightning_dembed.recipe import RecipeCLI
@@ -20,5 +19,9 @@ class MetaRecipeCLI(RecipeCLI):
         parser.add_lightning_class_args(MetaLearningLoop, "meta")
 
 
-if __name__ == "__main__":
+def main() -> None:
     MetaRecipeCLI(DLRMModule, LightningDataModule)
+
+
+if __name__ == "__main__":
+    main()
