@@ -73,7 +73,7 @@ def _data(config: Mapping[str, Any]) -> LightningDataModule:
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     parsed = parser.parse_object({"data": {"class_path": class_path, "init_args": init_args}})
-    return parser.instantiate_classes(parsed).data
+    return parser.instantiate(parsed).data
 
 
 def _optimizer(config: Mapping[str, Any]) -> EmbeddingOptimizer:
