@@ -113,18 +113,14 @@ def dry_run(
     root.embeddings = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     params = {f"embeddings.{n}": p for n, p in root.embeddings.named_parameters()}
     apply_embedding_optimizers(params, {name: optimizer for name in params})
-    plan_args = dict(
-        world_size=world_size, local_world_size=local_world_size, device=torch.device(device),
-        optimizer_state_factor=optimizer.state_factor,
-    )
-    policy = _policy(config, knobs)
     try:
-        _, summary = plan_sharding(root, policy, default_sharders(), memory_budget=memory_per_rank, **plan_args)
+        _, summary = plan_sharding(
+            root, _policy(config, knobs), default_sharders(), world_size=world_size,
+            local_world_size=local_world_size, device=torch.device(device), memory_budget=memory_per_rank,
+            optimizer_state_factor=optimizer.state_factor,
+        )
         return DryRun(summary, None)
     except MemoryBudgetError as err:
-        # Plan again without the budget (Merlin's rules do not use it) to show what does not fit.
-        if not policy.uses_merlin_rules:
+        if err.summary is None:  # TorchRec's planner found no plan at all: nothing to show
             raise
-        _, summary = plan_sharding(root, policy, default_sharders(), memory_budget=2**62, **plan_args)
-        summary.memory_budget = memory_per_rank
-        return DryRun(summary, str(err))
+        return DryRun(err.summary, str(err))

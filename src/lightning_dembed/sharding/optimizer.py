@@ -174,9 +174,10 @@ class TableHyperParameters:
 
     The tables are updated inside backward, before Lightning steps the dense optimizers, with the
     learning rate FBGEMM's kernel read in the forward; so every training step first copies the
-    learning rate of each table's param group (as LR schedulers left it) into that kernel: the tables then train with the same learning rate at
-    every step as they would as ordinary parameters of that group. FBGEMM takes every other
-    hyper-parameter at construction only; a schedule that changes one is refused, by name.
+    learning rate of each table's param group (as LR schedulers left it) into that kernel: the
+    tables then train with the same learning rate at every step as they would as ordinary
+    parameters of that group. FBGEMM takes every other hyper-parameter at construction only; a
+    schedule that changes one is refused, by name.
 
     Args:
         fused_optimizer: ``DistributedModelParallel.fused_optimizer``.
@@ -191,30 +192,34 @@ class TableHyperParameters:
         built_with: Mapping[str, EmbeddingOptimizer],
     ) -> None:
         name_of = {id(t): name for name, t in fused_optimizer.params.items()}
-        self._kernels: list[tuple[KeyedOptimizer, list[str]]] = []
+        # Per kernel, the param groups its tables follow (one table named per group, for errors):
+        # checked per group, not per table, since every step goes through here.
+        self._kernels: list[tuple[KeyedOptimizer, dict[ParamGroupRef, str]]] = []
         for leaf in _fused_leaves(fused_optimizer):
             # Tables in no group (frozen ones) keep the hyper-parameters they were built with.
             names = sorted(n for n in (name_of[id(t)] for t in leaf.params.values()) if n in groups)
-            if names:
-                self._kernels.append((leaf, names))
-        self._groups = dict(groups)
+            refs: dict[ParamGroupRef, str] = {}
+            for name in names:
+                refs.setdefault(groups[name], name)
+            if refs:
+                self._kernels.append((leaf, refs))
         self._built_with = dict(built_with)
 
     def sync(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Copy each table group's current learning rate into its fused kernel (call before the forward)."""
-        for kernel, names in self._kernels:
+        for kernel, refs in self._kernels:
             lrs = {}
-            for name in names:
-                ref = self._groups[name]
+            for ref, table in refs.items():
                 group = optimizers[ref.optimizer].param_groups[ref.group]
-                self._check_unchanged(name, ref, group)
-                lrs[name] = float(group["lr"])
-            lr = lrs[names[0]]
+                self._check_unchanged(table, ref, group)
+                lrs[table] = float(group["lr"])
+            lr = next(iter(lrs.values()))
             if any(value != lr for value in lrs.values()):
                 raise ValueError(
-                    f"tables {names} share one FBGEMM kernel (their hyper-parameters were equal at setup) but "
-                    f"their param groups now ask for different learning rates {lrs}; give the tables one param "
-                    "group, or give their groups different initial hyper-parameters so they get separate kernels"
+                    f"tables {sorted(lrs)} share one FBGEMM kernel (their hyper-parameters were equal at setup) "
+                    f"but their param groups now ask for different learning rates {lrs}; give the tables one "
+                    "param group, or give their groups different initial hyper-parameters so they get separate "
+                    "kernels"
                 )
             if kernel.param_groups[0]["lr"] != lr:
                 kernel.param_groups[0]["lr"] = lr

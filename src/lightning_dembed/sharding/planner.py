@@ -46,7 +46,14 @@ EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
 
 
 class MemoryBudgetError(ValueError):
-    """The plan needs more memory on some rank than its budget allows."""
+    """The plan needs more memory on some rank than its budget allows.
+
+    ``summary`` is the plan that does not fit, when there is one (TorchRec's planner may find none).
+    """
+
+    def __init__(self, message: str, summary: Optional["PlanSummary"] = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -218,7 +225,8 @@ def check_memory_budget(summary: PlanSummary) -> None:
         + ". Shard them row-wise (sharding_types={'<table>': 'row_wise'} or a lower row_slice_threshold), "
         f"use more processes (all tables and optimizer state take {total / 2**30:.1f} GiB: about "
         f"{least_ranks} ranks of this budget), shrink the tables, or raise memory_budget_per_rank if the budget "
-        "is too low."
+        "is too low.",
+        summary,
     )
 
 

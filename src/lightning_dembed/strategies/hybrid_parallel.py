@@ -600,12 +600,9 @@ class HybridParallelStrategy(DDPStrategy):
             tensors["embedding_optimizer"] = self._dmp.fused_optimizer.state_dict()
         return tensors
 
-    def table_state_keys(self) -> list[str]:
-        """The state-dict keys of the embedding tables (after setup)."""
-        return [
-            key for key in self.lightning_module.state_dict()
-            if any(key.startswith(path + ".") for path in self._embedding_paths)
-        ]
+    def table_state_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
+        """The keys of ``state_dict`` (the module's) that belong to the embedding tables (after setup)."""
+        return [key for key in state_dict if any(key.startswith(path + ".") for path in self._embedding_paths)]
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -619,11 +616,12 @@ class HybridParallelStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options is not supported")
+        tensors = self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint)
         # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
-        checkpoint["lightning_dembed"] = {"table_keys": self.table_state_keys()}
+        checkpoint["lightning_dembed"] = {"table_keys": self.table_state_keys(tensors["state_dict"])}
         save_sharded_checkpoint(
             filepath,
-            self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint),
+            tensors,
             checkpoint,
             is_global_zero=self.is_global_zero,
             broadcast=lambda obj, src: self.broadcast(obj, src=src),

@@ -32,9 +32,8 @@ class ShardedMultiProcessingLauncher(MultiProcessingLauncher):
     def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[WorkerOutput]:
         if self.hand_back_weights:
             # Marked to load by assignment: the launching process's tables may be on the meta device.
-            full = gather_full_state_dict(
-                trainer.lightning_module.state_dict(), trainer.is_global_zero, self._strategy.table_state_keys()
-            )
+            state = trainer.lightning_module.state_dict()
+            full = gather_full_state_dict(state, trainer.is_global_zero, self._strategy.table_state_keys(state))
         output = super()._collect_rank_zero_results(trainer, results)
         if output is None or output.weights_path is None:
             return output
