@@ -6,16 +6,19 @@ DEVICES ?= 2
 
 .PHONY: install demo test docs clean
 
+# Where torch's CPU build comes from. Empty: the configured index (a mirror with the CPU wheels);
+# outside one, `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (PyPI's torch is the CUDA build).
+TORCH_INDEX ?=
+
 install: $(VENV)/.installed
 
-# torchrec declares the CUDA fbgemm-gpu and pins an old torchmetrics, so it goes in without its
-# dependencies; the CPU kernels come from fbgemm-gpu-cpu of the matching version.
+# The [cpu] extra pins torch and fbgemm-gpu-cpu of one release train; torchrec declares the CUDA
+# fbgemm-gpu and pins an old torchmetrics, so it goes in without its dependencies.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,test]'
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
-	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 demo: install
@@ -24,8 +27,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# The site, built strictly; tests/unit/test_docs.py also checks every mermaid diagram became one
+# and every benchmark figure is the plot of a results file.
 docs: install
 	$(BIN)/pip install -q -e '.[docs]'
+	$(BIN)/python -m pytest -q tests/unit/test_docs.py
 	$(BIN)/mkdocs build --strict
 
 clean:

@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: machine description, JSON results, markdown tables.
+"""Helpers shared by the benchmark scripts: machine description, where results go, JSON, tables.
+
+Results are kept per date and hardware, as torchtitan keeps them: a script writes into
+``benchmarks/results/<date>_<machine>/`` (`results_dir`), ``<machine>`` naming the hardware the
+figures depend on (`machine_name`: ``cpu-2core``, ``h100-80gb-hbm3``).
 
 Nothing here imports torch: a benchmark's launching process can use these helpers and stay small
 (a child started with exec inherits its parent's peak RSS in ``ru_maxrss``, see
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -20,15 +25,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 __all__ = [
+    "RESULTS_ROOT",
     "command_line",
     "machine_info",
+    "machine_name",
     "markdown_table",
     "peak_rss_mib",
+    "results_dir",
     "rss_mib",
     "vm_hwm_mib",
     "write_json",
     "write_results",
 ]
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 # Distributions whose versions decide benchmark figures on this stack.
 _PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "lightning", "numpy")
@@ -88,6 +98,31 @@ def machine_info(repo: Optional[Path] = None) -> dict[str, Any]:
     return info
 
 
+def machine_name(accelerator: Optional[str] = None) -> str:
+    """The hardware as a folder name: the accelerator's name, or ``cpu-<n>core`` for a CPU run.
+
+    Args:
+        accelerator: the device name of a GPU run (``torch.cuda.get_device_name()``, e.g. ``"NVIDIA
+            H100 80GB HBM3"`` -> ``"h100-80gb-hbm3"``); None for a CPU run (the cores this process
+            may use).
+    """
+    if accelerator is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return f"cpu-{cores}core"
+    name = re.sub(r"^nvidia\s+", "", accelerator.strip().lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def results_dir(machine: Optional[str] = None) -> Path:
+    """``benchmarks/results/<today, UTC>_<machine>/``, where a run writes its results by default.
+
+    Args:
+        machine: `machine_name` of the hardware; None: this machine's CPU (`machine_name()`).
+    """
+    today = datetime.now(timezone.utc).date().isoformat()
+    return RESULTS_ROOT / f"{today}_{machine or machine_name()}"
+
+
 def command_line(argv: Optional[Sequence[str]] = None) -> str:
     """The command that ran this process, quoted so that it can be pasted into a shell."""
     argv = sys.argv if argv is None else argv
@@ -124,11 +159,18 @@ def rss_mib() -> Optional[float]:
 
 
 def write_results(path: Path, record: dict, report: Callable[[dict], str]) -> None:
-    """Write ``record`` as JSON at ``path`` and its ``report`` as Markdown beside it, and print the report."""
+    """Write ``record`` as JSON at ``path``, its ``report`` as Markdown and its plot as SVG beside it.
+
+    Prints the report. The plot (`plot.write_plot`) comes last, so a run whose plot fails keeps
+    its JSON and Markdown; ``python benchmarks/plot.py JSON`` draws it again from the JSON.
+    """
+    from plot import write_plot  # matplotlib: imported only when a run has results to draw
+
     write_json(path, record)
     markdown = report(record)
     path.with_suffix(".md").write_text(markdown)
     print(markdown)
+    print(f"wrote {path}, {path.with_suffix('.md')} and {write_plot(record, path)}")
 
 
 def write_json(path: Union[str, Path], record: Any) -> None:

@@ -5,15 +5,14 @@
 
 Measures `SyntheticClickDataset` for Merlin's Tiny and Small models (generation cost does not
 depend on ``--scale``: no table is allocated, only the id ranges change), Criteo preprocessing
-(generated TSV -> Arrow) and `CriteoDataset` on the result. Each loader is timed after its first
-batch (worker start-up excluded). Writes ``benchmarks/results/data_pipeline.json`` and prints a
-markdown table.
+(generated TSV -> Arrow) and `ClickDataset` on the result. Each loader is timed after its first
+batch (worker start-up excluded). Writes ``benchmarks/results/<date>_<machine>/data_pipeline.{json,md,svg}``
+(``--out``) and prints the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow
@@ -29,13 +29,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_dembed.data import (
     SYNTHETIC_MODELS,
-    CriteoDataset,
+    ClickDataset,
     SyntheticClickDataset,
     preprocess,
     write_fake_criteo_tsv,
 )
 
-RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, results_dir, write_results  # noqa: E402
 
 
 def loader_rate(data: IterableDataset, num_workers: int) -> tuple[float, int]:
@@ -48,12 +50,23 @@ def loader_rate(data: IterableDataset, num_workers: int) -> tuple[float, int]:
     return samples / seconds, first.sparse_features.values().numel() // first.labels.numel()
 
 
+def report(record: dict[str, Any]) -> str:
+    rows = [[r["pipeline"], r["num_workers"], r["ids_per_sample"], r["samples_per_sec"]] for r in record["results"]]
+    return (
+        f"batch {record['batch_size']}, {record['machine']['cpu_count']} CPUs, {record['date']}\n\n"
+        f"Command: `{record['command']}`\n\n"
+        + markdown_table(["pipeline", "workers", "ids/sample", "samples/s"], rows) + "\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per batch (per rank)")
     parser.add_argument("--batches", type=int, default=40, help="batches per measurement")
     parser.add_argument("--scale", type=float, default=0.01, help="synthetic table row scale")
     parser.add_argument("--criteo-lines", type=int, default=400_000, help="generated Criteo TSV lines")
+    parser.add_argument("--out", type=Path, default=results_dir() / "data_pipeline.json",
+                        help="JSON path, the .md and .svg beside it")
     args = parser.parse_args()
 
     rows = []
@@ -74,12 +87,13 @@ def main() -> None:
                      "samples_per_sec": args.criteo_lines / seconds,
                      "mb_per_sec": tsv.stat().st_size / 2**20 / seconds})
         for workers in (0, 1):
-            data = CriteoDataset(Path(tmp) / "pre", args.batch_size, shuffle=True)
+            data = ClickDataset(Path(tmp) / "pre", args.batch_size, shuffle=True)
             rate, ids = loader_rate(data, workers)
             rows.append({"pipeline": "criteo preprocessed reader (shuffled batches)", "num_workers": workers,
                          "ids_per_sample": ids, "samples_per_sec": rate})
 
     record = {
+        "benchmark": "data_pipeline",
         "date": date.today().isoformat(),
         "command": " ".join(["python benchmarks/data_pipeline.py", *sys.argv[1:]]),
         "batch_size": args.batch_size,
@@ -94,13 +108,7 @@ def main() -> None:
         },
         "results": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1))
-    print(f"batch {args.batch_size}, {os.cpu_count()} CPUs, {record['date']}\n")
-    print("| pipeline | workers | ids/sample | samples/s |\n|---|---|---|---|")
-    for row in rows:
-        cells = [row["pipeline"], row["num_workers"], row["ids_per_sample"], f"{row['samples_per_sec']:,.0f}"]
-        print("| " + " | ".join(map(str, cells)) + " |")
+    write_results(args.out, record, report)
 
 
 if __name__ == "__main__":

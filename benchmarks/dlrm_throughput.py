@@ -5,7 +5,8 @@
 
 Runs the DLRM recipe's pieces (RecDataModule + DLRMModule + HybridParallelStrategy) for
 ``--steps`` steps and times the steady state (after ``--warmup`` steps, all ranks, global
-samples). Appends one record to ``benchmarks/results/dlrm_throughput.json``.
+samples). Appends one record to ``benchmarks/results/<date>_<machine>/dlrm_throughput.json``
+(``--out``; ``<machine>`` is the GPU's name on GPU) and draws them all in the ``.svg`` beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -26,7 +28,9 @@ import lightning_dembed  # noqa: F401  registers strategy="hybrid_parallel"
 from lightning_dembed.data import RecDataModule
 from lightning_dembed.models import DLRMModule
 
-RESULTS = Path(__file__).parent / "results" / "dlrm_throughput.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_name, results_dir, write_json  # noqa: E402
 
 
 class SteadyStateTimer(Callback):
@@ -65,6 +69,9 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
     p.add_argument("--label", default="", help="free text stored with the record (e.g. the device name)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file the record is appended to; None: benchmarks/results/<date>_<machine>/"
+                        "dlrm_throughput.json")
     args = p.parse_args()
 
     seed_everything(0)
@@ -86,25 +93,30 @@ def main() -> None:
     trainer.fit(model, datamodule=data)
     if not trainer.is_global_zero:
         return
+    gpu = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else None
     record = {
+        "benchmark": "dlrm_throughput",
         "date": date.today().isoformat(),
         "model": args.model, "scale": args.scale, "tables": len(data.tables()),
         "table_bytes": sum(t.num_embeddings * t.embedding_dim * 4 for t in data.tables()),
         "embedding_dim": args.embedding_dim, "global_batch": args.global_batch,
-        "accelerator": args.accelerator, "devices": args.devices,
-        "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else platform.processor() or "cpu",
+        "accelerator": args.accelerator, "devices": args.devices, "num_workers": args.num_workers,
+        "device_name": gpu or platform.processor() or "cpu",
         "cpu_count": torch.get_num_threads(),
         "timed_steps": args.steps - args.warmup, "seconds": timer.seconds,
         "samples_per_sec": timer.samples / timer.seconds,
         "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__, "lightning": lightning.__version__},
         "label": args.label,
         "command": "python benchmarks/dlrm_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ""),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in ("", None)),
     }
     print(json.dumps(record))
-    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(records + [record], indent=1))
+    out = args.out or results_dir(machine_name(gpu)) / "dlrm_throughput.json"
+    records = json.loads(out.read_text()) if out.exists() else []
+    write_json(out, records + [record])
+    from plot import write_plot  # after the JSON: a machine without matplotlib still keeps the figure
+
+    print(f"appended to {out}; plot: {write_plot(records + [record], out)}")
 
 
 if __name__ == "__main__":

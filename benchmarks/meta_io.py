@@ -34,7 +34,7 @@ rank's loader has to deliver; the report gives Meta-IO's single-loader rate as a
 (target >= 3x). The loader rate is measured on an otherwise idle machine, while in training the
 loader shares the cores with the ranks.
 
-Writes ``benchmarks/results/meta_io.json`` and ``benchmarks/results/meta_io.md``.
+Writes ``benchmarks/results/<date>_<machine>/meta_io.{json,md,svg}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
+from common import command_line, machine_info, markdown_table, results_dir, write_results  # noqa: E402
 
 from lightning_dembed.data.batch import TaskBatch  # noqa: E402
-from lightning_dembed.data.meta_io import MetaBatchDataset, TaskSplit, build_task_store  # noqa: E402
+from lightning_dembed.data.task_loader import MetaBatchDataset  # noqa: E402
+from lightning_dembed.data.task_store import TaskSplit, build_task_store  # noqa: E402
 from lightning_dembed.data.tasks import SyntheticTaskConfig, write_interactions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 CATEGORICAL = ["user_id", "item_id", "category"]
 DENSE = ["d0", "d1", "d2", "d3"]
 
@@ -364,7 +364,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="training steps before the clock starts")
     parser.add_argument("--devices", type=int, default=2, help="training processes")
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "meta_io.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "meta_io.json",
+                        help="JSON path, the .md and .svg beside it")
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,7 +382,7 @@ def main() -> None:
                                  num_embeddings={c: 8192 for c in CATEGORICAL}, dense=DENSE, label="label",
                                  time_column="timestamp", holdout_fraction=0.2)
         record: dict[str, Any] = {
-            "command": command_line(), "machine": machine_info(REPO), "load_average_before": load,
+            "benchmark": "meta_io", "command": command_line(), "machine": machine_info(REPO), "load_average_before": load,
             "tasks_per_batch": args.tasks_per_batch,
             "store": {"train_tasks": store.train.num_tasks, "train_rows": store.train.num_rows},
             "pipelines": pipelines(store.train, args),

@@ -35,7 +35,7 @@ calls and DDP bucket all-reduces) and checks that the dense weights of all ranks
 training (the naive loop's all-reduces really happen). Target: g-meta >= 3x naive at 32 tasks per
 meta-batch.
 
-Writes ``benchmarks/results/meta_orchestration.json`` and ``benchmarks/results/meta_orchestration.md``.
+Writes ``benchmarks/results/<date>_<machine>/meta_orchestration.{json,md,svg}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
+from common import command_line, machine_info, markdown_table, results_dir, write_results  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy  # noqa: E402
 from lightning_dembed.data import TaskBatch, TaskDataModule  # noqa: E402
@@ -69,7 +69,6 @@ from lightning_dembed.meta import MetaLearningConfig, MetaLearningLoop, lookup_i
 from lightning_dembed.models import DLRMModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("g-meta", "naive")
 # The meta-DLRM recipe's meta section (meta_dlrm_synthetic).
 META = dict(algorithm="maml", inner_steps=1, inner_lr=0.1, adapt=("dlrm.over_arch",), adapt_embeddings=("user_id",))
@@ -319,7 +318,8 @@ def main() -> None:
     parser.add_argument("--gmeta-min-steps", type=int, default=24, help="at least this many timed meta-batches (g-meta)")
     parser.add_argument("--count-tasks", type=int, default=8, help="T of the collective-counting runs")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "meta_orchestration.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "meta_orchestration.json",
+                        help="JSON path, the .md and .svg beside it")
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -345,7 +345,7 @@ def main() -> None:
             raise SystemExit(f"worker processes failed (exit {proc.returncode})")
         runs = json.loads(out.read_text())
     record = {
-        "command": command_line(), "machine": machine_info(REPO), "load_average_before": load,
+        "benchmark": "meta_orchestration", "command": command_line(), "machine": machine_info(REPO), "load_average_before": load,
         "wall_seconds": time.perf_counter() - started, "world_size": args.devices, "omp_num_threads": threads,
         "repeats": args.repeats, "meta": META, "sharding": SHARDING,
         "summary": summarize(runs, args.tasks), "runs": runs,

@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers as init_optimizers_and_lr_schedulers
+from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization as AutomaticOptimization
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook as register_ddp_comm_hook
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher as MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput as WorkerOutput
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as SubprocessScriptLauncher
 from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner as EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as load_state_dict_no_dist
@@ -23,10 +26,13 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "AutomaticOptimization",  # fit's optimization loop; MetaLearningLoop's subclass runs the meta-step in it
+    "swap_automatic_optimization",  # puts such a loop in the fit loop's place for one run, and back
     "batches_done_in_epoch",  # the fit loop's position in the epoch, for exact resume of data
     "DenseDDPForwardRedirection",
     "EmptyStateDictLoadPlanner",  # DCP's planner that loads every (or the named) tensor of a checkpoint
     "MultiProcessingLauncher",
+    "SubprocessScriptLauncher",  # start_method="popen": rank 0 is the launching process, the others re-run the script
     "WorkerOutput",
     "compute_local_shape_and_global_offset",  # a DTensor shard's place in the full tensor
     "load_state_dict_no_dist",  # DCP's load that returns what the planner above created
@@ -34,6 +40,8 @@ __all__ = [
     "init_optimizers_and_lr_schedulers",  # configure_optimizers' output in every form it may take
     "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
     "register_ddp_comm_hook",  # what DDPStrategy._register_ddp_hooks calls, aimed at the dense DDP here
+    "sharded_output_keys",  # the order a sharded EmbeddingBagCollection's pooled output comes in
+    "tensor_version",  # a tensor's in-place modification counter
 ]
 
 
@@ -67,3 +75,30 @@ def flush_first_static_graph_iteration(ddp: DistributedDataParallel) -> None:
     no tensor) never reaches; Lightning's DDPStrategy calls the same reducer method for its own DDP.
     """
     ddp.reducer._delay_all_reduce()
+
+
+def sharded_output_keys(module: Any) -> list[str]:
+    """The keys, in order, of the `KeyedTensor` a sharded `EmbeddingBagCollection` returns (fixed by its plan)."""
+    return list(module._embedding_names)
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The count of in-place modifications of ``tensor`` (autograd's version counter)."""
+    return tensor._version
+
+
+# -- the fit loop's optimization loop (MetaLearningLoop) -------------------------------------------
+
+
+def swap_automatic_optimization(trainer: "pl.Trainer", loop: AutomaticOptimization) -> AutomaticOptimization:
+    """Make ``loop`` the fit loop's automatic optimization, in the state of the one it replaces.
+
+    Returns the replaced loop; swapping it back the same way hands it the state ``loop`` reached
+    (progress, which ``global_step`` counts, and restart flags: checkpoints and resume see one loop).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    replaced = epoch_loop.automatic_optimization
+    for name in vars(replaced).keys() & vars(loop).keys():
+        setattr(loop, name, getattr(replaced, name))
+    epoch_loop.automatic_optimization = loop
+    return replaced

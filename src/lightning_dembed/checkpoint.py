@@ -1,14 +1,15 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), written so none is ever half there.
 
-A checkpoint ``P`` is a symbolic link to a complete version directory, ``.P.versions/<id>``, beside
-it. A version holds DCP's files (model state and the fused embedding optimizer's state, each rank
-writing its own shards) and ``meta.pt``, the rest of what Lightning saves (loop progress,
-callbacks, hyper-parameters, the dense optimizers, which are the same on every rank). A save:
+A checkpoint ``P`` is an atomically written directory (`lightning_dembed._atomic`): a symbolic
+link to a complete version directory, ``.P.versions/<id>``, beside it. A version holds DCP's files
+(model state and the fused embedding optimizer's state, each rank writing its own shards) and
+``meta.pt``, the rest of what Lightning saves (loop progress, callbacks, hyper-parameters, the
+dense optimizers, which are the same on every rank). A save:
 
 1. rank 0 removes versions no link points to (what a crashed save left) and creates a new one;
 2. every rank writes its shards into it with DCP (files fsync'd; DCP writes ``.metadata`` last);
-3. rank 0 writes ``meta.pt`` (fsync'd), then points ``P`` at the new version with one atomic
-   rename of a fresh link over ``P`` (directory fsync'd), then removes the old version.
+3. rank 0 writes ``meta.pt``, fsyncs the version, then points ``P`` at it with one atomic rename
+   of a fresh link over ``P`` (directory fsync'd), then removes the old version.
 
 Until the rename, ``P`` is the last good checkpoint; after it, the new one. An error on rank 0 is
 raised on every rank (no rank waits in a barrier for the timeout). DCP reshards on load, so a
@@ -17,10 +18,7 @@ checkpoint written by N processes loads into M.
 
 from __future__ import annotations
 
-import os
 import pickle
-import shutil
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
@@ -30,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from lightning_dembed import _atomic
 from lightning_dembed._private import (
     EmptyStateDictLoadPlanner,
     compute_local_shape_and_global_offset,
@@ -60,22 +59,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file at fault."""
 
 
-def _versions_dir(path: Path) -> Path:
-    # Hidden and not named *.ckpt, so Lightning's search for "last*.ckpt" never finds a version.
-    return path.with_name(f".{path.name}.versions")
-
-
 def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
     """Whether ``path`` is (or links to) a complete checkpoint directory this module wrote."""
     return (Path(path) / META_FILE).is_file() and (Path(path) / _DCP_METADATA).is_file()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _on_rank_zero(step: Callable[[], T], is_global_zero: bool, broadcast: Broadcast) -> T:
@@ -96,47 +82,13 @@ def _on_rank_zero(step: Callable[[], T], is_global_zero: bool, broadcast: Broadc
     return result
 
 
-def _remove_stale_versions(path: Path) -> None:
-    versions = _versions_dir(path)
-    if not versions.is_dir():
-        return
-    current = path.resolve() if path.is_symlink() else None
-    for entry in versions.iterdir():
-        if entry.resolve() != current:
-            shutil.rmtree(entry)
-
-
-def _begin(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_versions(path)
-    version = _versions_dir(path) / uuid.uuid4().hex[:16]
-    version.mkdir(parents=True)
-    return str(version)
-
-
 def _write_meta(version: Path, meta: dict[str, Any]) -> None:
-    with open(version / META_FILE, "wb") as f:
-        torch.save(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(version)
-
-
-def _link(path: Path, version: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        # Written by lightning-dembed 0.1 as a plain directory; a link cannot replace one atomically.
-        path.rename(_versions_dir(path) / "unversioned")
-    link = path.with_name(f".{path.name}.link")
-    link.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(version, path.parent), link)
-    os.replace(link, path)
-    _fsync_dir(path.parent)
+    torch.save(meta, version / META_FILE)
 
 
 def _commit(path: Path, version: Path, meta: dict[str, Any]) -> None:
     _write_meta(version, meta)
-    _link(path, version)
-    _remove_stale_versions(path)
+    _atomic.publish(path, version)
 
 
 def save_sharded_checkpoint(
@@ -151,19 +103,14 @@ def save_sharded_checkpoint(
     Every rank must call this, with ``broadcast(obj, src)`` the strategy's object broadcast.
     """
     path = Path(path)
-    version = Path(_on_rank_zero(lambda: _begin(path), is_global_zero, broadcast))
+    version = Path(_on_rank_zero(lambda: str(_atomic.new_version(path)), is_global_zero, broadcast))
     dcp.save(tensors, checkpoint_id=version)  # raises on every rank if any rank fails
     _on_rank_zero(lambda: _commit(path, version, meta), is_global_zero, broadcast)
 
 
 def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
     """Remove a checkpoint and its versions (call on one rank)."""
-    path = Path(path)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    shutil.rmtree(_versions_dir(path), ignore_errors=True)
+    _atomic.remove(path)
 
 
 def _check_files(path: Path) -> None:

@@ -19,18 +19,38 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:  # torch is imported only by the commands that need it: `recipes` and `cp` start fast
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jsonargparse import ArgumentError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as elastic_main
 
-    from lightning_dembed.recipes import config_path, recipe_of
+    from lightning_dembed.recipes import check_config, config_path, recipe_of
 
-    config = config_path(args.config)
-    recipe = recipe_of(config, args.recipe)
+    try:
+        config = config_path(args.config)
+        recipe = recipe_of(config, args.recipe)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"lightning-dembed run: {error}") from None
+    recipe_args = [
+        "fit", "--config", str(config), f"--trainer.devices={args.devices}", f"--trainer.num_nodes={args.num_nodes}",
+        *overrides,
+    ]
+    # Checked here, once, before any process starts: a config error is one message, not one per rank.
+    try:
+        check_config(recipe, recipe_args)
+    except ArgumentError as error:
+        raise SystemExit(
+            f"lightning-dembed run: {config} (with {' '.join(overrides) or 'no overrides'}):\n{error}\n"
+            f"The recipe's options: python -m lightning_dembed.recipes.{recipe} fit --help"
+        ) from None
     launcher = [
         f"--nproc-per-node={args.devices}",
         f"--nnodes={args.num_nodes}",
@@ -39,13 +59,36 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         f"--master-port={args.main_port}",
         "--module",
     ]
-    recipe_args = [
-        f"lightning_dembed.recipes.{recipe}", "fit", "--config", str(config),
-        f"--trainer.devices={args.devices}", f"--trainer.num_nodes={args.num_nodes}",
-        *overrides,
-    ]
-    elastic_main(launcher + recipe_args)
+    try:
+        elastic_main([*launcher, f"lightning_dembed.recipes.{recipe}", *recipe_args])
+    except ChildFailedError as failed:
+        raise SystemExit(_first_failure(failed)) from None
     return 0
+
+
+def _first_failure(failed: ChildFailedError) -> str:
+    """The traceback of the rank that failed first, to be the last thing the launcher prints.
+
+    torch's own pick (`ChildFailedError.get_first_failure`) compares timestamps in whole seconds, so the
+    rank that only lost its peer ("Connection closed by peer") ties with, and often wins over, the rank
+    that raised. The recipes' ``@record`` writes each failing rank's traceback to an error file the
+    moment it raises: the oldest file is the root cause. Ranks the launcher stopped write none.
+    """
+    import os
+
+    written = {rank: f for rank, f in failed.failures.items() if os.path.isfile(f.error_file)}
+    if written:
+        rank = min(written, key=lambda r: os.stat(written[r].error_file).st_mtime_ns)
+    else:
+        rank, _ = failed.get_first_failure()
+    failure = failed.failures[rank]
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", "")
+    return (
+        f"lightning-dembed run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed first, "
+        f"exit code {failure.exitcode}; its error:\n{message or '(no error file: see its output above)'}"
+    )
 
 
 def _recipes() -> int:
@@ -63,6 +106,8 @@ def _recipes() -> int:
 def _copy(args: argparse.Namespace) -> int:
     import shutil
 
+    import yaml
+
     from lightning_dembed.recipes import config_path
 
     source = config_path(args.name)
@@ -71,8 +116,19 @@ def _copy(args: argparse.Namespace) -> int:
         destination = destination / source.name
     if destination.exists():
         raise SystemExit(f"{destination} exists; choose another destination")
+    # The base the config names travels with it (same relative path), so the copy runs from anywhere.
+    base_name = (yaml.safe_load(source.read_text()) or {}).get("base")
+    if base_name is not None:
+        base, base_copy = source.parent / base_name, destination.parent / base_name
+        if base_copy.exists() and base_copy.read_bytes() != base.read_bytes():
+            raise SystemExit(
+                f"{base_copy} exists and differs from the shipped {base_name}, which {source.name} builds on; "
+                "copy to another directory, or remove it"
+            )
+        shutil.copyfile(base, base_copy)
     shutil.copyfile(source, destination)
-    print(f"wrote {destination}: run it with `lightning-dembed run {destination}`")
+    print(f"wrote {destination}" + (f" and {base_copy}" if base_name is not None else "")
+          + f": run it with `lightning-dembed run {destination}`")
     return 0
 
 
@@ -105,6 +161,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         config_path(args.config), args.world_size, args.local_world_size or min(args.world_size, 8), device, memory,
         overrides, placement=args.placement, row_slice_threshold=args.row_slice_threshold,
         column_slice_threshold=args.column_slice_threshold, data_parallel_threshold=args.data_parallel_threshold,
+        offload=args.offload,
     )
     if args.json:
         print(json.dumps({**result.summary.as_dict(), "fits": result.error is None, "error": result.error}))
@@ -156,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan.add_argument("--row-slice-threshold", type=int, default=None)
     plan.add_argument("--column-slice-threshold", type=int, default=None)
     plan.add_argument("--data-parallel-threshold", type=int, default=None)
+    plan.add_argument("--offload", choices=["uvm", "uvm_caching"], default=None,
+                      help="GPU plans: the largest tables that do not fit go to host memory with this kernel")
 
     if argv[:1] == ["preprocess-criteo"]:
         return _preprocess_criteo(argv[1:] + overrides)

@@ -27,7 +27,7 @@ from lightning_dembed.sharding.sharders import default_sharders
 __all__ = ["DryRun", "dry_run"]
 
 _POLICY_KEYS = ("placement", "column_slice_threshold", "row_slice_threshold", "data_parallel_threshold",
-                "sharding_types")
+                "sharding_types", "offload")
 
 
 @dataclass
@@ -114,13 +114,13 @@ def dry_run(
     params = {f"embeddings.{n}": p for n, p in root.embeddings.named_parameters()}
     apply_embedding_optimizers(params, {name: optimizer for name in params})
     try:
+        policy = _policy(config, knobs)
         _, summary = plan_sharding(
-            root, _policy(config, knobs), default_sharders(), world_size=world_size,
+            root, policy, default_sharders(offload=policy.offload), world_size=world_size,
             local_world_size=local_world_size, device=torch.device(device), memory_budget=memory_per_rank,
             optimizer_state_factor=optimizer.state_factor,
         )
         return DryRun(summary, None)
     except MemoryBudgetError as err:
-        if err.summary is None:  # TorchRec's planner found no plan at all: nothing to show
-            raise
-        return DryRun(err.summary, str(err))
+        # TorchRec's planner, when it finds no plan at all, has no placement to show.
+        return DryRun(err.summary or PlanSummary([], [0] * world_size, memory_per_rank), str(err))

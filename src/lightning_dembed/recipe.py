@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-__all__ = ["RecipeCLI"]
+__all__ = ["RecipeCLI", "with_base_configs"]
+
+
+def with_base_configs(args: list[str]) -> list[str]:
+    """``args`` with each ``--config FILE`` preceded by the config its ``base:`` key names, recursively.
+
+    A base is a path relative to the YAML that names it (``base: _base.yaml``); jsonargparse reads
+    several ``--config`` in order, later keys winning, so the named config's keys override its base.
+    """
+    expanded: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            config, index = args[index + 1], index + 2
+        elif arg.startswith("--config="):
+            config, index = arg.partition("=")[2], index + 1
+        else:
+            expanded.append(arg)
+            index += 1
+            continue
+        path = Path(config)
+        base = (yaml.safe_load(path.read_text()) or {}).get("base") if path.is_file() else None
+        if base is not None:
+            expanded += with_base_configs(["--config", str(path.parent / base)])
+        expanded += ["--config", config]
+    return expanded
 
 
 class _LogConfig(SaveConfigCallback):
@@ -29,12 +59,19 @@ class RecipeCLI(LightningCLI):
     ``fit`` the model is tested on the held-out split: from the best checkpoint when the config's
     ``ModelCheckpoint`` monitors a validation metric, else as training left it.
 
+    Args:
+        parse_only: only parse and validate the arguments (unknown keys, types, class paths, config
+            files), then return: nothing is built, seeded or run. ``lightning-dembed run`` does this
+            once, before it starts any process. Errors raise (or exit, by ``parser_kwargs``) as usual.
+        *args, **kwargs: LightningCLI's.
+
     Example::
 
         RecipeCLI(DLRMModule, LightningDataModule)  # python -m lightning_dembed.recipes.dlrm fit --config my.yaml
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, parse_only: bool = False, **kwargs: Any) -> None:
+        self.parse_only = parse_only
         # The data class is chosen in the YAML (data.class_path): synthetic, Criteo or task data.
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", _LogConfig)
@@ -44,10 +81,26 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The config names its recipe, for `lightning-dembed run`; the recipe itself has no use for it.
         parser.add_argument("--recipe", type=Optional[str], default=None, help="the recipe this config runs with")
+        # Resolved before parsing (with_base_configs); declared so that a config may carry the key.
+        parser.add_argument("--base", type=Optional[str], default=None, help="a YAML this config builds on")
         parser.link_arguments("data", "model.tables", compute_fn=lambda data: data.tables(), apply_on="instantiate")
         parser.link_arguments(
             "data", "model.num_dense_features", compute_fn=lambda data: data.num_dense_features, apply_on="instantiate"
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        config = parser.parse_args(with_base_configs(sys.argv[1:] if args is None else list(args)))
+        # The bases are read in: the config saved beside the logs stands alone, wherever it is run from.
+        (config[config.subcommand] if config.get("subcommand") else config).base = None
+        # LightningCLI goes on from its config: with no subcommand and no seed it runs, seeds and loads nothing.
+        self.config = Namespace(subcommand=None, seed_everything=False) if self.parse_only else config
+
+    def instantiate_classes(self) -> None:
+        if not self.parse_only:
+            super().instantiate_classes()
 
     def after_fit(self) -> None:
         # A config that selects checkpoints by a validation metric is tested on its best one.

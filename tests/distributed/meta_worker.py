@@ -2,8 +2,8 @@
 
     python tests/distributed/meta_worker.py --out DIR --algorithm maml --tasks 8 --inner-steps 1
 
-Writes ``DIR/rank{r}.pt`` (losses, collective calls per step) and the consolidated final weights
-``DIR/final.full.pt`` (rank 0).
+Writes ``DIR/rank{r}.pt`` (losses, collective calls per step), ``DIR/rank{r}.module.json`` (what the
+run left on the module and the trainer) and the consolidated final weights ``DIR/final.full.pt`` (rank 0).
 """
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ class Dump(Callback):
             consolidate_checkpoint(self.out / "final.ckpt", self.out / "final.full.pt")
 
 
+class LeftBehind(Callback):
+    """After MetaLearningLoop's teardown (it comes first): the module's attributes and the fit loop."""
+
+    def __init__(self, out: Path, attributes: set[str]) -> None:
+        self.out, self.attributes = out, attributes
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        record = {
+            "added": sorted(set(vars(pl_module)) - self.attributes),
+            "removed": sorted(self.attributes - set(vars(pl_module))),
+            "own_steps": all(getattr(pl_module, n).__func__ is getattr(type(pl_module), n)
+                             for n in ("training_step", "validation_step", "test_step")),
+            "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
+        }
+        (self.out / f"rank{trainer.global_rank}.module.json").write_text(json.dumps(record))
+
+
 class Data(LightningDataModule):
     def __init__(self, steps: int, tasks: int) -> None:
         super().__init__()
@@ -110,11 +128,12 @@ def main() -> None:
     counter = CountCollectives()
     loop = MetaLearningLoop(algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
                             adapt=("over_arch",), adapt_embeddings=("user",))
+    attributes = set(vars(module))
     trainer = Trainer(
         strategy=HybridParallelStrategy(start_method="fork", **json.loads(args.policy)),
         accelerator="cpu", devices=args.devices, max_steps=args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[loop, counter, Dump(out, counter)],
+        callbacks=[loop, LeftBehind(out, attributes), counter, Dump(out, counter)],
     )
     trainer.fit(module, datamodule=Data(args.steps, args.tasks))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,17 @@ def test_meta_training_on_sharded_tables_matches_single_process(tmp_path: Path, 
     for table in ("t_user", "t_item", "t_category"):
         key = f"ebc.embedding_bags.{table}.weight"
         assert not torch.equal(state[key], initial[key]), f"{table} was not updated by the outer step"
+
+
+def test_the_run_leaves_the_module_and_the_fit_loop_as_they_were(tmp_path: Path) -> None:
+    run(tmp_path)
+    for rank in (0, 1):
+        left = json.loads((tmp_path / f"rank{rank}.module.json").read_text())
+        # Only what any sharded fit leaves: TorchRec's DDP-ignore list, Lightning's _hparams, and the
+        # forward that Lightning's DDP forward redirection re-binds on the instance at every step.
+        assert left["added"] == ["_ddp_params_and_buffers_to_ignore", "_hparams", "forward"], left
+        assert left["removed"] == [] and left["own_steps"], left
+        assert left["loop"] == "lightning.pytorch.loops.optimization.automatic._AutomaticOptimization"
 
 
 def test_collectives_per_meta_batch_do_not_grow_with_tasks_or_inner_steps(tmp_path: Path) -> None:

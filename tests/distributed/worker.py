@@ -61,7 +61,9 @@ class Dump(Callback):
 
     def on_fit_end(self, trainer: Trainer, module: TinyRecModule) -> None:
         plan = [t.__dict__ for t in trainer.strategy.plan_summary.tables]
-        torch.save({"losses": module.losses, "plan": plan}, self.out / f"rank{trainer.global_rank}.pt")
+        used_ahead = {path: lookup.used_ahead for path, lookup in trainer.strategy._pipeline.lookups.items()}
+        torch.save({"losses": module.losses, "plan": plan, "used_ahead": used_ahead},
+                   self.out / f"rank{trainer.global_rank}.pt")
         if self.save:
             trainer.save_checkpoint(self.out / self.save)
             if trainer.is_global_zero:
@@ -206,7 +208,9 @@ def main() -> None:
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
-    p.add_argument("--sized", action="store_true", help="the train data has a length")
+    p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
+    p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
+    p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
     if args.kill:
@@ -223,6 +227,14 @@ def main() -> None:
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table)
     module.nan_at = args.nan_at
+    if args.touch_ids:
+        step = module.training_step
+
+        def training_step(batch, batch_idx):
+            batch.sparse_features.values().add_(0)  # same ids, but edited: the pipeline must not trust them
+            return step(batch, batch_idx)
+
+        module.training_step = training_step
     if args.skip_nonfinite:
         policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
@@ -246,7 +258,8 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=None if args.validate_only else 0,
+        limit_val_batches=None if args.validate_only else (2 if args.val_every else 0),
+        val_check_interval=args.val_every,
         accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip,
         gradient_clip_algorithm=args.clip_algorithm if args.clip else None,

@@ -1,9 +1,17 @@
-"""Every shipped recipe config parses, and the small ones run end to end on 2 processes."""
+"""Every shipped recipe config parses, and the small ones run end to end on 2 processes.
+
+A run's test metrics are compared with the ones stored in ``expected/<test>.json`` (torchtune's
+way: a changed loss is a changed model, data or kernel, and shows). Stored from a run on 2 CPU
+processes; after an intended change, store them again with ``UPDATE_EXPECTED=1 pytest tests/recipes``
+and say why in the commit.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +32,17 @@ from lightning_dembed.recipes.meta_dlrm import MetaRecipeCLI
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted(shipped_configs().values())
 CLI = [sys.executable, "-m", "lightning_dembed.cli"]
+EXPECTED = Path(__file__).parent / "expected"
+# Same process count, same seed: the runs repeat to float rounding (gloo's sums, threads).
+RTOL = 1e-4
 
 
 def test_recipes_lists_and_cp_copies_a_config_that_runs_from_anywhere(tmp_path: Path) -> None:
     listing = subprocess.run([*CLI, "recipes"], capture_output=True, text=True, check=True).stdout
     assert "meta_dlrm_synthetic" in listing and "recipe meta_dlrm" in listing
     subprocess.run([*CLI, "cp", "dlrm_synthetic_tiny", str(tmp_path / "mine.yaml")], check=True, cwd=tmp_path)
+    assert (tmp_path / "_base.yaml").is_file()  # the base it names travels with it
+    assert "_base" not in listing  # a base is not a config to run
     # A user's copy, anywhere, runs with the recipe it names.
     out = run(tmp_path, str(tmp_path / "mine.yaml"), "--trainer.max_steps=3", "--trainer.val_check_interval=3",
               "--data.init_args.train_batches=3", "--data.init_args.test_batches=1",
@@ -54,6 +67,7 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
                     str(tmp_path), str(source)], check=True, timeout=300)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert {f"lightning_dembed/recipes/configs/{c.name}" for c in CONFIGS} <= set(names)
+    assert "lightning_dembed/recipes/configs/_base.yaml" in names
     assert "lightning_dembed/recipes/dlrm.py" in names
 
 
@@ -71,10 +85,17 @@ def test_config_instantiates(config: Path, tmp_path: Path, monkeypatch: pytest.M
     assert cli.model.feature_names
 
 
+def free_port() -> int:
+    """A port nothing listens on: the default 29500 may be taken by another run on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run(tmp_path: Path, config: str, *overrides: str) -> str:
     """``lightning-dembed run`` of a shipped config by name (``dlrm_synthetic_tiny``) or a YAML path."""
     proc = subprocess.run(
-        [*CLI, "run", config, "--devices", "2", "--", *overrides],
+        [*CLI, "run", config, "--devices", "2", f"--main-port={free_port()}", "--", *overrides],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -85,11 +106,23 @@ def metric(output: str, name: str) -> float:
     return float(re.findall(rf"{re.escape(name)}\s+([0-9.]+)", output)[-1])
 
 
+def assert_expected(test: str, output: str, names: list[str]) -> None:
+    """The run's final ``names`` metrics equal those stored for ``test`` (``UPDATE_EXPECTED=1`` stores them)."""
+    measured = {name: metric(output, name) for name in names}
+    path = EXPECTED / f"{test}.json"
+    if os.environ.get("UPDATE_EXPECTED") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(measured, indent=2) + "\n")
+    expected = json.loads(path.read_text())
+    assert measured == pytest.approx(expected, rel=RTOL), f"{test}: measured {measured}, stored {expected}"
+
+
 def test_dlrm_synthetic_tiny_learns(tmp_path: Path) -> None:
     out = run(tmp_path, "dlrm_synthetic_tiny", "--trainer.max_steps=60", "--trainer.val_check_interval=60",
               "--data.init_args.train_batches=60", "--data.init_args.test_batches=4")
     assert "HybridParallelStrategy sharding plan (2 ranks)" in out
     assert metric(out, "test/auc") > 0.6
+    assert_expected("dlrm_synthetic_tiny", out, ["test/auc", "test/log_loss", "test/ne"])
     last = tmp_path / "outputs" / "checkpoints" / "dlrm-synthetic-tiny" / "last.ckpt"
     assert (last / "meta.pt").is_file()
     assert list((tmp_path / "outputs" / "wandb").glob("offline-run-*"))
@@ -125,15 +158,15 @@ def test_recipe_script_runs_under_other_launchers(tmp_path: Path, launcher: list
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert f"HybridParallelStrategy sharding plan ({devices} ranks)" in out
-    assert 0.0 <= metric(out, "test/auc") <= 1.0
+    # The data are the same on 1 and 2 processes; the steps are not (per-rank batches), hence one file each.
+    assert_expected(f"dlrm_synthetic_tiny_{devices}_process", out, ["test/auc", "test/log_loss", "test/ne"])
 
 
 def test_meta_dlrm_runs_and_reports_cold_start_auc(tmp_path: Path) -> None:
     # Meta-SGD on top of the config's MAML with adapted user offsets: the loop adds the learned rates.
     out = run(tmp_path, "meta_dlrm_synthetic", "--trainer.max_steps=20", "--trainer.val_check_interval=20",
               "--data.init_args.num_users=1200", "--data.init_args.num_workers=0", "--meta.learn_inner_lr=true")
-    assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
-    assert 0.0 < metric(out, "test/query_auc_unadapted") <= 1.0
+    assert_expected("meta_dlrm_synthetic", out, ["test/query_auc_adapted", "test/query_auc_unadapted"])
 
 
 def test_plain_dlrm_on_tasks_is_scored_as_is_and_fine_tuned_on_its_best_checkpoint(tmp_path: Path) -> None:
@@ -141,8 +174,7 @@ def test_plain_dlrm_on_tasks_is_scored_as_is_and_fine_tuned_on_its_best_checkpoi
               "--trainer.val_check_interval=10", "--data.init_args.num_users=1200",
               "--data.init_args.num_workers=0")
     # The same cold-start query rows, side by side: plain DLRM as is, and fine-tuned on each support set.
-    assert 0.5 < metric(out, "test/query_auc_unadapted") <= 1.0
-    assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
+    assert_expected("dlrm_tasks_synthetic", out, ["test/query_auc_unadapted", "test/query_auc_adapted"])
     assert "Loaded model weights from the checkpoint at" in out  # the best checkpoint is the one tested
 
 
@@ -152,7 +184,7 @@ def test_meta_dlrm_runs_on_a_movielens_directory(tmp_path: Path) -> None:
               "--trainer.max_steps=20", "--trainer.val_check_interval=20", "--data.init_args.num_workers=0")
     stats = (tmp_path / "outputs" / "task_store_movielens" / "stats.json").read_text()
     assert f'"source": "{movielens}"' in stats and '"label_rule": "rating >= 4"' in stats
-    assert 0.5 < metric(out, "test/query_auc_adapted") <= 1.0
+    assert_expected("meta_dlrm_movielens", out, ["test/query_auc_adapted", "test/query_auc_unadapted"])
 
 
 def test_dlrm_dcn_on_criteo_format_files(tmp_path: Path) -> None:
@@ -165,4 +197,48 @@ def test_dlrm_dcn_on_criteo_format_files(tmp_path: Path) -> None:
               "--model.dense_arch_layer_sizes=[32,16]", "--data.init_args.global_batch_size=256",
               "--data.init_args.val_batches=2", "--data.init_args.test_batches=2")
     assert (raw / "preprocessed" / "metadata.json").is_file()
-    assert 0.0 < metric(out, "test/auc") <= 1.0
+    assert_expected("dlrm_dcn_criteo", out, ["test/auc", "test/log_loss", "test/ne"])
+
+
+def test_a_config_error_is_one_message_before_any_process_starts(tmp_path: Path) -> None:
+    shipped = config_path("dlrm_synthetic_tiny")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(shipped.read_text().replace("max_steps: 400", "max_stepz: 400"))
+    (tmp_path / "_base.yaml").write_text((shipped.parent / "_base.yaml").read_text())
+    for config, override, error in [
+        ("dlrm_synthetic_tiny", "--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
+        ("dlrm_synthetic_tiny", "--trainer.max_steps=abc", 'Parser key "trainer.max_steps"'),
+        (str(broken), "--trainer.max_steps=3", "max_stepz"),
+        ("missing.yaml", "--trainer.max_steps=3", "neither a YAML file nor a shipped config"),
+    ]:
+        proc = subprocess.run([*CLI, "run", config, "--devices", "2", override], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and out.count(error) == 1, out[-3000:]
+        assert "torch.distributed" not in out and "[rank" not in out, out[-3000:]  # no launcher, no process
+
+
+def test_a_failing_rank_is_the_last_thing_the_launcher_prints(tmp_path: Path) -> None:
+    # Rank 1 raises while rank 0 waits in a collective; rank 0 then fails too ("Connection closed by peer").
+    proc = subprocess.run(
+        [*CLI, "run", "dlrm_synthetic_tiny", "--devices", "2", f"--main-port={free_port()}", "--trainer.max_steps=5",
+         "--trainer.logger=false",
+         "--trainer.callbacks=[{class_path: failing_rank.RaiseOnRank, init_args: {rank: 1, step: 2}}]"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line == "RuntimeError: rank 1 fails here on purpose, at step 2", proc.stderr[-5000:]
+    summary = proc.stderr[proc.stderr.rindex("lightning-dembed run: rank"):]
+    assert summary.startswith("lightning-dembed run: rank 1 (local rank 1") and "Connection closed" not in summary
+
+
+def test_a_failing_rank_is_the_last_thing_a_script_launched_run_prints(tmp_path: Path) -> None:
+    # Lightning's script launcher: rank 0 is the launching process, and fails second ("Connection closed by peer").
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "failing_rank.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith("RuntimeError: rank 1 fails here on purpose, at step 2")
+    last_error = proc.stderr[proc.stderr.rindex("The above exception was the direct cause"):]
+    assert "RankFailedFirst: rank 1 failed first; its error:" in last_error and "Connection closed" not in last_error

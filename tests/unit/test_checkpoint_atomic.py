@@ -37,21 +37,24 @@ def versions(path: Path) -> list[Path]:
     return sorted(path.with_name(f".{path.name}.versions").iterdir())
 
 
-# Each step of the protocol, and the function after which the process is killed.
+# Each step of the protocol: the module and function after which the process is killed, and at
+# which call.
 KILL_POINTS = {
-    "after creating the version": ("_begin", 1),
-    "after the shards": ("dcp.save", 1),
-    "after meta.pt": ("_write_meta", 1),
-    "after the link": ("_link", 1),
-    "after the cleanup": ("_remove_stale_versions", 2),
+    "after creating the version": ("_atomic", "new_version", 1),
+    "after the shards": ("dcp", "save", 1),
+    "after meta.pt": ("checkpoint", "_write_meta", 1),
+    "after the fsync": ("_atomic", "_fsync_tree", 1),
+    "after the link": ("_atomic", "_swap_link", 1),
+    "after the cleanup": ("_atomic", "_remove_stale", 2),
 }
 KILLER = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
-import lightning_dembed.checkpoint as ckpt
+import lightning_dembed._atomic as _atomic
+import lightning_dembed.checkpoint as checkpoint
 from test_checkpoint_atomic import save
-owner, name = (ckpt.dcp, "save") if {target!r} == "dcp.save" else (ckpt, {target!r})
-original = getattr(owner, name)
+owner = {{"_atomic": _atomic, "checkpoint": checkpoint, "dcp": checkpoint.dcp}}[{module!r}]
+original = getattr(owner, {name!r})
 calls = []
 def killed_after(*args, **kwargs):
     result = original(*args, **kwargs)
@@ -59,7 +62,7 @@ def killed_after(*args, **kwargs):
     if len(calls) == {nth}:
         os.kill(os.getpid(), 9)
     return result
-setattr(owner, name, killed_after)
+setattr(owner, {name!r}, killed_after)
 save(__import__("pathlib").Path({path!r}), 2.0)
 """
 
@@ -68,8 +71,9 @@ save(__import__("pathlib").Path({path!r}), 2.0)
 def test_kill_at_each_step_leaves_a_loadable_checkpoint(tmp_path: Path, point: str) -> None:
     path = tmp_path / "last.ckpt"
     save(path, 1.0)
-    target, nth = KILL_POINTS[point]
-    script = KILLER.format(tests=str(Path(__file__).parent), target=target, nth=nth, path=str(path))
+    module, name, nth = KILL_POINTS[point]
+    tests = str(Path(__file__).parent)
+    script = KILLER.format(tests=tests, module=module, name=name, nth=nth, path=str(path))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     step, weights = load(path)

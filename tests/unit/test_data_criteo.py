@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dembed.data import (
     CRITEO_1TB_NUM_EMBEDDINGS,
-    CriteoDataset,
+    ClickDataset,
     CriteoTsvReader,
     RecDataModule,
     criteo,
@@ -63,7 +63,7 @@ def reference_parse(path: Path, mapping: str, skip_lines=()) -> dict[str, np.nda
     return {"labels": np.array(labels), "dense": np.array(dense), "cats": np.array(cats)}
 
 
-def read_all(data: CriteoDataset) -> dict[str, np.ndarray]:
+def read_all(data: ClickDataset) -> dict[str, np.ndarray]:
     batches = list(data)
     return {
         "labels": torch.cat([b.labels for b in batches]).numpy(),
@@ -104,7 +104,7 @@ def test_round_trip_tsv_preprocess_dataset_equals_line_by_line_parse(tmp_path: P
     assert info.rows_per_file == (400, 300) and info.num_malformed == 0
     want = [reference_parse(path, mapping) for path in paths]
     want = {key: np.concatenate([w[key] for w in want]) for key in want[0]}
-    assert_rows_equal(read_all(CriteoDataset(tmp_path / "pre", batch_size=100)), want)
+    assert_rows_equal(read_all(ClickDataset(tmp_path / "pre", batch_size=100)), want)
     direct = CriteoTsvReader(paths[1], SIZES, mapping).read_all()
     np.testing.assert_array_equal(direct["cat_3"].to_numpy(), want["cats"][400:, 3])
 
@@ -197,12 +197,23 @@ def test_skip_malformed_counts_and_records_them(tmp_path: Path, capsys: pytest.C
             "--mapping", "hash", "--skip-malformed"]
     assert preprocess_main(argv) == 0
     assert "wrote 196 rows in 2 files" in capsys.readouterr().out
-    info = CriteoDataset(tmp_path / "pre", batch_size=10).info
+    info = ClickDataset(tmp_path / "pre", batch_size=10).info
     assert info.num_malformed == 4 and info.rows_per_file == (97, 99) and info.num_embeddings == (500,) * 26
     with pytest.raises(SystemExit) as exit_:
         preprocess_main(argv)  # the output directory exists now
     assert exit_.value.code == 1
     assert "preprocess-criteo: error: " in (err := capsys.readouterr().err) and "pre already exists" in err
+
+
+def test_a_killed_preprocessing_leaves_nothing_the_next_run_keeps(tmp_path: Path) -> None:
+    from lightning_dembed import _atomic
+
+    write_fake_criteo_tsv(tmp_path / "day_0", 20)
+    (_atomic.new_version(tmp_path / "pre") / "part-00000.arrow").write_bytes(b"half a file")  # then killed
+    assert not (tmp_path / "pre").exists()
+    info = preprocess([tmp_path / "day_0"], tmp_path / "pre", 100)
+    assert len(list(ClickDataset(tmp_path / "pre", batch_size=20))) == 1 and info.num_rows == 20
+    assert len(list(_atomic.versions_dir(tmp_path / "pre").iterdir())) == 1
 
 
 def test_missing_empty_and_unusable_inputs_fail_at_start(tmp_path: Path) -> None:
@@ -226,9 +237,9 @@ def test_missing_empty_and_unusable_inputs_fail_at_start(tmp_path: Path) -> None
     with pytest.raises(FileExistsError, match="pre already exists"):
         preprocess([good], tmp_path / "pre", 100)
     with pytest.raises(FileNotFoundError, match="preprocess-criteo"):
-        CriteoDataset(tmp_path / "nowhere", batch_size=4)
+        ClickDataset(tmp_path / "nowhere", batch_size=4)
     with pytest.raises(ValueError, match="no full batch of 64 rows"):
-        CriteoDataset(tmp_path / "pre", batch_size=64)
+        ClickDataset(tmp_path / "pre", batch_size=64)
 
 
 @pytest.fixture
@@ -245,34 +256,34 @@ def test_ranks_read_disjoint_contiguous_slices_of_equal_length(preprocessed) -> 
     path, want = preprocessed
     # 1000 rows over 3 ranks: 333 each, 5 batches of 64 (13 rows dropped per rank, 1 at the end)
     for rank in range(3):
-        data = CriteoDataset(path, batch_size=64, rank=rank, world_size=3)
+        data = ClickDataset(path, batch_size=64, rank=rank, world_size=3)
         assert len(data) == 5
         start = 333 * rank  # rank 1 crosses from day_0 into day_1
         assert_rows_equal(read_all(data), {key: value[start:start + 320] for key, value in want.items()})
-    data = CriteoDataset(path, batch_size=50, row_range=(900, 1000), rank=1, world_size=2)
+    data = ClickDataset(path, batch_size=50, row_range=(900, 1000), rank=1, world_size=2)
     assert_rows_equal(read_all(data), {key: value[950:1000] for key, value in want.items()})
-    assert len(CriteoDataset(path, batch_size=64, num_batches=2)) == 2
+    assert len(ClickDataset(path, batch_size=64, num_batches=2)) == 2
     with pytest.raises(ValueError, match="only 15 each"):
-        CriteoDataset(path, batch_size=64, num_batches=16)
+        ClickDataset(path, batch_size=64, num_batches=16)
     with pytest.raises(ValueError, match="not inside"):
-        CriteoDataset(path, batch_size=64, row_range=(0, 1001))
+        ClickDataset(path, batch_size=64, row_range=(0, 1001))
 
 
 def test_shuffle_reorders_whole_batches_every_pass(preprocessed) -> None:
     path, want = preprocessed
-    data = CriteoDataset(path, batch_size=100, shuffle=True, seed=3)
+    data = ClickDataset(path, batch_size=100, shuffle=True, seed=3)
     passes = [[b.labels for b in data] for _ in range(2)]
     in_order = [tuple(batch) for batch in want["labels"].reshape(10, 100).tolist()]
     orders = [[in_order.index(tuple(batch.tolist())) for batch in batches] for batches in passes]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(10))  # every batch once, whole
     assert orders[0] != list(range(10)) and orders[0] != orders[1]
-    again = CriteoDataset(path, batch_size=100, shuffle=True, seed=3)
+    again = ClickDataset(path, batch_size=100, shuffle=True, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(passes[0], (b.labels for b in again)))
 
 
 def test_dataloader_workers_keep_the_order(preprocessed) -> None:
     path, want = preprocessed
-    data = CriteoDataset(path, batch_size=100)
+    data = ClickDataset(path, batch_size=100)
     got = torch.cat([b.labels for b in DataLoader(data, batch_size=None, num_workers=2)])
     np.testing.assert_array_equal(got.numpy(), want["labels"])
 

@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from lightning_dembed.data import (
     SYNTHETIC_MODELS,
-    CriteoDataset,
+    ClickDataset,
     RecDataModule,
     SyntheticClickDataset,
     materialize,
@@ -172,7 +172,7 @@ def test_materialize_round_trips_through_the_reader(tmp_path) -> None:
     assert info.num_rows == 1000 and len(info.feature_names) == 58 and info.hotness[:2] == (1, 10)
     stream = SyntheticClickDataset(TINY, 256, 4, 0.001, seed=5, rank=0, world_size=1)
     expected = [stream.batch(i) for i in range(4)]
-    read = list(CriteoDataset(tmp_path / "tiny", batch_size=250))
+    read = list(ClickDataset(tmp_path / "tiny", batch_size=250))
     assert len(read) == 4
     torch.testing.assert_close(
         torch.cat([b.dense_features for b in read]), torch.cat([b.dense_features for b in expected])[:1000]

@@ -20,7 +20,9 @@ from lightning_dembed.meta import (
     adapt_and_predict,
     meta_step,
     task_index,
+    vmap_refusal,
 )
+from lightning_dembed.meta.functional import VMAP_REFUSAL_PREFIX
 
 FEATURES = ["user", "item", "category"]
 DIM, NUM_DENSE, IDS = 4, 3, 20
@@ -252,6 +254,36 @@ def test_vectorize_false_loops_over_tasks_and_vmap_failures_are_raised() -> None
     with pytest.raises(RuntimeError):
         meta_step(model, dict(model.named_parameters()), dense, model.embed(kjt), labels, offsets, supports,
                   vectorized, FEATURES)
+
+
+class BranchingDLRM(TinyDLRM):
+    """Python control flow on a tensor value, which vmap cannot batch either."""
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        logits = super().forward(dense, sparse)
+        return logits if logits.sum() > -1e9 else -logits
+
+
+class OutOfMemoryDLRM(TinyDLRM):
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def refusal(model_class: type, config: MetaLearningConfig = CONFIGS["maml_embedding_offsets"]):
+    model = model_class()
+    dense, kjt, labels, offsets, supports = meta_batch()
+    return vmap_refusal(model, dict(model.named_parameters()), dense, model.embed(kjt), labels, offsets,
+                        supports, config, FEATURES)
+
+
+def test_vmap_refusal_answers_only_vmaps_own_refusals() -> None:
+    assert refusal(TinyDLRM) is None
+    # torch's wording for .item() and for a branch on a tensor value: what the refusal is known by.
+    for model_class in (ItemCallingDLRM, BranchingDLRM):
+        assert refusal(model_class).startswith(VMAP_REFUSAL_PREFIX)
+    # Anything else is raised as it is: an out-of-memory is never taken for "vmap cannot batch this".
+    with pytest.raises(torch.OutOfMemoryError):
+        refusal(OutOfMemoryDLRM)
 
 
 def test_meta_step_outputs() -> None:

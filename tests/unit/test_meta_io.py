@@ -14,13 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dembed.data.batch import TaskBatch
-from lightning_dembed.data.meta_io import (
-    MetaBatchDataset,
-    QueryRowDataset,
-    TaskStore,
-    build_task_store,
-    parse_label_rule,
-)
+from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
+from lightning_dembed.data.task_store import TaskStore, build_task_store, parse_label_rule
 from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions, write_interactions
 
 
@@ -410,6 +405,26 @@ def test_an_empty_split_round_trips(tmp_path: Path) -> None:
     assert loaded.train.num_tasks == store.train.num_tasks == store.stats["tasks"]
     with pytest.raises(FileNotFoundError, match="not a task store"):
         TaskStore.load(tmp_path)
+
+
+def test_a_failed_rebuild_keeps_the_store_and_a_rebuild_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "store"
+    first = build(interactions(seed=0), out, min_rows_per_task=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left on device: .*tasks.npz"):
+        build(interactions(seed=1), out, min_rows_per_task=2)
+    monkeypatch.undo()
+    assert TaskStore.load(out).stats == first.stats
+    second = build(interactions(seed=1), out, min_rows_per_task=2)
+    assert TaskStore.load(out).stats == second.stats != first.stats
+    assert [p.name for p in sorted(tmp_path.iterdir())] == [".store.versions", "store"]
+    assert len(list((tmp_path / ".store.versions").iterdir())) == 1
 
 
 def test_task_data_module_refuses_a_store_built_with_other_settings(tmp_path: Path) -> None:

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
-from lightning_dembed.data.batch import TaskBatch
+from lightning_dembed._private import AutomaticOptimization
+from lightning_dembed.data.batch import Batch, TaskBatch
 from lightning_dembed.meta import ColdStartEvaluation, MetaLearningLoop
 
-from test_meta_functional import FEATURES, TinyDLRM, meta_batch
+from test_meta_functional import FEATURES, ItemCallingDLRM, TinyDLRM, meta_batch
 
 
 class TinyModule(LightningModule):
     """A plain click model with the meta-learning contract (embed, forward on looked-up rows)."""
 
-    def __init__(self, feature_names: Optional[list[str]] = FEATURES) -> None:
+    def __init__(self, feature_names: Optional[list[str]] = FEATURES, vmap_friendly: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = TinyDLRM()
+        self.model = TinyDLRM() if vmap_friendly else ItemCallingDLRM()
         if feature_names is not None:
             self.feature_names = feature_names
 
@@ -44,9 +48,9 @@ class TinyModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def task_batches(count: int = 3) -> DataLoader:
+def task_batches(count: int = 3, seeds: Optional[list[int]] = None) -> DataLoader:
     batches = []
-    for seed in range(count):
+    for seed in seeds if seeds is not None else range(count):
         dense, kjt, labels, offsets, supports = meta_batch(seed=seed)
         batches.append(TaskBatch(dense, kjt, labels, offsets, supports, torch.arange(supports.numel())))
     return DataLoader(batches, batch_size=None)
@@ -76,7 +80,57 @@ def test_cold_start_evaluation_scores_a_plain_model_as_is_and_fine_tuned() -> No
     assert metrics["val/query_auc_unadapted"] == pytest.approx(float(want), abs=1e-6)
     # Fine-tuned: other scores.
     assert metrics["val/query_loss_adapted"] != metrics["val/query_loss_unadapted"]
-    assert "validation_step" not in module.__dict__
+    assert "validation_step" not in vars(module)
+
+
+STEP_METHODS = ("training_step", "validation_step", "test_step")
+
+
+class PlainModule(TinyModule):
+    """Trained by its own training_step, for what a plain Lightning fit leaves on a module."""
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        return None
+
+
+def assert_as_the_user_made_it(module: LightningModule, attributes: set[str]) -> None:
+    """No instance attribute added or dropped, and every step method the class's own."""
+    # Lightning itself adds _hparams to any module it fits (see the plain fit in the test below).
+    assert set(vars(module)) - {"_hparams"} == attributes - {"_hparams"}
+    for name in STEP_METHODS:
+        assert name not in vars(module)
+        assert getattr(module, name).__func__ is getattr(type(module), name)
+
+
+class WatchTheStep(Callback):
+    """Records, outside the training step, what the module and the fit loop look like."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, str]] = []
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        self.seen.append(("training_step" in vars(pl_module), type(loop).__name__))
+
+
+def test_fit_runs_the_meta_step_in_lightnings_loop_and_leaves_the_module_as_the_user_made_it() -> None:
+    plain = PlainModule()
+    trainer([], max_steps=2, limit_val_batches=1).fit(plain, task_batches(), task_batches())
+
+    module = TinyModule()
+    attributes = set(vars(module))
+    watch = WatchTheStep()
+    fit = trainer([MetaLearningLoop(inner_steps=1, adapt=["over_arch"]), watch], max_steps=4,
+                  limit_val_batches=1)
+    fit.fit(module, task_batches(), task_batches())
+    # max_steps counts meta-batches; the meta-step logged through Lightning; validation ran (epoch of 3).
+    assert fit.global_step == 4
+    assert {"train/query_loss", "train/support_loss", "val/query_auc_adapted"} <= set(fit.callback_metrics)
+    # While fitting: the loop in the fit loop's place; the step method bound only inside the step's call.
+    assert watch.seen == [(False, "_MetaOptimization")] * 4
+    assert type(fit.fit_loop.epoch_loop.automatic_optimization) is AutomaticOptimization
+    assert_as_the_user_made_it(module, attributes)
+    assert set(vars(module)) == set(vars(plain))
 
 
 class Fail(Callback):
@@ -87,24 +141,109 @@ class Fail(Callback):
             raise RuntimeError("a failure in the middle of fit")
 
 
-def test_a_failed_fit_leaves_the_module_as_it_was() -> None:
+def plain_batch_second() -> DataLoader:
+    dense, kjt, labels, offsets, supports = meta_batch()
+    task = TaskBatch(dense, kjt, labels, offsets, supports, torch.arange(supports.numel()))
+    return DataLoader([task, Batch(dense, kjt, labels)], batch_size=None)
+
+
+@pytest.mark.parametrize(
+    "failure, data, error",
+    [
+        (Fail(), task_batches, "middle of fit"),  # between steps
+        (None, plain_batch_second, "TaskBatch"),  # inside the meta-step
+    ],
+    ids=["between_steps", "inside_the_step"],
+)
+def test_a_failed_fit_leaves_the_module_and_the_trainer_as_they_were(failure, data, error) -> None:
     module = TinyModule()
     own_test_step = module.test_step = lambda batch, batch_idx: None  # an instance attribute of the user's
-    with pytest.raises(RuntimeError, match="middle of fit"):
-        trainer([MetaLearningLoop(inner_steps=1, adapt=["over_arch"]), Fail()], max_steps=3).fit(
-            module, task_batches(), task_batches()
-        )
-    assert "training_step" not in module.__dict__ and "validation_step" not in module.__dict__
-    assert module.test_step is own_test_step
+    attributes = set(vars(module))
+    fit = trainer([MetaLearningLoop(inner_steps=1, adapt=["over_arch"])] + ([failure] if failure else []),
+                  max_steps=3)
+    with pytest.raises((RuntimeError, TypeError), match=error):
+        fit.fit(module, data(), task_batches())
+    assert set(vars(module)) - {"_hparams"} == attributes and module.test_step is own_test_step
+    assert "training_step" not in vars(module) and "validation_step" not in vars(module)
     assert module.training_step.__func__ is TinyModule.training_step
+    assert type(fit.fit_loop.epoch_loop.automatic_optimization) is AutomaticOptimization
 
 
-def test_a_fit_that_ends_leaves_the_module_as_it_was() -> None:
-    module = TinyModule()
-    trainer([MetaLearningLoop(inner_steps=1, adapt=["over_arch"])], max_steps=2, limit_val_batches=1).fit(
-        module, task_batches(), task_batches()
+def test_checkpoints_and_resume_are_lightnings(tmp_path: Path) -> None:
+    # One meta-batch repeated: any order of steps gives the same weights, so resume is compared exactly.
+    data = lambda: task_batches(seeds=[0, 0, 0])  # noqa: E731
+    straight = TinyModule()
+    trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=4, limit_val_batches=0).fit(straight, data())
+
+    first = trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=2, limit_val_batches=0)
+    first.fit(TinyModule(), data())
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    loops = torch.load(tmp_path / "step2.ckpt", weights_only=False)["loops"]["fit_loop"]
+    # The loop's progress is saved where Lightning's own is: global_step counts meta-steps.
+    progress = loops["epoch_loop.automatic_optimization.optim_progress"]
+    assert progress["optimizer"]["step"]["total"]["completed"] == 2
+
+    resumed_module = TinyModule()
+    resumed = trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=4, limit_val_batches=0)
+    resumed.fit(resumed_module, data(), ckpt_path=tmp_path / "step2.ckpt")
+    assert resumed.global_step == 4
+    for (name, got), want in zip(resumed_module.state_dict().items(), straight.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_installed_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "meta.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  accelerator: cpu\n"
+        "  max_steps: 2\n"
+        "  logger: false\n"
+        "  enable_checkpointing: false\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_dembed.meta.MetaLearningLoop\n"
+        "      init_args:\n"
+        "        {algorithm: fomaml, adapt: [over_arch], adapt_embeddings: [user], vectorize: null}\n"
     )
-    assert not {"training_step", "validation_step", "test_step"} & set(module.__dict__)
+    cli = LightningCLI(TinyModule, run=False, args=["--config", str(config)], save_config_callback=None)
+    (loop,) = [c for c in cli.trainer.callbacks if isinstance(c, MetaLearningLoop)]
+    assert loop.config.first_order and loop.vectorize is None
+    cli.trainer.fit(cli.model, task_batches())
+    assert cli.trainer.global_step == 2 and "train/query_loss" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("vmap_friendly", [True, False], ids=["vmap", "loop"])
+def test_vectorize_is_decided_once_per_run_and_said(
+    vmap_friendly: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    losses = {}
+    for vectorize in (None, vmap_friendly):
+        module = TinyModule(vmap_friendly=vmap_friendly)
+        fit = trainer([MetaLearningLoop(adapt=["over_arch"], adapt_embeddings=["user"], vectorize=vectorize)],
+                      max_steps=2, limit_val_batches=0)
+        with caplog.at_level(logging.INFO):
+            fit.fit(module, task_batches())
+        losses[vectorize] = fit.callback_metrics["train/query_loss"]
+    said = [r.getMessage() for r in caplog.records if "adapt" in r.getMessage()]
+    assert len(said) == 2  # once per run
+    how = "side by side under torch.func.vmap" if vmap_friendly else "one after another"
+    assert all(how in message for message in said)
+    if not vmap_friendly:
+        assert "cannot batch TinyModule.forward (vmap:" in said[0] and "vectorize=false" in said[0]
+    # Chosen by the probe, the run is the run that setting it by hand gives.
+    assert losses[None] == losses[vmap_friendly]
+
+
+def test_vectorize_forced_on_a_forward_vmap_cannot_batch_fails_as_torch_says() -> None:
+    fit = trainer([MetaLearningLoop(adapt=["over_arch"], vectorize=True)], max_steps=1, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="^vmap:"):
+        fit.fit(TinyModule(vmap_friendly=False), task_batches())
+
+
+def test_manual_optimization_is_refused_by_name() -> None:
+    module = TinyModule()
+    module.automatic_optimization = False
+    with pytest.raises(TypeError, match="automatic_optimization"):
+        trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=1).fit(module, task_batches())
 
 
 def test_adapt_embeddings_needs_the_module_to_name_its_features() -> None:
@@ -115,8 +254,6 @@ def test_adapt_embeddings_needs_the_module_to_name_its_features() -> None:
 
 
 def test_cold_start_evaluation_refuses_plain_batches_by_name() -> None:
-    from lightning_dembed.data.batch import Batch
-
     dense, kjt, labels, _, _ = meta_batch()
     with pytest.raises(TypeError, match="eval_as_tasks"):
         trainer([ColdStartEvaluation(adapt=["over_arch"])]).validate(

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_dembed.data.batch import TaskBatch
-from lightning_dembed.data.meta_datamodule import TaskDataModule
-from lightning_dembed.data.meta_io import build_task_store
+from lightning_dembed.data.datamodules import TaskDataModule
+from lightning_dembed.data.task_store import build_task_store
 from lightning_dembed.data.movielens import (
     MOVIELENS_GENRES,
     genre_column,

@@ -35,3 +35,25 @@ def test_a_model_that_does_not_fit_exits_nonzero_and_says_what_to_change(capsys:
     code, result = plan(capsys, "--world-size", "4", "--placement", "basic", "--memory-per-rank", "1MiB")
     assert code == 1 and not result["fits"]
     assert "use more processes" in result["error"] and "row_slice_threshold" in result["error"]
+
+
+@pytest.mark.parametrize("planner", [("--placement", "memory_optimized"), ()], ids=["merlin", "torchrec"])
+def test_offload_moves_the_largest_tables_to_host_memory_until_the_plan_fits(
+    capsys: pytest.CaptureFixture, planner: tuple[str, ...]
+) -> None:
+    args = ("--world-size", "2", "--memory-per-rank", "150MiB", *planner, "--", "--data.init_args.scale=0.05")
+    code, without = plan(capsys, *args[:-2], "--", args[-1])
+    assert code == 1 and "offload='uvm_caching'" in without["error"]
+    code, result = plan(capsys, "--offload", "uvm_caching", *args)
+    assert code == 0 and result["fits"]
+    offloaded = [t for t in result["tables"] if t["kernel"] == "fused_uvm_caching"]
+    kept = [t for t in result["tables"] if t["kernel"] != "fused_uvm_caching"]
+    assert offloaded and kept
+    if planner:  # Merlin's rule: the largest tables go first
+        assert min(t["bytes"] for t in offloaded) >= max(t["bytes"] for t in kept if t["sharding"] != "data_parallel")
+    assert all(r["bytes"] <= 150 * 2**20 and r["host_bytes"] > 0 for r in result["ranks"])
+
+
+def test_offload_is_refused_for_cpu_plans(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="offload='uvm'.* on cpu every table is there already"):
+        main(["plan", CONFIG, "--world-size", "2", "--device", "cpu", "--offload", "uvm"])

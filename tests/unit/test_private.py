@@ -9,7 +9,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch.distributed import Reducer
 
 import lightning_dembed._private as private
-from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
+from lightning_dembed.strategies.launcher import FirstFailureScriptLauncher, ShardedMultiProcessingLauncher
 
 
 def test_launcher_hook_exists_with_expected_signature() -> None:
@@ -17,6 +17,16 @@ def test_launcher_hook_exists_with_expected_signature() -> None:
     assert params == ["self", "trainer", "results"]
     assert "weights_path" in _WorkerOutput._fields
     assert issubclass(ShardedMultiProcessingLauncher, _MultiProcessingLauncher)
+
+
+def test_script_launcher_pieces_exist() -> None:
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    assert issubclass(FirstFailureScriptLauncher, _SubprocessScriptLauncher)
+    params = list(inspect.signature(_SubprocessScriptLauncher.launch).parameters)
+    assert params == ["self", "function", "args", "trainer", "kwargs"]
+    assert "procs" in vars(_SubprocessScriptLauncher(LightningEnvironment(), 1, 1))  # the other ranks' Popen
 
 
 def test_manual_optimization_pieces_exist() -> None:
@@ -44,3 +54,46 @@ def test_dcp_load_everything_pieces_exist() -> None:
     assert list(inspect.signature(private.compute_local_shape_and_global_offset).parameters)[:3] == [
         "global_shape", "mesh", "placements"
     ]
+
+
+def test_tensor_version_counts_in_place_changes() -> None:
+    import torch
+
+    t = torch.zeros(3)
+    before = private.tensor_version(t)
+    t.add_(1)
+    assert private.tensor_version(t) == before + 1
+
+
+def test_sharded_output_keys_attribute_exists() -> None:
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    # Set in the constructor (output dist built eagerly), from the plan's shardings.
+    assert "self._embedding_names" in inspect.getsource(ShardedEmbeddingBagCollection.__init__)
+    assert "self._embedding_names.extend" in inspect.getsource(ShardedEmbeddingBagCollection._create_output_dist)
+
+
+# -- the fit loop's optimization loop (MetaLearningLoop) -------------------------------------------
+
+
+def test_automatic_optimization_is_where_and_what_the_meta_loop_expects() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+
+    assert private.AutomaticOptimization is _AutomaticOptimization
+    # MetaLearningLoop's subclass overrides this one method, and builds itself as Lightning does.
+    assert list(inspect.signature(_AutomaticOptimization._training_step).parameters) == ["self", "kwargs"]
+    source = inspect.getsource(_AutomaticOptimization._training_step)
+    assert '_call_strategy_hook(trainer, "training_step"' in source
+    assert list(inspect.signature(_AutomaticOptimization.__init__).parameters) == ["self", "trainer"]
+
+    trainer = Trainer(accelerator="cpu", logger=False)
+    lightnings = trainer.fit_loop.epoch_loop.automatic_optimization
+    assert type(lightnings) is _AutomaticOptimization
+    ours = _AutomaticOptimization(trainer)
+    assert private.swap_automatic_optimization(trainer, ours) is lightnings
+    assert trainer.fit_loop.epoch_loop.automatic_optimization is ours
+    # global_step and checkpoints count the same steps.
+    assert ours.optim_progress is lightnings.optim_progress
+    assert private.swap_automatic_optimization(trainer, lightnings) is ours
+    assert trainer.fit_loop.epoch_loop.automatic_optimization is lightnings

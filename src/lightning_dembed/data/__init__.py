@@ -1,16 +1,18 @@
 """Click data for recommender training: synthetic models' streams, Criteo logs, MovieLens ratings and
 task stores for meta-learning, Lightning data modules.
 
+Imports flow one way: `batch` and `position` <- `click_format` <- `criteo`, `synthetic`;
+`movielens` <- `task_store` <- `task_loader`; `datamodules` uses them all. HF ``datasets`` is
+imported only when a task store is built or loaded, so this package imports without it.
+
 Every data set here yields `Batch` (TorchRec's): dense features, a `KeyedJaggedTensor` of sparse
 features, labels.
 """
 
 from lightning_dembed.data.batch import Batch, TaskBatch
+from lightning_dembed.data.click_format import ClickDataInfo, ClickDataset, ClickDataWriter
 from lightning_dembed.data.criteo import (
     CRITEO_1TB_NUM_EMBEDDINGS,
-    ClickDataInfo,
-    ClickDataWriter,
-    CriteoDataset,
     CriteoTsvReader,
     criteo_tables,
     map_categorical,
@@ -18,16 +20,13 @@ from lightning_dembed.data.criteo import (
     preprocess_main,
     write_fake_criteo_tsv,
 )
-from lightning_dembed.data.datamodule import RecDataModule
-from lightning_dembed.data.meta_datamodule import TaskDataModule
-from lightning_dembed.data.meta_io import MetaBatchDataset, QueryRowDataset, TaskStore, build_task_store
+from lightning_dembed.data.datamodules import RecDataModule, TaskDataModule
 from lightning_dembed.data.movielens import (
     movielens_format,
     read_interactions,
     read_movielens,
     write_fake_movielens,
 )
-from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions
 from lightning_dembed.data.synthetic import (
     SYNTHETIC_MODELS,
     SyntheticClickDataset,
@@ -35,6 +34,9 @@ from lightning_dembed.data.synthetic import (
     TableGroup,
     materialize,
 )
+from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
+from lightning_dembed.data.task_store import TaskStore, build_task_store
+from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions
 
 __all__ = [
     "MetaBatchDataset",
@@ -53,7 +55,7 @@ __all__ = [
     "Batch",
     "ClickDataInfo",
     "ClickDataWriter",
-    "CriteoDataset",
+    "ClickDataset",
     "CriteoTsvReader",
     "RecDataModule",
     "SyntheticClickDataset",

@@ -1,48 +1,33 @@
-"""Criteo click logs: TSV parsing, preprocessing into memory-mapped Arrow, and a sharded reader.
+"""Criteo click logs: TSV parsing and preprocessing into the click-data format.
 
 Criteo 1TB day files (``day_0``..``day_23``) and the Kaggle ``train.txt`` share one format: per line
 a 0/1 label, 13 integer features and 26 categorical features written as 32-bit hex strings,
-tab-separated, any feature possibly empty. `preprocess` turns such files into a directory of Arrow
-IPC stream files (``part-00000.arrow``..., one per input, each one also opens with
-``datasets.Dataset.from_file``) plus ``metadata.json``; `CriteoDataset` memory-maps them and yields
-`Batch`es. `materialize` in `lightning_dembed.data.synthetic` writes the same format.
+tab-separated, any feature possibly empty. `CriteoTsvReader` parses one such file; `preprocess`
+turns several into a click data directory (`lightning_dembed.data.click_format`: one Arrow part
+file per input, plus ``metadata.json``), which `ClickDataset` memory-maps.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
-import os
 import re
-import shutil
-from bisect import bisect_right
-from dataclasses import asdict, dataclass, replace
-from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional, Sequence, Union
+from typing import Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
-import torch
-import torch.distributed as dist
-from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_dembed.data.batch import Batch
-from lightning_dembed.data.position import ResumablePasses
+from lightning_dembed.data.click_format import ClickDataInfo, ClickDataWriter, PathLike
 
 __all__ = [
     "CRITEO_1TB_NUM_EMBEDDINGS",
     "CRITEO_NUM_DENSE",
     "CRITEO_SPARSE_FEATURES",
-    "ClickDataInfo",
-    "ClickDataWriter",
-    "CriteoDataset",
     "CriteoTsvReader",
     "criteo_tables",
     "map_categorical",
@@ -51,7 +36,6 @@ __all__ = [
     "write_fake_criteo_tsv",
 ]
 
-PathLike = Union[str, Path]
 Mapping = Literal["modulo", "hash"]
 
 CRITEO_NUM_DENSE = 13
@@ -66,7 +50,6 @@ _DENSE_NAMES = [f"int_{i}" for i in range(CRITEO_NUM_DENSE)]
 _FIELD_NAMES = ["label", *_DENSE_NAMES, *CRITEO_SPARSE_FEATURES]
 # Ids are stored as int32: categoricals are 32-bit and no table needs 2**31 rows.
 _MAX_NUM_EMBEDDINGS = 2**31 - 1
-_METADATA = "metadata.json"
 _TSV_BLOCK_BYTES = 16 << 20
 # A 20-digit integer would overflow int64; Criteo's never exceed a few digits.
 _INTEGER = r"-?[0-9]{1,18}"
@@ -75,16 +58,6 @@ _HEX_DIGIT = np.full(256, 255, dtype=np.uint8)
 _HEX_DIGIT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
 _HEX_DIGIT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _HEX_DIGIT[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def _rank_and_world_size(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    """Explicit values win; otherwise torch.distributed's, when it is initialised; otherwise 0 of 1."""
-    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return rank, world_size
 
 
 def _per_feature(num_embeddings_per_feature: Union[int, Sequence[int]]) -> list[int]:
@@ -140,112 +113,6 @@ def map_categorical(
     if mapping == "hash":
         values = _mix64(values)
     return (values % np.asarray(num_embeddings, dtype=np.uint64)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class ClickDataInfo:
-    """What ``metadata.json`` of a preprocessed click data directory says.
-
-    Every part file has the columns ``label`` (int8), ``dense`` (fixed-size list of float32) and one
-    int32 column per sparse feature (a fixed-size list of int32 for a multi-hot one).
-    """
-
-    feature_names: tuple[str, ...]
-    num_embeddings: tuple[int, ...]
-    hotness: tuple[int, ...]
-    num_dense_features: int
-    files: tuple[str, ...] = ()
-    rows_per_file: tuple[int, ...] = ()
-    num_malformed: int = 0
-
-    @property
-    def num_rows(self) -> int:
-        return sum(self.rows_per_file)
-
-    def tables(self, embedding_dim: int) -> list[EmbeddingBagConfig]:
-        """One table ``t_<feature>`` per feature, sized by ``num_embeddings``."""
-        return [
-            EmbeddingBagConfig(name=f"t_{name}", num_embeddings=rows, embedding_dim=embedding_dim,
-                               feature_names=[name])
-            for name, rows in zip(self.feature_names, self.num_embeddings)
-        ]
-
-    def schema(self) -> pa.Schema:
-        fields = [
-            pa.field("label", pa.int8()),
-            pa.field("dense", pa.list_(pa.float32(), self.num_dense_features)),
-        ]
-        for name, hotness in zip(self.feature_names, self.hotness):
-            fields.append(pa.field(name, pa.int32() if hotness == 1 else pa.list_(pa.int32(), hotness)))
-        return pa.schema(fields)
-
-    @classmethod
-    def load(cls, path: PathLike) -> "ClickDataInfo":
-        metadata = Path(path) / _METADATA
-        if not metadata.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a preprocessed click data directory (no {_METADATA}); make one with "
-                "`lightning-dembed preprocess-criteo --input ... --output ...`"
-            )
-        fields = json.loads(metadata.read_text())
-        return cls(**{key: tuple(value) if isinstance(value, list) else value
-                      for key, value in fields.items()})
-
-
-class ClickDataWriter:
-    """Writes a preprocessed click data directory, all or nothing.
-
-    Parts go to a hidden temporary directory next to ``path``, which `commit` renames to ``path``;
-    leaving the ``with`` block without committing (an error, say) deletes it.
-
-    Example::
-
-        with ClickDataWriter("out", info) as writer:
-            writer.write_part(record_batches)  # one part-NNNNN.arrow file per call
-            info = writer.commit()
-    """
-
-    def __init__(self, path: PathLike, info: ClickDataInfo) -> None:
-        self.path = Path(path)
-        if self.path.exists():
-            raise FileExistsError(f"{self.path} already exists; remove it or choose another output directory")
-        self.info = info
-        self._schema = info.schema()
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        self._files: list[str] = []
-        self._rows: list[int] = []
-
-    def __enter__(self) -> "ClickDataWriter":
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def write_part(self, record_batches: Iterable[pa.RecordBatch]) -> int:
-        """Write one part file; returns its number of rows."""
-        name = f"part-{len(self._files):05d}.arrow"
-        rows = 0
-        # The IPC stream format is what `datasets` memory-maps, so each part is also a HF dataset.
-        with pa.OSFile(str(self._tmp / name), "wb") as sink, pa.ipc.new_stream(sink, self._schema) as writer:
-            for record_batch in record_batches:
-                writer.write_batch(record_batch)
-                rows += record_batch.num_rows
-        self._files.append(name)
-        self._rows.append(rows)
-        return rows
-
-    def commit(self, num_malformed: int = 0) -> ClickDataInfo:
-        """Write ``metadata.json`` and move the directory into place; returns its metadata."""
-        if sum(self._rows) == 0:
-            raise ValueError(f"no rows were written for {self.path}")
-        info = replace(
-            self.info, files=tuple(self._files), rows_per_file=tuple(self._rows), num_malformed=num_malformed,
-        )
-        (self._tmp / _METADATA).write_text(json.dumps(asdict(info), indent=1))
-        os.rename(self._tmp, self.path)
-        return info
 
 
 def _parse_labels(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -422,7 +289,7 @@ def preprocess(
     mapping: Mapping = "modulo",
     skip_malformed: bool = False,
 ) -> ClickDataInfo:
-    """Convert Criteo TSV files into a preprocessed directory that `CriteoDataset` memory-maps.
+    """Convert Criteo TSV files into a click data directory that `ClickDataset` memory-maps.
 
     Each input becomes one part file, in order. All inputs are checked before any is read (missing:
     ``FileNotFoundError``; empty: ``ValueError``); ``out_dir`` must not exist and appears only once
@@ -445,131 +312,6 @@ def preprocess(
                 f"no valid lines in {[str(path) for path in tsv_paths]}: every line is malformed"
             )
         return writer.commit(num_malformed=sum(reader.num_malformed for reader in readers))
-
-
-class CriteoDataset(ResumablePasses, IterableDataset):
-    """Batches from a preprocessed click data directory (Criteo, or `materialize`'s synthetic data).
-
-    The rows ``row_range`` (default: all) are cut into ``world_size`` equal contiguous slices, one
-    per rank; each rank reads whole batches from the start of its slice, the same number on every
-    rank (so no rank waits on a collective the others never reach). The rows left over at the end of
-    each slice are dropped: at most ``batch_size - 1`` per rank, plus ``(stop - start) % world_size``.
-    With ``shuffle``, each pass reads the batches in an order drawn from ``(seed, pass number)``;
-    rows inside a batch stay together, so reads remain sequential. Files are memory-mapped, so a
-    batch costs one copy of its rows.
-
-    Args:
-        path: the directory `preprocess` (or `materialize`) wrote.
-        batch_size: rows per batch (per rank).
-        row_range: ``(start, stop)`` global rows to read; default all.
-        num_batches: batches per rank; default as many as the slice holds. More is an error.
-        shuffle: read batches in a seeded random order, new every pass.
-        seed: seeds the order.
-        rank: this process's rank; with ``world_size`` left out, taken from ``torch.distributed``
-            when it is initialised, else 0.
-        world_size: number of ranks.
-
-    Example::
-
-        data = CriteoDataset("criteo_pre", batch_size=4096, shuffle=True, rank=0, world_size=2)
-        batch = next(iter(data))
-        batch.dense_features.shape, batch.sparse_features.keys()[:2]  # ([4096, 13], ['cat_0', 'cat_1'])
-    """
-
-    def __init__(
-        self,
-        path: PathLike,
-        batch_size: int,
-        row_range: Optional[tuple[int, int]] = None,
-        num_batches: Optional[int] = None,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.path = Path(path)
-        self.info = ClickDataInfo.load(self.path)
-        start, stop = row_range if row_range is not None else (0, self.info.num_rows)
-        if not 0 <= start <= stop <= self.info.num_rows:
-            raise ValueError(
-                f"row_range {row_range} is not inside the {self.info.num_rows} rows of {self.path}"
-            )
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
-        rows_per_rank = (stop - start) // self.world_size
-        available = rows_per_rank // batch_size
-        if num_batches is not None and num_batches > available:
-            raise ValueError(
-                f"{num_batches} batches per rank requested from rows [{start}, {stop}) of {self.path}, but "
-                f"{self.world_size} ranks with batch_size {batch_size} have only {available} each"
-            )
-        self.num_batches = available if num_batches is None else num_batches
-        if self.num_batches < 1:
-            raise ValueError(
-                f"rows [{start}, {stop}) of {self.path} hold no full batch of {batch_size} rows for each of "
-                f"{self.world_size} ranks"
-            )
-        self._first_row = start + self.rank * rows_per_rank
-        self._file_starts = np.cumsum((0, *self.info.rows_per_file)).tolist()
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        order = np.arange(self.num_batches)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        order = order[self._take_start_batch():]
-        self.epoch += 1
-        worker = get_worker_info()
-        first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        for index in order[first::step]:
-            yield self._batch(self._first_row + int(index) * self.batch_size)
-
-    @cached_property
-    def _tables(self) -> list[pa.Table]:
-        # Opened lazily, so that only paths travel to DataLoader workers; zero-copy from the mapping.
-        return [
-            pa.ipc.open_stream(pa.memory_map(str(self.path / name))).read_all() for name in self.info.files
-        ]
-
-    @cached_property
-    def _lengths(self) -> torch.Tensor:
-        return torch.from_numpy(np.repeat(np.array(self.info.hotness, dtype=np.int32), self.batch_size))
-
-    def _rows(self, start: int) -> pa.Table:
-        stop = start + self.batch_size
-        pieces = []
-        file = bisect_right(self._file_starts, start) - 1
-        while start < stop:
-            offset = start - self._file_starts[file]
-            piece = self._tables[file].slice(offset, stop - start)
-            pieces.append(piece)
-            start += piece.num_rows
-            file += 1
-        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
-
-    def _batch(self, start: int) -> Batch:
-        rows = self._rows(start)
-        # A copy: the mapped buffers are read-only, torch tensors are not.
-        dense = pc.list_flatten(rows["dense"]).to_numpy().reshape(self.batch_size, -1).copy()
-        sparse_columns = []
-        for name, hotness in zip(self.info.feature_names, self.info.hotness):
-            column = rows[name]
-            sparse_columns.append((column if hotness == 1 else pc.list_flatten(column)).to_numpy())
-        sparse = KeyedJaggedTensor(
-            keys=list(self.info.feature_names),
-            values=torch.from_numpy(np.concatenate(sparse_columns, dtype=np.int64)),
-            lengths=self._lengths,
-            stride=self.batch_size,
-        )
-        labels = torch.from_numpy(rows["label"].to_numpy().astype(np.float32))
-        return Batch(dense_features=torch.from_numpy(dense), sparse_features=sparse, labels=labels)
 
 
 def write_fake_criteo_tsv(

@@ -24,7 +24,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_dembed.data.batch import Batch
-from lightning_dembed.data.criteo import ClickDataInfo, ClickDataWriter, _rank_and_world_size
+from lightning_dembed.data.click_format import ClickDataInfo, ClickDataWriter, _rank_and_world_size
 from lightning_dembed.data.position import ResumablePasses
 
 __all__ = [
@@ -346,7 +346,7 @@ def materialize(
     """Write ``num_rows`` rows of the ``split`` stream to ``path`` in the preprocessed click format.
 
     The rows are those `SyntheticClickDataset` yields with ``batch_size=rows_per_chunk`` on one rank;
-    `CriteoDataset` reads them back (a multi-hot feature is a fixed-size list column). The
+    `ClickDataset` reads them back (a multi-hot feature is a fixed-size list column). The
     directory appears only once it is complete.
     """
     if num_rows < 1:

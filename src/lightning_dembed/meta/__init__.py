@@ -13,6 +13,7 @@ from lightning_dembed.meta.functional import (
     adapt_and_predict,
     meta_step,
     task_index,
+    vmap_refusal,
 )
 from lightning_dembed.meta.loop import ColdStartEvaluation, MetaLearningLoop, lookup_in_step
 
@@ -28,4 +29,5 @@ __all__ = [
     "lookup_in_step",
     "meta_step",
     "task_index",
+    "vmap_refusal",
 ]

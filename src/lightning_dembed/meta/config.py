@@ -36,8 +36,9 @@ class MetaLearningConfig:
             plain training does, and keeps the shared model a good one for users alike.
         vectorize: run the tasks of a meta-batch side by side under ``torch.func.vmap`` (the
             default); ``False`` loops over them, for a ``forward`` that vmap cannot batch
-            (Python control flow on tensor values, ``.item()``), which is slower. Decided here, once:
-            a vmap failure is raised as it is, never retried as a loop.
+            (Python control flow on tensor values, ``.item()``), which is slower. Fixed here for
+            `meta_step` and `adapt_and_predict`: a vmap failure is raised as it is, never retried as
+            a loop. The Lightning loops choose it once, before their first meta-step (`vmap_refusal`).
 
     Lists are accepted for ``adapt`` and ``adapt_embeddings`` (YAML gives lists) and kept as tuples.
 

@@ -28,6 +28,7 @@ __all__ = [
     "adapt_and_predict",
     "meta_step",
     "task_index",
+    "vmap_refusal",
 ]
 
 _State = dict  # {"params": {name: tensor}, "offsets": [A, D] tensor (only with adapt_embeddings)}
@@ -315,8 +316,8 @@ class _MetaBatch:
 
     def run(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every task: ``[T]`` query losses, ``[T]`` support losses, ``[T, Q]`` query logits."""
-        # Chosen by the config, never by catching vmap's errors: a failure (an out-of-memory
-        # included) is raised as it is, and the config's vectorize=False is the documented fix.
+        # Chosen by the config (the loops probe it once, with `vmap_refusal`), never by catching
+        # errors here: a failure (an out-of-memory included) is raised as it is.
         if self.config.vectorize:
             return vmap(self.task)(self.support, self.query)
         return self._loop()
@@ -478,3 +479,58 @@ def adapt_and_predict(
             adapted_loss=query_losses.mean(),
             unadapted_loss=_masked_bce(unadapted, query_labels, query_weights).mean(),
         )
+
+
+# What torch.func.vmap's own refusals (``.item()``, Python control flow on a tensor value, an
+# in-place write it cannot batch) start with; tests/unit/test_meta_functional.py pins it.
+VMAP_REFUSAL_PREFIX = "vmap:"
+
+
+def vmap_refusal(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    dense: Tensor,
+    embedded: Tensor,
+    labels: Tensor,
+    task_offsets: Tensor,
+    support_sizes: Tensor,
+    config: MetaLearningConfig,
+    feature_names: Sequence[str],
+    inner_lrs: Optional[InnerLearningRates] = None,
+) -> Optional[str]:
+    """Why ``torch.func.vmap`` cannot run the inner loop of ``module``, or None when it can.
+
+    Runs the inner loop and query scoring of the meta-batch's first task once under vmap, as
+    `meta_step` and `adapt_and_predict` would with ``config.vectorize``, without building an outer
+    graph. Only vmap's own refusals are answered (a ``RuntimeError`` whose message starts with
+    ``"vmap:"``: ``.item()``, Python control flow on a tensor value, an in-place write vmap cannot
+    batch); any other error, an out-of-memory included, is raised as it is. Same arguments as
+    `meta_step`; the loops call it once, on their first meta-batch, to choose ``config.vectorize``.
+
+    Example::
+
+        reason = vmap_refusal(model, dict(model.named_parameters()), dense, embedded, labels,
+                              offsets, supports, config, features)
+        config = dataclasses.replace(config, vectorize=reason is None)
+    """
+    first_task_rows = int(task_offsets[1])
+    with torch.inference_mode(False), torch.no_grad():
+        batch = _MetaBatch(
+            module,
+            {n: _plain(p) for n, p in params.items()},
+            _plain(dense[:first_task_rows]),
+            _plain(embedded[:first_task_rows]),
+            _plain(labels[:first_task_rows]),
+            task_offsets[:2],
+            support_sizes[:1],
+            config,
+            feature_names,
+            inner_lrs if config.learn_inner_lr else None,
+        )
+        try:
+            vmap(batch.task)(batch.support, batch.query)
+        except RuntimeError as error:
+            if not str(error).startswith(VMAP_REFUSAL_PREFIX):
+                raise
+            return str(error)
+    return None

@@ -1,14 +1,16 @@
-"""`MetaLearningLoop`: fit's training step becomes a G-Meta meta-step; evaluation adapts per task.
+"""`MetaLearningLoop`: fit's optimization loop with a G-Meta meta-step; evaluation adapts per task.
 
-Lightning runs each training step through the strategy, inside the DDP (and TorchRec) wrapper's
-forward, and then does backward, the optimizer step, ``global_step``, logging and checkpoints.
-The loop installs its meta-step there, so all of that stays Lightning's own: one step is one
-meta-batch, ``max_steps`` counts meta-batches, resume works as in any fit. Per meta-batch and
-rank the step does:
+Lightning's automatic optimization loop runs each training step through the strategy, inside the
+DDP (and TorchRec) wrapper's forward, and then does backward, the optimizer step, ``global_step``,
+logging and checkpoints. `MetaLearningLoop` puts a subclass of it in the fit loop's place for the
+run, whose training step is the meta-step, so all of that stays Lightning's own: one step is one
+meta-batch, ``max_steps`` counts meta-batches, resume works as in any fit. Every private Lightning
+symbol it touches is in `lightning_dembed._private`. Per meta-batch and rank the step does:
 
 1. one embedding lookup for the support and query rows of all its tasks together (with sharded
    tables: one input distribution and one output all-to-all forward, and one of each backward);
-2. the inner loop on each task's support set, vectorised over tasks, entirely local;
+2. the inner loop on each task's support set, entirely local, vectorised over tasks when vmap can
+   batch the module's forward (decided once per run, before the first meta-step);
 3. one outer loss on the query sets, whose single backward updates the tables through their fused
    optimizer and all-reduces the dense gradients once.
 
@@ -17,18 +19,23 @@ Nothing in it depends on how many tasks a meta-batch holds or how many inner ste
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_dembed._private import AutomaticOptimization, swap_automatic_optimization
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
-from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step
+from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
 from lightning_dembed.sharding.hooks import pad_to_stride
 from lightning_dembed.sharding.planner import embedding_configs, find_embedding_modules
 
@@ -50,6 +57,24 @@ def lookup_in_step(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tens
     return module.embed(pad_to_stride(features, int(most)))[:rows]
 
 
+@contextmanager
+def _step_bound(module: nn.Module, name: str, step: Callable) -> Iterator[None]:
+    """``module.<name>`` is ``step`` inside the block; after it, the instance is exactly as before.
+
+    Lightning resolves a step method on the instance, from inside the strategy (and, with a DDP
+    wrapper, from inside the wrapper's forward, which its forward redirection binds the same way).
+    """
+    had, previous = name in vars(module), vars(module).get(name)
+    vars(module)[name] = step
+    try:
+        yield
+    finally:
+        if had:
+            vars(module)[name] = previous
+        else:
+            del vars(module)[name]
+
+
 class ColdStartEvaluation(Callback):
     """Cold-start validation and test for any model: adapt on each held-out task's support set.
 
@@ -64,10 +89,11 @@ class ColdStartEvaluation(Callback):
 
     Training is left to the module: install it with plain training batches and cold-start
     evaluation batches (`TaskDataModule` with ``as_tasks=False, eval_as_tasks=True``). The module
-    must provide ``embed`` and accept its output in ``forward``, as for `MetaLearningLoop`.
+    must provide ``embed`` and accept its output in ``forward``, as for `MetaLearningLoop`, and
+    define the ``validation_step`` / ``test_step`` Lightning looks for: while a batch is evaluated
+    (from ``on_{validation,test}_batch_start`` to ``..._batch_end``), the module's step method is
+    this callback's, bound on the instance for that batch only and removed when it ends or fails.
     Evaluation adapts with gradients enabled although Lightning evaluates under inference mode.
-    Nothing it installs on the module outlives the run (``fit``, ``validate`` or ``test``), whether
-    it ends or fails.
 
     Args:
         inner_steps: gradient steps on each support set.
@@ -75,8 +101,10 @@ class ColdStartEvaluation(Callback):
         adapt: parameter-name prefixes that adapt (fine-tune); by default the DLRM top MLP.
         adapt_embeddings: feature names whose looked-up vectors get a per-task offset, adapted too;
             the module must then name its features in order (``feature_names``).
-        vectorize: adapt the tasks side by side under ``torch.func.vmap``; ``False`` loops over
-            them, for a ``forward`` vmap cannot batch (see `MetaLearningConfig`).
+        vectorize: adapt the tasks side by side under ``torch.func.vmap`` (``True``) or one after
+            another (``False``, for a ``forward`` vmap cannot batch). ``None`` (the default) decides
+            once per run, on the first meta-batch, by running one task under vmap (`vmap_refusal`),
+            and logs the choice and its reason; a vmap failure after that is raised as it is.
 
     Example::
 
@@ -91,24 +119,22 @@ class ColdStartEvaluation(Callback):
         inner_lr: float = 0.1,
         adapt: Sequence[str] = ("dlrm.over_arch",),
         adapt_embeddings: Sequence[str] = (),
-        vectorize: bool = True,
+        vectorize: Optional[bool] = None,
     ) -> None:
         self.config = MetaLearningConfig(
             inner_steps=inner_steps,
             inner_lr=inner_lr,
             adapt=tuple(adapt),
             adapt_embeddings=tuple(adapt_embeddings),
-            vectorize=vectorize,
+            vectorize=_check_vectorize(vectorize),
         )
+        self.vectorize = vectorize
         self._module: Optional[LightningModule] = None
-        self._replaced: dict[str, object] = {}
+        self._run_config: Optional[MetaLearningConfig] = None
+        self._batch_binding = ExitStack()
         self._auc: dict[str, dict[str, BinaryAUROC]] = {}
 
     # -- installation ----------------------------------------------------------------------------
-
-    def _steps(self) -> dict[str, Callable]:
-        """The step methods this callback installs on the module, by name."""
-        return {"validation_step": self._validation_step, "test_step": self._test_step}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "embed", None)):
@@ -125,27 +151,15 @@ class ColdStartEvaluation(Callback):
             )
         self._prepare_adaptation(pl_module)
         self._module = pl_module
-        # Lightning resolves the step methods on the instance, inside the strategy's wrapped forward.
-        # What the instance held before is kept, and put back by _restore.
-        for name, step in self._steps().items():
-            if name in pl_module.__dict__:
-                self._replaced[name] = pl_module.__dict__[name]
-            setattr(pl_module, name, step)
-
-    def _restore(self, pl_module: LightningModule) -> None:
-        """Undo `setup`: the module's own step methods again."""
-        for name in self._steps():
-            pl_module.__dict__.pop(name, None)
-            if name in self._replaced:
-                setattr(pl_module, name, self._replaced.pop(name))
-        self._module = None
+        self._run_config = None  # vectorize is decided again, once, for this run
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore(pl_module)
+        self._batch_binding.close()
+        self._module = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # A failed run skips teardown: restore here so the module is the user's own again.
-        self._restore(pl_module)
+        # A failed run skips teardown; a batch that failed never reached its _batch_end hook.
+        self.teardown(trainer, pl_module, trainer.state.fn or "")
 
     def _prepare_adaptation(self, module: LightningModule) -> None:
         names = [n for n, _ in module.named_parameters()]
@@ -156,13 +170,13 @@ class ColdStartEvaluation(Callback):
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
 
-    # -- evaluation ------------------------------------------------------------------------------
+    # -- the meta-batch --------------------------------------------------------------------------
 
     def _adapt(self, function: Callable, batch: TaskBatch):
         """The one lookup of the meta-batch, then ``function`` (meta_step or adapt_and_predict) on it."""
         module = self._module
         assert module is not None
-        return function(
+        inputs = (
             module,
             # Only what adapts is passed: the module's own parameters stand in for the rest.
             {n: p for n, p in module.named_parameters() if self.config.adapts(n)},
@@ -171,11 +185,39 @@ class ColdStartEvaluation(Callback):
             batch.labels,
             batch.task_offsets,
             batch.support_sizes,
-            self.config,
-            # The order of the looked-up [R, F, D] tensor: the module's (checked in setup when it matters).
-            list(getattr(module, "feature_names", None) or batch.sparse_features.keys()),
-            inner_lrs=getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None,
         )
+        # The order of the looked-up [R, F, D] tensor: the module's (checked in setup when it matters).
+        feature_names = list(getattr(module, "feature_names", None) or batch.sparse_features.keys())
+        inner_lrs = getattr(module, "inner_lrs", None) if self.config.learn_inner_lr else None
+        config = self._config_for_run(inputs, feature_names, inner_lrs)
+        return function(*inputs, config, feature_names, inner_lrs=inner_lrs)
+
+    def _config_for_run(
+        self, inputs: tuple, feature_names: list[str], inner_lrs: Optional[InnerLearningRates]
+    ) -> MetaLearningConfig:
+        """The config with ``vectorize`` decided: once per run, before the first meta-step."""
+        if self._run_config is not None:
+            return self._run_config
+        module = type(inputs[0]).__name__
+        if self.vectorize is None:
+            vectorized = dataclasses.replace(self.config, vectorize=True)
+            refusal = vmap_refusal(*inputs, vectorized, feature_names, inner_lrs)
+            vectorize = refusal is None
+            why = (
+                f"{module}.forward batches under it (tried on one task of the first meta-batch)"
+                if vectorize
+                else f"torch.func.vmap cannot batch {module}.forward ({refusal.splitlines()[0]}); make it "
+                "vmap-friendly (no .item(), no Python branch on a tensor value) to vectorise, or set "
+                "vectorize=false to skip this check"
+            )
+        else:
+            vectorize, why = self.vectorize, f"vectorize={self.vectorize}"
+        how = "side by side under torch.func.vmap" if vectorize else "one after another"
+        rank_zero_info(f"{type(self).__name__}: the tasks of each meta-batch adapt {how}: {why}")
+        self._run_config = dataclasses.replace(self.config, vectorize=vectorize)
+        return self._run_config
+
+    # -- evaluation ------------------------------------------------------------------------------
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         module = self._module
@@ -195,11 +237,35 @@ class ColdStartEvaluation(Callback):
         module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=rows)
         module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=rows)
 
-    def _validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+    def _validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
 
-    def _test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+    def _test_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test")
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: TaskBatch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_binding.enter_context(_step_bound(pl_module, "validation_step", self._validation_step))
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: TaskBatch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_binding.close()
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: TaskBatch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_binding.enter_context(_step_bound(pl_module, "test_step", self._test_step))
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: TaskBatch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_binding.close()
 
     def _metrics(self, stage: str, device: torch.device) -> dict[str, BinaryAUROC]:
         if stage not in self._auc:
@@ -219,22 +285,47 @@ class ColdStartEvaluation(Callback):
         self._log_auc("test", pl_module)
 
 
+class _MetaOptimization(AutomaticOptimization):
+    """Lightning's automatic optimization loop, with the meta-step as its training step.
+
+    Everything else is Lightning's own: the closure, backward through the strategy, ``zero_grad``,
+    ``optimizer_step`` and their hooks, gradient accumulation, the progress that ``global_step`` and
+    ``max_steps`` count, the results that ``self.log`` fills.
+    """
+
+    def __init__(self, trainer: Trainer, meta_step: Callable[[TaskBatch, int], torch.Tensor]) -> None:
+        super().__init__(trainer)
+        self._meta_step = meta_step
+
+    def _training_step(self, kwargs: OrderedDict) -> Any:
+        # The strategy runs the step as any training step: its own preparation, the precision
+        # context and, with a DDP wrapper, inside the wrapper's forward (which arms the dense
+        # gradients' all-reduce). It calls module.training_step: for this call, the meta-step.
+        with _step_bound(self.trainer.lightning_module, "training_step", self._meta_step):
+            return super()._training_step(kwargs)
+
+
 class MetaLearningLoop(ColdStartEvaluation):
     """Optimization-based meta-learning (MAML family) in ``trainer.fit``.
 
     Install it on any Trainer in one line, ``Trainer(callbacks=[MetaLearningLoop(...)])`` (or in a
-    recipe's YAML under ``trainer.callbacks``), and feed `TaskBatch` meta-batches. The module stays
-    an ordinary model; it must provide:
+    recipe's YAML under ``trainer.callbacks``), and feed `TaskBatch` meta-batches. For the run it
+    puts its own optimization loop in the fit loop's place, a subclass of Lightning's whose training
+    step is the meta-step; everything else (backward, optimizer and table updates, ``global_step``
+    counting meta-batches, ``max_steps``, logging, checkpoints, resume) is Lightning's. Lightning's
+    loop is back in place when the run ends or fails. The module stays an ordinary model, with its
+    own ``training_step`` (which Lightning requires; it does not run under this loop); it must
+    provide:
 
     - ``embed(sparse_features: KeyedJaggedTensor) -> Tensor[R, F, D]``, the embedding lookup;
     - ``forward(dense_features, sparse_features)`` returning ``[R]`` logits, where
-      ``sparse_features`` is a `KeyedJaggedTensor` or the looked-up ``[R, F, D]`` tensor.
+      ``sparse_features`` is a `KeyedJaggedTensor` or the looked-up ``[R, F, D]`` tensor;
+    - automatic optimization (the meta loss is returned to Lightning's closure).
 
     The loss is binary cross-entropy on click labels. The outer optimizer is the one
     ``configure_optimizers`` returns; embedding tables keep their fused optimizer. Validation and
     test are `ColdStartEvaluation`'s: adapt on each held-out task's support set and score its query
-    set, logging query AUC and loss after adaptation and without it. The step methods it installs
-    on the module are removed when the run ends or fails.
+    set, logging query AUC and loss after adaptation and without it.
 
     Args:
         algorithm: ``"maml"`` (second order) or ``"fomaml"`` (first order).
@@ -251,9 +342,9 @@ class MetaLearningLoop(ColdStartEvaluation):
             module must name its features in order (``feature_names``).
         plain_loss_weight: weight of the shared model's loss on every row of the meta-batch, added
             to the outer loss (see `MetaLearningConfig`); 0 is pure MAML.
-        vectorize: run the tasks of a meta-batch side by side under ``torch.func.vmap`` (default);
-            ``False`` loops over them, for a ``forward`` vmap cannot batch. Set once, here: a vmap
-            failure is raised as it is, never retried as a loop mid-training.
+        vectorize: tasks side by side under ``torch.func.vmap`` (``True``) or one after another
+            (``False``); ``None`` (the default) decides once per run, before the first meta-step
+            (see `ColdStartEvaluation`).
 
     Example::
 
@@ -271,7 +362,7 @@ class MetaLearningLoop(ColdStartEvaluation):
         learn_inner_lr: bool = False,
         adapt_embeddings: Sequence[str] = (),
         plain_loss_weight: float = 0.0,
-        vectorize: bool = True,
+        vectorize: Optional[bool] = None,
     ) -> None:
         super().__init__(inner_steps, inner_lr, adapt, adapt_embeddings, vectorize)
         self.config = MetaLearningConfig(
@@ -282,11 +373,28 @@ class MetaLearningLoop(ColdStartEvaluation):
             learn_inner_lr=learn_inner_lr,
             adapt_embeddings=tuple(adapt_embeddings),
             plain_loss_weight=plain_loss_weight,
-            vectorize=vectorize,
+            vectorize=_check_vectorize(vectorize),
+        )
+        self._lightning_optimization: Optional[AutomaticOptimization] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise TypeError(
+                f"{type(self).__name__} returns the meta loss to Lightning's automatic optimization; "
+                f"{type(pl_module).__name__}.automatic_optimization is False: set it to True"
+            )
+        self._lightning_optimization = swap_automatic_optimization(
+            trainer, _MetaOptimization(trainer, self._training_step)
         )
 
-    def _steps(self) -> dict[str, Callable]:
-        return {"training_step": self._training_step, **super()._steps()}
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._lightning_optimization is not None:
+            swap_automatic_optimization(trainer, self._lightning_optimization)
+            self._lightning_optimization = None
+        super().teardown(trainer, pl_module, stage)
 
     def _prepare_adaptation(self, module: LightningModule) -> None:
         super()._prepare_adaptation(module)
@@ -322,6 +430,11 @@ class MetaLearningLoop(ColdStartEvaluation):
     def _training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         module = self._module
         assert module is not None
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(
+                f"{type(self).__name__} trains on meta-batches of whole tasks (TaskBatch), got "
+                f"{type(batch).__name__}; with TaskDataModule set as_tasks=true"
+            )
         out = self._adapt(meta_step, batch)
         tasks = batch.num_tasks
         module.log("train/query_loss", out.query_loss, prog_bar=True, batch_size=tasks)
@@ -330,6 +443,13 @@ class MetaLearningLoop(ColdStartEvaluation):
         # This rank's tasks; summing over ranks would cost an all-reduce every meta-batch.
         module.log("train/tasks_per_rank", float(tasks), batch_size=tasks)
         return out.loss
+
+
+def _check_vectorize(vectorize: Optional[bool]) -> bool:
+    """``vectorize`` validated (None: decided per run); what MetaLearningConfig holds until then."""
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise TypeError(f"vectorize must be true, false or null (decided once per run), got {vectorize!r}")
+    return True if vectorize is None else vectorize
 
 
 def _plain_tensors(batch: TaskBatch) -> TaskBatch:

@@ -1,8 +1,9 @@
-"""`DLRMModule`: TorchRec's DLRM and DLRM-DCN as a LightningModule, with AUC and log loss."""
+"""`DLRMModule`: TorchRec's DLRM and DLRM-DCN as a LightningModule, with AUC, log loss and NE."""
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from functools import partial
+from typing import Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -13,9 +14,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_dembed.data.batch import Batch
+from lightning_dembed.metrics import DEFAULT_AUC_BINS, BinnedAUROC, NormalizedEntropy
 from lightning_dembed.sharding.optimizer import dense_parameters
 
 __all__ = ["DLRMModule"]
+
 
 class DLRMModule(LightningModule):
     """TorchRec's ``DLRM`` (dot interaction) or ``DLRM_DCN`` (low-rank cross net), trained on click labels.
@@ -35,6 +38,13 @@ class DLRMModule(LightningModule):
         dcn_low_rank_dim: rank of the cross layers (``"dcn"`` only).
         optimizer: builds the optimizer from parameters (default Adagrad, lr 0.01); the tables train
             with its fused FBGEMM twin.
+        auc_bins: validation and test AUC over this many histogram bins (`BinnedAUROC`: fixed memory,
+            about 1e-6 from the exact AUC at the default); ``None`` for torchmetrics' exact
+            `BinaryAUROC`, which keeps every prediction and gathers them all to every rank.
+
+    Validation and test log ``auc``, ``log_loss`` and ``ne`` (`NormalizedEntropy`: log loss over the
+    entropy of the click-through rate; below 1 beats predicting the base rate), over every example
+    of every rank.
 
     Example::
 
@@ -53,6 +63,7 @@ class DLRMModule(LightningModule):
         dcn_num_layers: int = 3,
         dcn_low_rank_dim: int = 32,
         optimizer: OptimizerCallable = torch.optim.Adagrad,
+        auc_bins: Optional[int] = DEFAULT_AUC_BINS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tables", "optimizer"])
@@ -79,7 +90,9 @@ class DLRMModule(LightningModule):
             else DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
         )
         self.optimizer_factory = optimizer
-        self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
+        make_auc = BinaryAUROC if auc_bins is None else partial(BinnedAUROC, auc_bins)
+        self.val_auc, self.test_auc = make_auc(), make_auc()
+        self.val_ne, self.test_ne = NormalizedEntropy(), NormalizedEntropy()
 
     def embed(self, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """The embedding lookup: ``[B, F, D]``."""
@@ -102,18 +115,22 @@ class DLRMModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
         return loss
 
-    def _evaluate(self, batch: Batch, stage: str, auc: BinaryAUROC) -> None:
+    def _evaluate(
+        self, batch: Batch, stage: str, auc: Union[BinnedAUROC, BinaryAUROC], ne: NormalizedEntropy
+    ) -> None:
         loss, logits = self._loss(batch)
         auc.update(torch.sigmoid(logits), batch.labels.long())
+        ne.update(logits, batch.labels)
         # log loss is the mean BCE over every example of every rank
         self.log(f"{stage}/log_loss", loss, sync_dist=True, batch_size=batch.labels.numel())
         self.log(f"{stage}/auc", auc, batch_size=batch.labels.numel())
+        self.log(f"{stage}/ne", ne, batch_size=batch.labels.numel())
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_auc)
+        self._evaluate(batch, "val", self.val_auc, self.val_ne)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_auc)
+        self._evaluate(batch, "test", self.test_auc, self.test_ne)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch.dense_features, batch.sparse_features))

@@ -1,6 +1,6 @@
 """The recipes that ship with the package, and their configs.
 
-A recipe is a module with a ``main()`` (a LightningCLI); a config is a YAML in ``configs/`` that
+A recipe is a module with a ``cli(**kwargs)`` (its LightningCLI) and a ``main()``; a config is a YAML in ``configs/`` that
 names its recipe (``recipe: dlrm``). ``lightning-dembed recipes`` lists them, ``lightning-dembed cp``
 copies a config to edit, and ``lightning-dembed run`` runs a shipped config by name or any YAML
 that names its recipe, from any directory.
@@ -8,13 +8,14 @@ that names its recipe, from any directory.
 
 from __future__ import annotations
 
+import importlib
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
 import yaml
 
-__all__ = ["RECIPES", "config_path", "recipe_of", "shipped_configs"]
+__all__ = ["RECIPES", "check_config", "config_path", "recipe_of", "shipped_configs"]
 
 # Recipe name -> what it trains (the module is lightning_dembed.recipes.<name>).
 RECIPES = {
@@ -24,9 +25,16 @@ RECIPES = {
 
 
 def shipped_configs() -> dict[str, Path]:
-    """The configs that ship with the package, by name (file name without ``.yaml``)."""
+    """The configs that ship with the package, by name (file name without ``.yaml``).
+
+    Files whose name starts with ``_`` (``_base.yaml``) are bases other configs build on, not configs.
+    """
     directory = resources.files(__name__) / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in directory.iterdir() if entry.name.endswith(".yaml")}
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in directory.iterdir()
+        if entry.name.endswith(".yaml") and not entry.name.startswith("_")
+    }
 
 
 def config_path(name_or_path: Union[str, Path]) -> Path:
@@ -54,3 +62,14 @@ def recipe_of(config: Path, recipe: Optional[str] = None) -> str:
     if named not in RECIPES:
         raise ValueError(f"{config}: unknown recipe {named!r}; recipes: {sorted(RECIPES)}")
     return named
+
+
+def check_config(recipe: str, args: list[str]) -> None:
+    """Parse a recipe's command line (``fit --config ...``) as every rank will, building nothing.
+
+    Raises:
+        jsonargparse.ArgumentError: the first unknown key, wrong type, unknown class or unreadable
+            config file, as jsonargparse words it.
+    """
+    module = importlib.import_module(f"{__name__}.{recipe}")
+    module.cli(args=args, parse_only=True, parser_kwargs={"exit_on_error": False})

@@ -6,14 +6,23 @@
 Every knob is in the YAML; see docs/recipes.md.
 """
 
+from typing import Any
+
 from lightning.pytorch import LightningDataModule
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from lightning_dembed.models import DLRMModule
 from lightning_dembed.recipe import RecipeCLI
 
 
+def cli(**kwargs: Any) -> RecipeCLI:
+    """This recipe's LightningCLI; ``kwargs`` go to `RecipeCLI` (``args``, ``parse_only``, ...)."""
+    return RecipeCLI(DLRMModule, LightningDataModule, **kwargs)
+
+
+@record  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
 def main() -> None:
-    RecipeCLI(DLRMModule, LightningDataModule)
+    cli()
 
 
 if __name__ == "__main__":

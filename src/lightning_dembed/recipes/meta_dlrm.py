@@ -5,8 +5,11 @@
 The `meta` section of the YAML configures `MetaLearningLoop`; see docs/meta-learning.md.
 """
 
+from typing import Any
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from lightning_dembed.meta import MetaLearningLoop
 from lightning_dembed.models import DLRMModule
@@ -19,8 +22,14 @@ class MetaRecipeCLI(RecipeCLI):
         parser.add_lightning_class_args(MetaLearningLoop, "meta")
 
 
+def cli(**kwargs: Any) -> MetaRecipeCLI:
+    """This recipe's LightningCLI; ``kwargs`` go to `RecipeCLI` (``args``, ``parse_only``, ...)."""
+    return MetaRecipeCLI(DLRMModule, LightningDataModule, **kwargs)
+
+
+@record  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
 def main() -> None:
-    MetaRecipeCLI(DLRMModule, LightningDataModule)
+    cli()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from lightning_dembed.sharding.policy import ShardingPolicy, TableSpec, decide_tables
+from lightning_dembed.sharding.policy import OFFLOAD_KERNELS, ShardingPolicy, TableSpec, decide_tables
 
 __all__ = [
     "MemoryBudgetError",
@@ -106,6 +106,17 @@ def default_memory_budget(device: torch.device, local_world_size: int) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world_size, 1)
 
 
+# Share of an offloaded table's rows a "uvm_caching" kernel caches in GPU memory (TorchRec's default).
+CACHE_LOAD_FACTOR = 0.2
+
+
+def _device_share(compute_kernel: str) -> float:
+    """Share of a table shard's bytes in the rank's device memory (the rest, if any, in host memory)."""
+    if compute_kernel == OFFLOAD_KERNELS["uvm_caching"]:
+        return CACHE_LOAD_FACTOR
+    return 0.0 if compute_kernel == OFFLOAD_KERNELS["uvm"] else 1.0
+
+
 @dataclass(frozen=True)
 class TableShardingInfo:
     """One table in the plan: how it is sharded, where, and how big it is."""
@@ -125,9 +136,10 @@ class PlanSummary:
     """A sharding plan as plain data, for the log at start-up and for loggers such as W&B."""
 
     tables: list[TableShardingInfo]
-    rank_bytes: list[int]
+    rank_bytes: list[int]  # in device memory (all of it on CPU)
     memory_budget: int
     optimizer_state_factor: float = field(default=0.0)
+    rank_host_bytes: list[int] = field(default_factory=list)  # of tables offloaded to host memory
 
     def as_rows(self) -> list[list]:
         """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
@@ -144,7 +156,10 @@ class PlanSummary:
         return {
             "world_size": len(self.rank_bytes),
             "memory_budget": self.memory_budget,
-            "ranks": [{"rank": r, "bytes": b} for r, b in enumerate(self.rank_bytes)],
+            "ranks": [
+                {"rank": r, "bytes": b, **({"host_bytes": self.rank_host_bytes[r]} if any(self.rank_host_bytes) else {})}
+                for r, b in enumerate(self.rank_bytes)
+            ],
             "tables": [
                 {"name": t.name, "sharding": t.sharding_type, "kernel": t.compute_kernel, "ranks": list(t.ranks),
                  "bytes": t.size_bytes}
@@ -161,6 +176,11 @@ class PlanSummary:
             + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_bytes))
             + f" (budget {self.memory_budget / 2**20:.0f} MiB)"
         )
+        if any(self.rank_host_bytes):
+            lines.append(
+                "per-rank host memory (offloaded tables + optimizer state): "
+                + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_host_bytes))
+            )
         return "\n".join(lines)
 
 
@@ -182,7 +202,7 @@ def summarize_plan(
 ) -> PlanSummary:
     """Per-table placement and per-rank bytes of ``plan`` (tables plus fused optimizer state)."""
     tables: list[TableShardingInfo] = []
-    rank_bytes = [0] * world_size
+    rank_bytes, rank_host_bytes = [0] * world_size, [0] * world_size
     for path, module in modules.items():
         module_plan = plan.get_plan_for_module(path) or {}
         for config in embedding_configs(module):
@@ -191,8 +211,13 @@ def summarize_plan(
             per_rank = _shard_ranks_and_sizes(ps, (config.num_embeddings, config.embedding_dim), world_size)
             # A replicated table also holds a full dense gradient.
             factor = 1 + optimizer_state_factor + (ps.sharding_type == ShardingType.DATA_PARALLEL.value)
+            on_device = _device_share(ps.compute_kernel)
             for rank, numel in per_rank:
-                rank_bytes[rank] += int(numel * elem * factor)
+                if on_device < 1.0:  # rows (and their optimizer state) in host memory, a cache on the device
+                    rank_host_bytes[rank] += int(numel * elem * factor)
+                    rank_bytes[rank] += int(numel * elem * on_device)
+                else:
+                    rank_bytes[rank] += int(numel * elem * factor)
             tables.append(
                 TableShardingInfo(
                     name=config.name,
@@ -205,7 +230,7 @@ def summarize_plan(
                     size_bytes=config.num_embeddings * config.embedding_dim * elem,
                 )
             )
-    return PlanSummary(tables, rank_bytes, memory_budget, optimizer_state_factor)
+    return PlanSummary(tables, rank_bytes, memory_budget, optimizer_state_factor, rank_host_bytes)
 
 
 def check_memory_budget(summary: PlanSummary) -> None:
@@ -223,6 +248,7 @@ def check_memory_budget(summary: PlanSummary) -> None:
         f"{summary.memory_budget / 2**30:.2f} GiB (ranks over budget: {shown}). Largest tables there: "
         + ", ".join(f"{t.name} ({t.sharding_type}, {t.size_bytes / 2**30:.2f} GiB)" for t in on_worst)
         + ". Shard them row-wise (sharding_types={'<table>': 'row_wise'} or a lower row_slice_threshold), "
+        "offload the largest tables to host memory (offload='uvm_caching', on GPUs), "
         f"use more processes (all tables and optimizer state take {total / 2**30:.1f} GiB: about "
         f"{least_ranks} ranks of this budget), shrink the tables, or raise memory_budget_per_rank if the budget "
         "is too low.",
@@ -308,9 +334,34 @@ def _torchrec_plan(
     except PlannerError as err:
         raise MemoryBudgetError(
             f"TorchRec's planner found no plan within {memory_budget / 2**30:.2f} GiB per rank. Use more "
-            "processes, allow row_wise for the largest tables (sharding_types={'<table>': 'row_wise'}), shrink "
-            f"the tables, or raise memory_budget_per_rank. Planner said: {err}"
+            "processes, allow row_wise for the largest tables (sharding_types={'<table>': 'row_wise'}), offload "
+            "the largest tables to host memory (offload='uvm_caching', on GPUs), shrink the tables, or raise "
+            f"memory_budget_per_rank. Planner said: {err}"
         ) from err
+
+
+def offload_largest_tables(plan: ShardingPlan, summarize: Any, kernel: str) -> PlanSummary:
+    """Move the largest tables of the ranks over budget to host memory with ``kernel``, until all fit.
+
+    Merlin's ``gpu_embedding_size`` rule on a finished plan: sharding types and ranks stay; only
+    the compute kernel of the moved tables changes. Replicated tables stay (they train as dense
+    parameters). Returns the final summary (``summarize()`` of the plan as it is).
+    """
+    summary = summarize()
+    offloadable = sorted(
+        (t for t in summary.tables if t.sharding_type != ShardingType.DATA_PARALLEL.value), key=lambda t: -t.size_bytes
+    )
+    while offloadable:
+        over = {r for r, b in enumerate(summary.rank_bytes) if b > summary.memory_budget}
+        if not over:
+            break
+        table = next((t for t in offloadable if over & set(t.ranks)), None)
+        if table is None:
+            break
+        offloadable.remove(table)
+        plan.plan[table.module_path][table.name].compute_kernel = kernel  # type: ignore[index]
+        summary = summarize()
+    return summary
 
 
 def keep_table_order(plan: ShardingPlan, modules: dict[str, nn.Module], policy: ShardingPolicy) -> None:
@@ -365,15 +416,27 @@ def plan_sharding(
     modules = find_embedding_modules(root)
     specs = table_specs(modules)
     policy.check_tables(specs)
+    if policy.offload is not None and device.type != "cuda":
+        raise ValueError(
+            f"offload={policy.offload!r} keeps tables in host memory for GPUs; on {device.type} every table is "
+            "there already. Leave offload unset (plan for a GPU cluster with `lightning-dembed plan --device cuda`)"
+        )
     if policy.uses_merlin_rules:
         sharder_map = {s.module_type: s for s in sharders}
         plan = _merlin_plan(modules, specs, policy, sharder_map, world_size, local_world_size, device.type)
     else:
+        # With offload, the sharders also offer its kernel: the planner offloads what does not fit.
         plan = _torchrec_plan(
             root, policy, sharders, world_size, local_world_size, device.type, memory_budget, process_group
         )
     keep_table_order(plan, modules, policy)
     summary = summarize_plan(plan, modules, world_size, memory_budget, optimizer_state_factor)
+    if policy.offload is not None and policy.uses_merlin_rules:
+        summary = offload_largest_tables(
+            plan,
+            lambda: summarize_plan(plan, modules, world_size, memory_budget, optimizer_state_factor),
+            OFFLOAD_KERNELS[policy.offload],
+        )
     check_memory_budget(summary)
     return plan, summary
 

@@ -12,13 +12,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Optional
 
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 
-__all__ = ["Placement", "ShardingPolicy", "SHARDING_TYPES", "TableSpec", "TableDecision", "decide_tables"]
+__all__ = [
+    "Offload", "Placement", "ShardingPolicy", "SHARDING_TYPES", "OFFLOAD_KERNELS", "TableSpec", "TableDecision",
+    "decide_tables",
+]
 
 Placement = Literal["basic", "memory_balanced", "memory_optimized"]
 PLACEMENTS: tuple[str, ...] = ("basic", "memory_balanced", "memory_optimized")
+
+Offload = Literal["uvm", "uvm_caching"]
+# TorchRec's compute kernel for each way of keeping a table in host memory.
+OFFLOAD_KERNELS: dict[str, str] = {
+    "uvm": EmbeddingComputeKernel.FUSED_UVM.value,
+    "uvm_caching": EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+}
 
 SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.TABLE_WISE.value,
@@ -83,6 +94,10 @@ class ShardingPolicy:
         data_parallel_threshold: tables of at most this many elements are replicated.
         sharding_types: force a sharding type per table name, e.g. ``{"t_user": "row_wise"}``.
         constraints: TorchRec ``ParameterConstraints`` per table name, for anything finer.
+        offload: on GPUs, tables that do not fit the memory budget go to host memory, largest
+            first (Merlin's ``gpu_embedding_size``): ``"uvm_caching"`` keeps a cache of hot rows on
+            the GPU (20% of the table's rows, TorchRec's default), ``"uvm"`` reads every row from
+            host memory. ``None`` (default): a plan that does not fit is refused.
 
     Example::
 
@@ -96,8 +111,11 @@ class ShardingPolicy:
     data_parallel_threshold: Optional[int] = None
     sharding_types: Mapping[str, str] = field(default_factory=dict)
     constraints: Mapping[str, ParameterConstraints] = field(default_factory=dict)
+    offload: Optional[Offload] = None
 
     def __post_init__(self) -> None:
+        if self.offload is not None and self.offload not in OFFLOAD_KERNELS:
+            raise ValueError(f"offload must be one of {tuple(OFFLOAD_KERNELS)} or None, got {self.offload!r}")
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS} or None, got {self.placement!r}")
         for name in ("column_slice_threshold", "row_slice_threshold", "data_parallel_threshold"):

@@ -3,24 +3,44 @@
 TorchRec's `EmbeddingBagCollectionSharder` offers ``row_wise`` and ``table_row_wise`` only on CUDA,
 a guard from when gloo had no reduce-scatter. gloo has one now, and those types train exactly on
 CPU (the distributed parity tests check it), so the CPU guard is lifted here and nowhere else.
+
+On CUDA TorchRec's sharders also offer kernels that keep a table in host memory or on SSD, and its
+planner picks them by itself when the GPUs look full: a model would train, slower, where the user
+asked for a plan that fits. These sharders offer the in-GPU kernels only, plus the one ``offload``
+names when the user asks for it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
-__all__ = ["EmbeddingBagCollectionSharderWithCPURowWise", "default_sharders"]
+from lightning_dembed.sharding.policy import OFFLOAD_KERNELS
+
+__all__ = ["EmbeddingBagCollectionSharderWithCPURowWise", "EmbeddingCollectionSharderInGPU", "default_sharders"]
 
 _ROW_WISE_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+_IN_DEVICE_KERNELS = (EmbeddingComputeKernel.DENSE.value, EmbeddingComputeKernel.FUSED.value)
+
+
+def _allowed_kernels(kernels: list[str], offload: Optional[str]) -> list[str]:
+    allowed = set(_IN_DEVICE_KERNELS) | ({OFFLOAD_KERNELS[offload]} if offload else set())
+    return [k for k in kernels if k in allowed]
 
 
 class EmbeddingBagCollectionSharderWithCPURowWise(EmbeddingBagCollectionSharder):
-    """TorchRec's sharder for `EmbeddingBagCollection`, with the row-wise types allowed on CPU."""
+    """TorchRec's sharder for `EmbeddingBagCollection`: row-wise types on CPU too, in-GPU kernels
+    unless ``offload`` names one that keeps tables in host memory."""
+
+    def __init__(self, fused_params: Optional[dict[str, Any]] = None, offload: Optional[str] = None) -> None:
+        super().__init__(fused_params=fused_params)
+        self.offload = offload
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
@@ -28,15 +48,35 @@ class EmbeddingBagCollectionSharderWithCPURowWise(EmbeddingBagCollectionSharder)
             types += [t for t in _ROW_WISE_TYPES if t not in types]
         return types
 
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return _allowed_kernels(super().compute_kernels(sharding_type, compute_device_type), self.offload)
 
-def default_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[ModuleSharder[nn.Module]]:
+
+class EmbeddingCollectionSharderInGPU(EmbeddingCollectionSharder):
+    """TorchRec's sharder for `EmbeddingCollection`, with in-GPU kernels unless ``offload`` names one."""
+
+    def __init__(self, fused_params: Optional[dict[str, Any]] = None, offload: Optional[str] = None) -> None:
+        super().__init__(fused_params=fused_params)
+        self.offload = offload
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return _allowed_kernels(super().compute_kernels(sharding_type, compute_device_type), self.offload)
+
+
+def default_sharders(
+    fused_params: Optional[dict[str, Any]] = None, offload: Optional[str] = None
+) -> list[ModuleSharder[nn.Module]]:
     """Sharders for every embedding module type the strategy shards.
 
     Args:
         fused_params: FBGEMM kernel arguments for every table (e.g. ``{"gradient_clipping": True,
             "max_gradient": 1.0}``); each table's optimizer hyper-parameters are added to them.
+            Ids are bounds-checked by the kernels and fail the step (``BoundsCheckMode.FATAL``),
+            where FBGEMM's default would silently look up row 0 instead.
+        offload: ``"uvm"`` or ``"uvm_caching"`` to also offer that kernel (`ShardingPolicy.offload`).
     """
+    fused_params = {"bounds_check_mode": BoundsCheckMode.FATAL, **(fused_params or {})}
     return [
-        EmbeddingBagCollectionSharderWithCPURowWise(fused_params=fused_params),
-        EmbeddingCollectionSharder(fused_params=fused_params),
+        EmbeddingBagCollectionSharderWithCPURowWise(fused_params=fused_params, offload=offload),
+        EmbeddingCollectionSharderInGPU(fused_params=fused_params, offload=offload),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
@@ -13,6 +13,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -35,7 +37,8 @@ from lightning_dembed.checkpoint import (
     remove_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_dembed.sharding.hooks import register_input_checks, register_output_order, register_ragged_batches
+from lightning_dembed.sharding.hooks import FeatureCheck, register_output_order
+from lightning_dembed.sharding.lookup import LookupPipeline, ShardedLookup
 from lightning_dembed.sharding.optimizer import (
     EmbeddingOptimizer,
     ParamGroupRef,
@@ -49,9 +52,10 @@ from lightning_dembed.sharding.planner import (
     find_embedding_modules,
     plan_sharding,
 )
-from lightning_dembed.sharding.policy import Placement, ShardingPolicy
+from lightning_dembed.sharding.policy import Offload, Placement, ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
+from lightning_dembed.strategies.pipeline import PipelinedLoader
 
 __all__ = ["HybridParallelStrategy", "parse_bytes"]
 
@@ -59,9 +63,9 @@ log = logging.getLogger(__name__)
 
 
 def parse_bytes(value: Union[int, str, None]) -> Optional[int]:
+    """Bytes from an int or a string such as ``"80GiB"``."""
     if value is None or isinstance(value, int):
         return value
-    """Bytes from an int or a string such as ``"80GiB"``."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1}
     text = value.strip().lower()
     for unit, factor in units.items():
@@ -153,12 +157,24 @@ class HybridParallelStrategy(DDPStrategy):
         embedding_optimizer: the tables' optimizer; by default derived from ``configure_optimizers``.
         memory_budget_per_rank: bytes (or ``"8GiB"``) a rank may hold in tables and optimizer state;
             defaults to the GPU's memory, or the host's RAM divided by its local processes.
+        offload: on GPUs, the largest tables that do not fit ``memory_budget_per_rank`` go to host
+            memory with TorchRec's UVM kernels (Merlin's ``gpu_embedding_size``): ``"uvm_caching"``
+            (a GPU cache of hot rows) or ``"uvm"``. By default a plan that does not fit is refused.
         skip_nonfinite_loss: skip, on every rank, the backward and update of a step whose loss is
             NaN or infinite on any rank, before FBGEMM writes a non-finite update into the tables.
             The step still counts. Costs one scalar all-reduce and a host sync per backward.
         hand_back_weights: under the spawn/fork start methods, gather the full tables on rank 0 and
             hand them back to the launching process after ``fit``, as DDP does. Set False for
             models larger than one host: that process's module is then moved to the meta device.
+        pipeline: start the next batch's input all-to-alls while the current batch trains (as
+            TorchRec's ``TrainPipelineSparseDist``); losses and weights are those of unpipelined
+            training. Applies to train dataloaders with a length, and to embedding modules called
+            with the batch's ``KeyedJaggedTensor`` as the dataloader yields it; the rest runs
+            unpipelined. Set False to turn it off.
+        check_ids: check every id against its table before the lookup, naming the feature and
+            table at fault (one host sync per step). Off, FBGEMM's kernels check them without a
+            sync; on CPU their failure is re-checked into the same message, on GPU it is a device
+            assertion, so turn this on to debug one there.
         **kwargs: passed to `DDPStrategy` (``start_method``, ``process_group_backend``, ``timeout``...);
             DDP's own arguments (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``...)
             configure the DDP that TorchRec wraps around the dense parameters.
@@ -181,8 +197,11 @@ class HybridParallelStrategy(DDPStrategy):
         constraints: Optional[Mapping[str, ParameterConstraints]] = None,
         embedding_optimizer: Optional[EmbeddingOptimizer] = None,
         memory_budget_per_rank: Union[int, str, None] = None,
+        offload: Optional[Offload] = None,
         skip_nonfinite_loss: bool = False,
         hand_back_weights: bool = True,
+        pipeline: bool = True,
+        check_ids: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -196,6 +215,7 @@ class HybridParallelStrategy(DDPStrategy):
             data_parallel_threshold=data_parallel_threshold,
             sharding_types=dict(sharding_types or {}),
             constraints=dict(constraints or {}),
+            offload=offload,
         )
         if embedding_optimizer is not None and not isinstance(embedding_optimizer, EmbeddingOptimizer):
             raise TypeError(
@@ -206,7 +226,10 @@ class HybridParallelStrategy(DDPStrategy):
         self._memory_budget = parse_bytes(memory_budget_per_rank)
         self._skip_nonfinite_loss = skip_nonfinite_loss
         self._hand_back_weights = hand_back_weights
-        self._sharders: list[ModuleSharder[nn.Module]] = default_sharders()
+        self._pipeline_enabled = pipeline
+        self._check_ids = check_ids
+        self._pipeline: Optional[LookupPipeline] = None
+        self._sharders: list[ModuleSharder[nn.Module]] = default_sharders(offload=offload)
         self._table_groups: dict[str, ParamGroupRef] = {}
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
@@ -278,7 +301,9 @@ class HybridParallelStrategy(DDPStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._refuse_unsupported(trainer, fitting)
-        self._sharders = default_sharders(fused_params=_clipping_fused_params(trainer) if fitting else None)
+        self._sharders = default_sharders(
+            fused_params=_clipping_fused_params(trainer) if fitting else None, offload=self.policy.offload
+        )
         if self._control_group is None:
             # Small host-side agreements between ranks, off the queue of the model's collectives
             # (see _check_every_rank_has_this_batch).
@@ -400,11 +425,15 @@ class HybridParallelStrategy(DDPStrategy):
             init_data_parallel=False,
             data_parallel_wrapper=self._data_parallel_wrapper,
         )
+        lookups = {}
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
-            register_input_checks(sharded, unsharded, path)
+            sharding_types = {ps.sharding_type for ps in plan.plan[path].values()}
+            lookups[path] = ShardedLookup(
+                sharded, FeatureCheck.of(unsharded, path), sharding_types, self._check_ids, self._control_group
+            )
+            sharded.forward = lookups[path]
             register_output_order(sharded, unsharded)
-            register_ragged_batches(sharded, {ps.sharding_type for ps in plan.plan[path].values()})
             if initial_tables[path]:
                 copy_full_into_sharded(sharded.state_dict(), initial_tables[path])
         # TorchRec's own DDP wrapping moves the whole module the same way; needed here when not fitting.
@@ -415,6 +444,7 @@ class HybridParallelStrategy(DDPStrategy):
             name for name, p in dmp.named_parameters() if hasattr(p, "_in_backward_optimizers")
         ]
         self._dmp, self._ddp = dmp, None
+        self._pipeline = LookupPipeline(lookups)
         return dmp
 
     def _refuse_frozen_replicated_tables(self, summary: PlanSummary) -> None:
@@ -486,7 +516,11 @@ class HybridParallelStrategy(DDPStrategy):
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.sync(self.optimizers)
         self._check_every_rank_has_this_batch()
-        return super().training_step(*args, **kwargs)
+        loss = super().training_step(*args, **kwargs)
+        if self._pipeline is not None:
+            # The next batch's ids travel during this batch's backward.
+            self._pipeline.splits_done()
+        return loss
 
     def _check_every_rank_has_this_batch(self) -> None:
         """Fail on every rank, not hang, when the ranks' train dataloaders run out at different steps.
@@ -534,6 +568,32 @@ class HybridParallelStrategy(DDPStrategy):
                 "(a DistributedSampler with drop_last=True, or limit_train_batches)"
             )
         return True
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if not (self._pipeline_enabled and trainer.training and self._pipeline is not None):
+            return dataloader
+        to_device: Callable[[Any], Any] = lambda batch: batch  # noqa: E731
+        if self.root_device.type != "cpu":
+            hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+            owners = [self.lightning_module, trainer.datamodule]
+            if any(owner is not None and is_overridden(hook, owner) for hook in hooks for owner in owners):
+                # The input stage needs the batch on the device before Lightning's transfer, and
+                # running the user's transfer hooks early would change what they see.
+                rank_zero_info("HybridParallelStrategy: batch transfer hooks are overridden; training unpipelined")
+                return dataloader
+            to_device = lambda batch: move_data_to_device(batch, self.root_device)  # noqa: E731
+        return PipelinedLoader(
+            dataloader, self._pipeline, to_device, lambda: self._compare_epoch_lengths(self.lightning_module.trainer)
+        )
+
+    @override
+    def on_train_end(self) -> None:
+        # Exchanges started ahead for batches past max_steps or limit_train_batches: finish them on
+        # every rank before the ranks go their own ways.
+        if self._pipeline is not None:
+            self._pipeline.drain()
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,18 +1,32 @@
-"""The spawn/fork launcher of `HybridParallelStrategy`."""
+"""The launchers of `HybridParallelStrategy`: spawn/fork, and the script launcher (``popen``)."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dembed._private import MultiProcessingLauncher, WorkerOutput
+from lightning_dembed._private import MultiProcessingLauncher, SubprocessScriptLauncher, WorkerOutput
 from lightning_dembed.checkpoint import gather_full_state_dict
 
-__all__ = ["ShardedMultiProcessingLauncher"]
+__all__ = ["ERROR_DIR_VARIABLE", "FirstFailureScriptLauncher", "RankFailedFirst", "ShardedMultiProcessingLauncher"]
+
+# Rank 0 names the folder the ranks write their errors to; the ranks it starts inherit the variable.
+ERROR_DIR_VARIABLE = "LIGHTNING_DEMBED_RANK_ERRORS"
+# How long rank 0, failing, waits for the ranks it started to exit before it reads their errors.
+_EXIT_WAIT_S = 2.0
+
+
+class RankFailedFirst(RuntimeError):
+    """Another rank failed before this one; the message is its traceback (this rank's error is the cause)."""
 
 
 class ShardedMultiProcessingLauncher(MultiProcessingLauncher):
@@ -53,3 +67,42 @@ class ShardedMultiProcessingLauncher(MultiProcessingLauncher):
                 "hand_back_weights=False: the trained weights stay in the checkpoints; the launching process's "
                 "module was moved to the meta device. Load a checkpoint (consolidate_checkpoint) to use it."
             )
+
+
+class FirstFailureScriptLauncher(SubprocessScriptLauncher):
+    """Lightning's script launcher (``start_method="popen"``) whose last words are the rank that failed first.
+
+    Rank 0 is the launching process and the other ranks re-run its script. When rank 1 raises, rank
+    0 fails next, in a collective ("Connection closed by peer"), and as the launching process its
+    error is the last thing on screen. Here every rank that raises writes its traceback to a file
+    in a folder rank 0 creates (``LIGHTNING_DEMBED_RANK_ERRORS``, inherited by the ranks it starts),
+    as torch elastic's ``@record`` does under ``torchrun``; rank 0, failing, waits a moment for the
+    other ranks to exit and, if another rank's file was written before its own, raises
+    `RankFailedFirst` with that rank's traceback, chained to its own error.
+    """
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        if not self.cluster_environment.creates_processes_externally and ERROR_DIR_VARIABLE not in os.environ:
+            os.environ[ERROR_DIR_VARIABLE] = tempfile.mkdtemp(prefix="lightning-dembed-rank-errors-")
+        error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+        started_ns = time.time_ns()
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except Exception as error:
+            if error_dir is None:  # started by another launcher (torchrun, SLURM): it reports failures
+                raise
+            rank = self.cluster_environment.global_rank()
+            Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "traceback": traceback.format_exc()}))
+            if self.procs:  # this process started the others
+                first = self._first_failure(Path(error_dir), started_ns)
+                if first is not None and first["rank"] != rank:
+                    raise RankFailedFirst(f"rank {first['rank']} failed first; its error:\n{first['traceback']}") from error
+            raise
+
+    def _first_failure(self, error_dir: Path, since_ns: int) -> Optional[dict[str, Any]]:
+        """The error of the rank whose error file was written first (since ``since_ns``), once the ranks exited."""
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        while any(proc.poll() is None for proc in self.procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        files = [path for path in error_dir.glob("rank*.json") if path.stat().st_mtime_ns >= since_ns]
+        return json.loads(min(files, key=lambda path: path.stat().st_mtime_ns).read_text()) if files else None

@@ -1,0 +1,258 @@
+"""A sharded embedding module's forward in two stages, so the first can run one batch ahead.
+
+TorchRec's `ShardedModule.forward` is ``input_dist`` (send each id to the rank that holds its
+row: two all-to-alls, of the splits and then of the ids) followed by ``compute_and_output_dist``
+(look up, pool, send the results back). `ShardedLookup` replaces that forward on each sharded
+module of the strategy and keeps what the strategy adds around it in the same place:
+
+- the input stage checks the features (unknown or missing keys; ids too when asked), pads a
+  rank's short batch where gloo's row-wise exchange needs equal row counts, and starts the input
+  all-to-alls;
+- `prefetch` runs the input stage on the next batch while the current one trains, as TorchRec's
+  `TrainPipelineSparseDist` does; the forward then uses it when it is called with those very
+  features (same tensors, unchanged since), and otherwise runs the input stage itself. A model
+  that builds or edits its features inside the step therefore trains exactly as unpipelined, only
+  without the overlap.
+
+Ids are checked on the hot path by FBGEMM's kernels (``BoundsCheckMode.FATAL``, no host sync).
+Where its error is a host exception (CPU), the lookup re-checks that batch and raises a message
+naming the feature and the table; on GPU the kernel's assertion is fatal to the process, and
+``check_ids=True`` checks every batch before the lookup instead, at one host sync per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.types import Awaitable, ShardedModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from lightning_dembed._private import tensor_version
+from lightning_dembed.sharding.hooks import FeatureCheck, pad_to_stride, then
+
+__all__ = ["LookupPipeline", "ShardedLookup", "find_features"]
+
+log = logging.getLogger(__name__)
+
+# Batches whose input stage may be under way at once: the one ahead of the step, and for loaders
+# without a length the one Lightning fetches ahead itself (it must know which batch is the last),
+# plus the one being trained.
+_MOST_AHEAD = 3
+
+# Sharding types whose pooled output is reduce-scattered across ranks.
+_REDUCE_SCATTER_TYPES = frozenset({"row_wise", "table_row_wise", "grid_shard"})
+
+
+def find_features(batch: Any, depth: int = 4) -> list[KeyedJaggedTensor]:
+    """The `KeyedJaggedTensor` objects in a batch: itself, or in its dataclass fields, mappings, sequences."""
+    if isinstance(batch, KeyedJaggedTensor):
+        return [batch]
+    if depth == 0:
+        return []
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        children = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, Mapping):
+        children = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        children = list(batch)
+    else:
+        return []
+    return [kjt for child in children for kjt in find_features(child, depth - 1)]
+
+
+def _data(features: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], ...]:
+    """The tensors that decide what a lookup of ``features`` returns."""
+    # Lengths, or offsets where a KJT was built from them (the other may be derived lazily later).
+    lengths = features.lengths_or_none()
+    return (features.values(), features.weights_or_none(), lengths if lengths is not None else features.offsets_or_none())
+
+
+def _versions(features: KeyedJaggedTensor) -> tuple[int, ...]:
+    # Ids or weights edited in place (hashing ids into the table size, say) make a different batch.
+    return tuple(-1 if t is None else tensor_version(t) for t in (features.values(), features.weights_or_none()))
+
+
+@dataclasses.dataclass
+class _StartedInput:
+    """One batch's input stage: its features as given, and the all-to-alls under way."""
+
+    features: KeyedJaggedTensor
+    rows: int  # the batch's own row count; the lookup may run on more (padding)
+    context: Any
+    request: Awaitable  # of the splits; after `splits_done`, of the ids
+    versions: tuple[int, ...] = ()
+    ids_under_way: bool = False
+
+    def splits_done(self) -> None:
+        """Wait for the splits all-to-all; this starts the ids' all-to-all, which overlaps what follows."""
+        if not self.ids_under_way:
+            self.request = self.request.wait()
+            self.ids_under_way = True
+
+    def dist_input(self) -> Any:
+        self.splits_done()
+        return self.request.wait()
+
+    def same_as(self, features: KeyedJaggedTensor) -> bool:
+        """Whether ``features`` is this batch's, as prefetched: same keys, same tensors, not modified since."""
+        return (
+            features.keys() == self.features.keys()
+            and all(a is b for a, b in zip(_data(self.features), _data(features)))
+            and _versions(features) == self.versions
+        )
+
+
+class ShardedLookup:
+    """The forward installed on a sharded embedding module: input stage, then lookup and output.
+
+    Args:
+        module: the sharded module (TorchRec `ShardedEmbeddingBagCollection` or `ShardedEmbeddingCollection`).
+        check: the features and id ranges of its unsharded twin.
+        sharding_types: the sharding types of its tables (row-wise ones need padding on gloo).
+        check_ids: check every id before the lookup (one host sync), not only when FBGEMM fails.
+        control_group: a gloo group of all ranks, for their small host-side agreements.
+    """
+
+    def __init__(
+        self,
+        module: ShardedModule,
+        check: FeatureCheck,
+        sharding_types: set[str],
+        check_ids: bool,
+        control_group: Optional[dist.ProcessGroup],
+    ) -> None:
+        self.module = module
+        self.control_group = control_group
+        self.check = check
+        self.check_ids = check_ids
+        # Gloo's all-gather in the row-wise backward needs one row count on every rank (NCCL copes).
+        self.pads = bool(sharding_types & _REDUCE_SCATTER_TYPES) and dist.get_backend() == "gloo"
+        self.prefetching = True
+        self.used_ahead = 0  # forwards that found their input stage done ahead
+        self._started: list[_StartedInput] = []
+
+    def feeds(self, features: KeyedJaggedTensor) -> bool:
+        """Whether ``features`` holds exactly this module's features (what the forward will be given)."""
+        return set(features.keys()) == set(self.check.table_of)
+
+    def start(self, features: KeyedJaggedTensor) -> _StartedInput:
+        """The input stage: check, pad to the ranks' largest batch if needed, start the all-to-alls."""
+        self.check.keys(features)
+        if self.check_ids:
+            self.check.ids(features)
+        rows, versions = features.stride(), _versions(features)
+        padded = features
+        if self.pads:
+            most = torch.tensor([rows], dtype=torch.int64)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            padded = pad_to_stride(features, int(most))
+        context = self.module.create_context()
+        request = self.module.input_dist(context, padded)
+        return _StartedInput(features, rows, context, request, versions)
+
+    def prefetch(self, features: KeyedJaggedTensor) -> None:
+        if len(self._started) >= _MOST_AHEAD:
+            # Batches fetched after the oldest one have piled up without its forward ever using it.
+            self._stop_prefetching()
+            return
+        self._started.append(self.start(features))
+
+    def splits_done(self) -> None:
+        for started in self._started:
+            started.splits_done()
+
+    def drain(self) -> None:
+        """Finish every exchange started ahead: every rank started them, so every rank waits for them."""
+        for started in self._started:
+            started.dist_input()
+        self._started = []
+
+    def _stop_prefetching(self) -> None:
+        self.drain()
+        self.prefetching = False
+        log.info(
+            "pipeline off for %s: it is not called with the batch's KeyedJaggedTensor as the dataloader yields it "
+            "(built or modified in the step); it trains unpipelined",
+            self.check.module_path,
+        )
+
+    def _take(self, features: KeyedJaggedTensor) -> Optional[_StartedInput]:
+        """The input started ahead for ``features``, if every rank has its own batch's there.
+
+        Whether a forward is given the batch as fetched can differ between ranks (a step that pads
+        only a short batch builds new features on that rank only), and a rank that skipped the
+        input stage would leave the others alone in its all-to-alls: the ranks agree first, on
+        the control group, off the model's collectives. Inputs are used in the order they were
+        fetched; those never used pile up until `prefetch` stops (on every rank alike).
+        """
+        if not self._started:  # the same on every rank: prefetches are
+            return None
+        mismatch = torch.tensor([0 if self._started[0].same_as(features) else 1], dtype=torch.int32)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=self.control_group)
+        return None if int(mismatch) else self._started.pop(0)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        features = args[0] if args else kwargs.get("features")
+        if len(args) + len(kwargs) != 1 or not isinstance(features, KeyedJaggedTensor):
+            return type(self.module).forward(self.module, *args, **kwargs)
+        started = self._take(features)
+        if started is None:
+            started = self.start(features)
+        else:
+            self.used_ahead += 1
+        dist_input = started.dist_input()
+        try:
+            output = self.module.compute_and_output_dist(started.context, dist_input)
+        except RuntimeError:
+            # FBGEMM's bounds check failed (or something else did): name the id if it is this rank's.
+            self.check.ids(started.features)
+            raise
+        if self.pads:
+            output = then(output, lambda pooled: _first_rows(pooled, started.rows))
+        return output
+
+
+def _first_rows(pooled: Any, rows: int) -> Any:
+    if not isinstance(pooled, KeyedTensor) or pooled.values().shape[0] == rows:
+        return pooled
+    return KeyedTensor(
+        keys=pooled.keys(), length_per_key=pooled.length_per_key(), values=pooled.values()[:rows],
+        key_dim=pooled.key_dim(),
+    )
+
+
+class LookupPipeline:
+    """Runs the input stage of every sharded lookup one batch ahead (see the module docstring).
+
+    Args:
+        lookups: the strategy's lookups, by module path.
+    """
+
+    def __init__(self, lookups: dict[str, ShardedLookup]) -> None:
+        self.lookups = lookups
+
+    @property
+    def active(self) -> bool:
+        return any(lookup.prefetching for lookup in self.lookups.values())
+
+    def prefetch(self, batch: Any) -> None:
+        """Start the input stage of ``batch`` for each lookup whose features it holds."""
+        features = find_features(batch)
+        for lookup in self.lookups.values():
+            mine = [kjt for kjt in features if lookup.feeds(kjt)]
+            if lookup.prefetching and len(mine) == 1:
+                lookup.prefetch(mine[0])
+
+    def splits_done(self) -> None:
+        for lookup in self.lookups.values():
+            lookup.splits_done()
+
+    def drain(self) -> None:
+        """Finish every exchange started ahead (every rank started the same ones)."""
+        for lookup in self.lookups.values():
+            lookup.drain()
