@@ -54,7 +54,7 @@ from lightning_dembed.sharding.planner import (
 )
 from lightning_dembed.sharding.policy import Offload, Placement, ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
-from lightning_dembed.strategies.launcher import ShardedMultiProcessingLauncher
+from lightning_dembed.strategies.launcher import FirstFailureScriptLauncher, ShardedMultiProcessingLauncher
 from lightning_dembed.strategies.pipeline import PipelinedLoader
 
 __all__ = ["HybridParallelStrategy", "parse_bytes"]
@@ -261,8 +261,11 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if self._start_method != "popen":
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            # Lightning's script launcher, ending on the error of the rank that failed first.
+            self._launcher = FirstFailureScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
             self._launcher = ShardedMultiProcessingLauncher(
                 self, start_method=self._start_method, hand_back_weights=self._hand_back_weights
             )
