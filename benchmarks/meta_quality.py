@@ -44,7 +44,7 @@ from typing import Any, Iterator, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
+from common import command_line, machine_info, markdown_table, results_dir, write_results  # noqa: E402
 
 METHODS = ("plain", "plain+ft", "maml", "fomaml", "anil", "metasgd")
 # Overrides of the shipped meta config per method: only the algorithm differs (shipped: Meta-SGD).
@@ -240,7 +240,7 @@ def main() -> None:
                         "--override=--trainer.max_steps=200 (repeat for more)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="task stores and checkpoints (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/meta_quality.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "meta_quality.json")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")

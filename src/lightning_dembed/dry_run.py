@@ -20,9 +20,10 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 
 from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, apply_embedding_optimizers
-from lightning_dembed.sharding.planner import MemoryBudgetError, PlanSummary, plan_sharding
+from lightning_dembed.sharding.planner import plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
+from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary
 
 __all__ = ["DryRun", "dry_run"]
 

@@ -61,7 +61,7 @@ def main() -> None:
     module = DLRMModule(data.tables(), num_dense_features=data.num_dense_features,
                        dense_arch_layer_sizes=(8,), over_arch_layer_sizes=(8, 1))
     trainer = Trainer(
-        strategy=HybridParallelStrategy(start_method="spawn"), accelerator="cpu", devices=args.devices,
+        strategy=HybridParallelStrategy(start_method="fork"), accelerator="cpu", devices=args.devices,
         max_steps=args.max_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[SaveAt(out, args.save_at)],

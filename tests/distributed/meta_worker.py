@@ -21,7 +21,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import META_FEATURES, MetaBatches, TinyMetaModule  # noqa: E402
+from tiny import MetaBatches, TinyMetaModule  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint  # noqa: E402
 from lightning_dembed.meta import MetaLearningLoop  # noqa: E402

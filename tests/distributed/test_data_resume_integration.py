@@ -7,6 +7,7 @@ run continues on the world size it started with).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,12 @@ STEPS, SAVE_AT = 9, 3
 
 def run(out: Path, data: str, data_dir: Path, *args: str, devices: int = 2) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # The worker forks its ranks; a forked child of a process that has started OpenMP threads hangs
+    # in its first parallel op (GNU libgomp), and DLRMModule's metric states start them: one thread.
     proc = subprocess.run(
         [sys.executable, str(WORKER), "--out", str(out), "--data", data, "--data-dir", str(data_dir),
          "--devices", str(devices), *args],
-        capture_output=True, text=True, timeout=600, cwd=out,
+        capture_output=True, text=True, timeout=600, cwd=out, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 

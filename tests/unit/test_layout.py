@@ -25,7 +25,6 @@ OURS: dict[str, set[str]] = {
     "_stack": set(),
     "metrics": set(),
     "modules": set(),
-    "metrics": set(),
     "sharding": {"_private", "modules"},
     "checkpoint": {"_atomic", "_private"},
     "strategies": {"_private", "checkpoint", "modules", "sharding"},

@@ -7,15 +7,9 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner.types import ParameterConstraints
 
-from lightning_dembed.sharding.planner import (
-    MemoryBudgetError,
-    PlanSummary,
-    TableShardingInfo,
-    check_memory_budget,
-    find_embedding_modules,
-    table_specs,
-)
-from lightning_dembed.sharding.policy import ShardingPolicy, TableSpec, decide_tables
+from lightning_dembed.sharding.planner import check_memory_budget, find_embedding_modules, table_specs
+from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
+from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
 
 def spec(name: str, rows: int, dim: int) -> TableSpec:

@@ -1,8 +1,9 @@
 """Planning and machinery for sharded embedding tables (no Lightning in here)."""
 
 from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, dense_parameters
-from lightning_dembed.sharding.planner import MemoryBudgetError, PlanSummary, plan_sharding
+from lightning_dembed.sharding.planner import plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
+from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary
 from lightning_dembed.sharding.sharders import default_sharders
 
 __all__ = [

@@ -8,7 +8,7 @@ memory budget before anything is allocated.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -30,30 +30,20 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from lightning_dembed.sharding.policy import OFFLOAD_KERNELS, ShardingPolicy, TableSpec, decide_tables
+from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
+from lightning_dembed.sharding.types import OFFLOAD_KERNELS, MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
 __all__ = [
-    "MemoryBudgetError",
-    "PlanSummary",
-    "TableShardingInfo",
     "default_memory_budget",
+    "embedding_configs",
     "find_embedding_modules",
+    "offload_largest_tables",
     "plan_sharding",
+    "summarize_plan",
     "table_specs",
 ]
 
 EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
-
-
-class MemoryBudgetError(ValueError):
-    """The plan needs more memory on some rank than its budget allows.
-
-    ``summary`` is the plan that does not fit, when there is one (TorchRec's planner may find none).
-    """
-
-    def __init__(self, message: str, summary: Optional["PlanSummary"] = None) -> None:
-        super().__init__(message)
-        self.summary = summary
 
 
 def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -115,73 +105,6 @@ def _device_share(compute_kernel: str) -> float:
     if compute_kernel == OFFLOAD_KERNELS["uvm_caching"]:
         return CACHE_LOAD_FACTOR
     return 0.0 if compute_kernel == OFFLOAD_KERNELS["uvm"] else 1.0
-
-
-@dataclass(frozen=True)
-class TableShardingInfo:
-    """One table in the plan: how it is sharded, where, and how big it is."""
-
-    name: str
-    module_path: str
-    num_embeddings: int
-    embedding_dim: int
-    sharding_type: str
-    compute_kernel: str
-    ranks: tuple[int, ...]
-    size_bytes: int
-
-
-@dataclass
-class PlanSummary:
-    """A sharding plan as plain data, for the log at start-up and for loggers such as W&B."""
-
-    tables: list[TableShardingInfo]
-    rank_bytes: list[int]  # in device memory (all of it on CPU)
-    memory_budget: int
-    optimizer_state_factor: float = field(default=0.0)
-    rank_host_bytes: list[int] = field(default_factory=list)  # of tables offloaded to host memory
-
-    def as_rows(self) -> list[list]:
-        """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
-        return [
-            [t.name, t.num_embeddings, t.embedding_dim, t.sharding_type, t.compute_kernel,
-             ",".join(map(str, t.ranks)), round(t.size_bytes / 2**20, 3)]
-            for t in self.tables
-        ]
-
-    COLUMNS = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB"]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready data: per rank its bytes, per table its sharding, ranks and bytes."""
-        return {
-            "world_size": len(self.rank_bytes),
-            "memory_budget": self.memory_budget,
-            "ranks": [
-                {"rank": r, "bytes": b, **({"host_bytes": self.rank_host_bytes[r]} if any(self.rank_host_bytes) else {})}
-                for r, b in enumerate(self.rank_bytes)
-            ],
-            "tables": [
-                {"name": t.name, "sharding": t.sharding_type, "kernel": t.compute_kernel, "ranks": list(t.ranks),
-                 "bytes": t.size_bytes}
-                for t in self.tables
-            ],
-        }
-
-    def __str__(self) -> str:
-        rows = [self.COLUMNS] + [[str(v) for v in row] for row in self.as_rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-        lines.append(
-            "per-rank memory (tables + optimizer state): "
-            + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_bytes))
-            + f" (budget {self.memory_budget / 2**20:.0f} MiB)"
-        )
-        if any(self.rank_host_bytes):
-            lines.append(
-                "per-rank host memory (offloaded tables + optimizer state): "
-                + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_host_bytes))
-            )
-        return "\n".join(lines)
 
 
 def _shard_ranks_and_sizes(ps: ParameterSharding, shape: tuple[int, int], world_size: int) -> list[tuple[int, int]]:

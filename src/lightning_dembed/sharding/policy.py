@@ -10,58 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Optional
+from typing import Mapping, Optional
 
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 
-__all__ = [
-    "Offload", "Placement", "ShardingPolicy", "SHARDING_TYPES", "OFFLOAD_KERNELS", "TableSpec", "TableDecision",
-    "decide_tables",
-]
+from lightning_dembed.sharding.types import OFFLOAD_KERNELS, PLACEMENTS, SHARDING_TYPES, Offload, Placement, TableSpec
+from lightning_dembed.sharding.types import TableDecision
 
-Placement = Literal["basic", "memory_balanced", "memory_optimized"]
-PLACEMENTS: tuple[str, ...] = ("basic", "memory_balanced", "memory_optimized")
-
-Offload = Literal["uvm", "uvm_caching"]
-# TorchRec's compute kernel for each way of keeping a table in host memory.
-OFFLOAD_KERNELS: dict[str, str] = {
-    "uvm": EmbeddingComputeKernel.FUSED_UVM.value,
-    "uvm_caching": EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
-}
-
-SHARDING_TYPES: tuple[str, ...] = (
-    ShardingType.TABLE_WISE.value,
-    ShardingType.ROW_WISE.value,
-    ShardingType.COLUMN_WISE.value,
-    ShardingType.TABLE_ROW_WISE.value,
-    ShardingType.TABLE_COLUMN_WISE.value,
-    ShardingType.DATA_PARALLEL.value,
-)
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """What planning needs to know of one table: its name, shape and the module that holds it."""
-
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    module_path: str
-
-    @property
-    def num_elements(self) -> int:
-        return self.num_embeddings * self.embedding_dim
-
-
-@dataclass(frozen=True)
-class TableDecision:
-    """A table's sharding type and, where the policy places it, its ranks (one per slice)."""
-
-    sharding_type: str
-    ranks: Optional[tuple[int, ...]] = None
-
+__all__ = ["ShardingPolicy", "decide_tables"]
 
 def _check_threshold(name: str, value: object) -> None:
     if value is None:

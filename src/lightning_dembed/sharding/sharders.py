@@ -21,7 +21,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
-from lightning_dembed.sharding.policy import OFFLOAD_KERNELS
+from lightning_dembed.sharding.types import OFFLOAD_KERNELS
 
 __all__ = ["EmbeddingBagCollectionSharderWithCPURowWise", "EmbeddingCollectionSharderInGPU", "default_sharders"]
 
