@@ -18,3 +18,10 @@ for spec in "tiny 1.0 65536 6" "tiny 1.0 65536 12" "small 0.1 65536 12"; do
     --steps 60 --warmup 10 --num-workers $4 --out $OUT/dlrm_throughput.json --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" \
     2>&1 | grep -E '^\{|Error|error' | tail -3
 done
+# Training alone (Merlin's way: batches generated once, kept on the GPU, cycled), pipelined and not,
+# and with the largest tables offloaded to host memory (UVM caching) under a 2 GiB budget.
+for extra in "" "--no-pipeline" "--offload uvm_caching --memory-budget 2GiB"; do
+  python3 benchmarks/dlrm_throughput.py --model tiny --scale 1.0 --global-batch 65536 --devices 1 --accelerator gpu \
+    --steps 60 --warmup 10 --device-resident 16 $extra --out $OUT/dlrm_throughput.json \
+    --label "device-resident $extra $(nvidia-smi --query-gpu=name --format=csv,noheader)" 2>&1 | grep -E '^\{|Error|error' | tail -3
+done

@@ -7,7 +7,8 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner.types import ParameterConstraints
 
-from lightning_dembed.sharding.planner import check_memory_budget, find_embedding_modules, table_specs
+from lightning_dembed.modules.discovery import find_embedding_modules
+from lightning_dembed.sharding.planner import check_memory_budget, table_specs
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 

@@ -37,7 +37,7 @@ from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
 from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
 from lightning_dembed.sharding.hooks import pad_to_stride
-from lightning_dembed.sharding.planner import embedding_configs, find_embedding_modules
+from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
 
 __all__ = ["ColdStartEvaluation", "MetaLearningLoop", "lookup_in_step"]
 

@@ -15,7 +15,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_dembed.data.batch import Batch
 from lightning_dembed.metrics import DEFAULT_AUC_BINS, BinnedAUROC, NormalizedEntropy
-from lightning_dembed.sharding.optimizer import dense_parameters
+from lightning_dembed.modules.discovery import dense_parameters
 
 __all__ = ["DLRMModule"]
 

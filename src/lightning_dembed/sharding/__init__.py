@@ -1,6 +1,7 @@
 """Planning and machinery for sharded embedding tables (no Lightning in here)."""
 
-from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, dense_parameters
+from lightning_dembed.modules.discovery import dense_parameters
+from lightning_dembed.sharding.optimizer import EmbeddingOptimizer
 from lightning_dembed.sharding.planner import plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary

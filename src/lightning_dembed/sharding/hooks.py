@@ -23,7 +23,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_dembed._private import sharded_output_keys
-from lightning_dembed.sharding.planner import embedding_configs
+from lightning_dembed.modules.discovery import embedding_configs
 
 __all__ = ["FeatureCheck", "pad_to_stride", "register_output_order", "then"]
 

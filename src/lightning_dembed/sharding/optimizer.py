@@ -15,18 +15,9 @@ from torch import nn
 from torchrec import optim as trec_optim
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from lightning_dembed.sharding.planner import find_embedding_modules
 
-__all__ = [
-    "EmbeddingOptimizer",
-    "ParamGroupRef",
-    "TableHyperParameters",
-    "apply_embedding_optimizers",
-    "dense_parameters",
-    "table_param_groups",
-]
+__all__ = ["EmbeddingOptimizer", "ParamGroupRef", "TableHyperParameters", "apply_embedding_optimizers", "table_param_groups"]
 
 # Hyper-parameters FBGEMM's fused kernels implement, per optimizer class, and the values of the
 # ones they do not implement that are harmless (the class defaults).
@@ -124,22 +115,6 @@ def apply_embedding_optimizers(tables: Mapping[str, nn.Parameter], optimizers: M
         # The hook needs a parameter that takes gradients; a frozen table is given learning rate 0.
         param.requires_grad_(True)
         apply_optimizer_in_backward(optimizer.optimizer_class, [param], optimizer.fused_kwargs())
-
-
-def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters a dense optimizer should get: all but the embedding tables'.
-
-    Tables train with their fused optimizer, so an optimizer built over ``self.parameters()``
-    only wastes what it allocates for them up front (``torch.optim.Adagrad`` allocates a full copy
-    of every table shard, dropped again by the strategy). Works before and after sharding.
-
-    Example::
-
-        def configure_optimizers(self):
-            return torch.optim.Adagrad(dense_parameters(self), lr=0.01)  # tables: fused Adagrad, lr 0.01
-    """
-    tables = {id(p) for m in find_embedding_modules(module).values() for p in m.parameters()}
-    return [p for _, p in in_backward_optimizer_filter(module.named_parameters()) if id(p) not in tables]
 
 
 class ParamGroupRef(NamedTuple):

@@ -27,46 +27,19 @@ from torchrec.distributed.sharding_plan import (
     table_wise,
 )
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig, data_type_to_dtype
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_configs import data_type_to_dtype
 
+from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.types import OFFLOAD_KERNELS, MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
 __all__ = [
     "default_memory_budget",
-    "embedding_configs",
-    "find_embedding_modules",
     "offload_largest_tables",
     "plan_sharding",
     "summarize_plan",
     "table_specs",
 ]
-
-EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
-
-
-def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Every TorchRec embedding collection in ``module``, by its path (not looking inside one)."""
-    found: dict[str, nn.Module] = {}
-
-    def visit(mod: nn.Module, path: str) -> None:
-        if isinstance(mod, EMBEDDING_MODULE_TYPES):
-            found[path] = mod
-            return
-        for name, child in mod.named_children():
-            visit(child, f"{path}.{name}" if path else name)
-
-    visit(module, "")
-    return found
-
-
-def embedding_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
-    """The table configs of an `EmbeddingBagCollection` or `EmbeddingCollection`."""
-    if isinstance(module, EmbeddingBagCollection):
-        return list(module.embedding_bag_configs())
-    return list(module.embedding_configs())
-
 
 def table_specs(modules: dict[str, nn.Module]) -> list[TableSpec]:
     """The tables of the given modules; refuses what TorchRec would fail on later, naming the table."""

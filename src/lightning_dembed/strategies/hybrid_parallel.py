@@ -46,7 +46,8 @@ from lightning_dembed.sharding.optimizer import (
     apply_embedding_optimizers,
     table_param_groups,
 )
-from lightning_dembed.sharding.planner import default_memory_budget, find_embedding_modules, plan_sharding
+from lightning_dembed.modules.discovery import find_embedding_modules
+from lightning_dembed.sharding.planner import default_memory_budget, plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.sharding.types import Offload, Placement, PlanSummary

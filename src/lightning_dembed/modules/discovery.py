@@ -1,0 +1,54 @@
+"""Where a model's embedding tables are: discovery of TorchRec's embedding collections, and the rest.
+
+Used by the strategy to find what to shard and by users to give their dense optimizer everything
+but the tables. Plain module inspection: no Lightning, no torch.distributed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+__all__ = ["EMBEDDING_MODULE_TYPES", "dense_parameters", "embedding_configs", "find_embedding_modules"]
+
+EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
+
+
+def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Every TorchRec embedding collection in ``module``, by its path (not looking inside one)."""
+    found: dict[str, nn.Module] = {}
+
+    def visit(mod: nn.Module, path: str) -> None:
+        if isinstance(mod, EMBEDDING_MODULE_TYPES):
+            found[path] = mod
+            return
+        for name, child in mod.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(module, "")
+    return found
+
+
+def embedding_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
+    """The table configs of an `EmbeddingBagCollection` or `EmbeddingCollection`."""
+    if isinstance(module, EmbeddingBagCollection):
+        return list(module.embedding_bag_configs())
+    return list(module.embedding_configs())
+
+
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a dense optimizer should get: all but the embedding tables'.
+
+    Tables train with their fused optimizer, so an optimizer built over ``self.parameters()``
+    only wastes what it allocates for them up front (``torch.optim.Adagrad`` allocates a full copy
+    of every table shard, dropped again by the strategy). Works before and after sharding.
+
+    Example::
+
+        def configure_optimizers(self):
+            return torch.optim.Adagrad(dense_parameters(self), lr=0.01)  # tables: fused Adagrad, lr 0.01
+    """
+    tables = {id(p) for m in find_embedding_modules(module).values() for p in m.parameters()}
+    return [p for _, p in in_backward_optimizer_filter(module.named_parameters()) if id(p) not in tables]
