@@ -29,7 +29,7 @@ OURS: dict[str, set[str]] = {
     "checkpoint": {"_atomic", "_private"},
     "strategies": {"_private", "checkpoint", "modules", "sharding"},
     "data": {"_atomic", "_private"},
-    "meta": {"_private", "data", "metrics", "sharding"},
+    "meta": {"_private", "data", "metrics", "modules", "sharding"},
     "models": {"_private", "data", "meta", "metrics", "modules", "sharding"},
     "callbacks": {"sharding", "strategies"},
     "dry_run": {"_private", "data", "modules", "sharding"},
