@@ -30,6 +30,7 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 from torchrec.modules.embedding_configs import data_type_to_dtype
 
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
+from lightning_dembed.sharding.notices import torchrec_notices_silenced
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.types import OFFLOAD_KERNELS, MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
@@ -224,9 +225,10 @@ def _torchrec_plan(
         storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
     )
     try:
-        if process_group is not None:
-            return planner.collective_plan(root, sharders, process_group)
-        return planner.plan(root, sharders)
+        with torchrec_notices_silenced():
+            if process_group is not None:
+                return planner.collective_plan(root, sharders, process_group)
+            return planner.plan(root, sharders)
     except PlannerError as err:
         raise MemoryBudgetError(
             f"TorchRec's planner found no plan within {memory_budget / 2**30:.2f} GiB per rank. Use more "

@@ -39,6 +39,7 @@ from lightning_dembed.checkpoint import (
 )
 from lightning_dembed.sharding.hooks import FeatureCheck, register_output_order
 from lightning_dembed.sharding.lookup import LookupPipeline, ShardedLookup
+from lightning_dembed.sharding.notices import torchrec_notices_silenced
 from lightning_dembed.sharding.optimizer import (
     EmbeddingOptimizer,
     ParamGroupRef,
@@ -356,7 +357,8 @@ class HybridParallelStrategy(DDPStrategy):
     @override
     def configure_ddp(self) -> None:
         assert self._dmp is not None
-        self._dmp.init_data_parallel()
+        with torchrec_notices_silenced():
+            self._dmp.init_data_parallel()
         self._ddp = _find_ddp(self._dmp)
         self.model = self._dmp
         self._register_ddp_hooks()
@@ -416,15 +418,16 @@ class HybridParallelStrategy(DDPStrategy):
         self._refuse_frozen_replicated_tables(summary)
         rank_zero_info(f"HybridParallelStrategy sharding plan ({world_size} ranks):\n{summary}")
 
-        dmp = DistributedModelParallel(
-            module,
-            env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
-            device=self.root_device,
-            plan=plan,
-            sharders=self._sharders,
-            init_data_parallel=False,
-            data_parallel_wrapper=self._data_parallel_wrapper,
-        )
+        with torchrec_notices_silenced():
+            dmp = DistributedModelParallel(
+                module,
+                env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+                device=self.root_device,
+                plan=plan,
+                sharders=self._sharders,
+                init_data_parallel=False,
+                data_parallel_wrapper=self._data_parallel_wrapper,
+            )
         lookups = {}
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
