@@ -66,7 +66,7 @@ def test_cold_start_evaluation_scores_a_plain_model_as_is_and_fine_tuned() -> No
     metrics = trainer([ColdStartEvaluation(inner_steps=3, inner_lr=0.5, adapt=["over_arch"],
                                            adapt_embeddings=["user"])]).validate(module, task_batches(),
                                                                                 verbose=False)[0]
-    assert set(metrics) == {f"val/query_{m}_{k}" for m in ("auc", "loss") for k in ("adapted", "unadapted")}
+    assert set(metrics) == {f"val/query_{m}_{k}" for m in ("auc", "ne", "loss") for k in ("adapted", "unadapted")}
     # "unadapted" is the model as it is, on exactly the query rows of every task.
     scores, labels = [], []
     with torch.no_grad():
@@ -78,6 +78,11 @@ def test_cold_start_evaluation_scores_a_plain_model_as_is_and_fine_tuned() -> No
             labels.append(batch.labels[query])
     want = binary_auroc(torch.cat(scores), torch.cat(labels).long())
     assert metrics["val/query_auc_unadapted"] == pytest.approx(float(want), abs=1e-6)
+    all_labels = torch.cat(labels)
+    ctr = all_labels.mean()
+    log_loss = torch.nn.functional.binary_cross_entropy(torch.cat(scores), all_labels)
+    entropy = -(ctr * ctr.log() + (1 - ctr) * (1 - ctr).log())
+    assert metrics["val/query_ne_unadapted"] == pytest.approx(float(log_loss / entropy), rel=1e-4)
     # Fine-tuned: other scores.
     assert metrics["val/query_loss_adapted"] != metrics["val/query_loss_unadapted"]
     assert "validation_step" not in vars(module)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -36,8 +37,9 @@ from lightning_dembed._private import AutomaticOptimization, swap_automatic_opti
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
 from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
-from lightning_dembed.sharding.hooks import pad_to_stride
+from lightning_dembed.metrics import NormalizedEntropy
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
+from lightning_dembed.sharding.hooks import pad_to_stride
 
 __all__ = ["ColdStartEvaluation", "MetaLearningLoop", "lookup_in_step"]
 
@@ -85,7 +87,9 @@ class ColdStartEvaluation(Callback):
     meta-learning, ``adapted`` is the practitioners' baseline: plain training, then fine-tuning on
     each new user's first interactions. Logged per stage (``val``, ``test``):
     ``query_auc_adapted``, ``query_auc_unadapted`` (AUC over every query row of every rank),
-    ``query_loss_adapted``, ``query_loss_unadapted`` (mean over tasks of the query log loss).
+    ``query_ne_adapted``, ``query_ne_unadapted`` (normalized entropy over the same rows: log loss
+    over the entropy of their click rate), ``query_loss_adapted``, ``query_loss_unadapted`` (mean
+    over tasks of the query log loss).
 
     Training is left to the module: install it with plain training batches and cold-start
     evaluation batches (`TaskDataModule` with ``as_tasks=False, eval_as_tasks=True``). The module
@@ -132,7 +136,7 @@ class ColdStartEvaluation(Callback):
         self._module: Optional[LightningModule] = None
         self._run_config: Optional[MetaLearningConfig] = None
         self._batch_binding = ExitStack()
-        self._auc: dict[str, dict[str, BinaryAUROC]] = {}
+        self._scores: dict[str, dict[str, Metric]] = {}
 
     # -- installation ----------------------------------------------------------------------------
 
@@ -230,9 +234,10 @@ class ColdStartEvaluation(Callback):
         # Lightning evaluates under inference mode; adaptation needs autograd, on ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
             result = self._adapt(adapt_and_predict, _plain_tensors(batch))
-        aucs = self._metrics(stage, result.labels.device)
-        aucs["adapted"].update(torch.sigmoid(result.adapted_logits), result.labels.long())
-        aucs["unadapted"].update(torch.sigmoid(result.unadapted_logits), result.labels.long())
+        scores = self._metrics(stage, result.labels.device)
+        for kind, logits in (("adapted", result.adapted_logits), ("unadapted", result.unadapted_logits)):
+            scores[f"auc_{kind}"].update(torch.sigmoid(logits), result.labels.long())
+            scores[f"ne_{kind}"].update(logits, result.labels)
         rows = result.labels.numel()
         module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=rows)
         module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=rows)
@@ -267,22 +272,26 @@ class ColdStartEvaluation(Callback):
     ) -> None:
         self._batch_binding.close()
 
-    def _metrics(self, stage: str, device: torch.device) -> dict[str, BinaryAUROC]:
-        if stage not in self._auc:
-            self._auc[stage] = {"adapted": BinaryAUROC().to(device), "unadapted": BinaryAUROC().to(device)}
-        return self._auc[stage]
+    def _metrics(self, stage: str, device: torch.device) -> dict[str, Metric]:
+        if stage not in self._scores:
+            self._scores[stage] = {
+                f"{name}_{kind}": make().to(device)
+                for name, make in (("auc", BinaryAUROC), ("ne", NormalizedEntropy))
+                for kind in ("adapted", "unadapted")
+            }
+        return self._scores[stage]
 
-    def _log_auc(self, stage: str, pl_module: LightningModule) -> None:
-        for kind, metric in self._auc.get(stage, {}).items():
-            # compute() gathers every rank's scores: the AUC of all query rows, not a mean of ranks'.
-            pl_module.log(f"{stage}/query_auc_{kind}", metric.compute(), sync_dist=True)
+    def _log_scores(self, stage: str, pl_module: LightningModule) -> None:
+        for name, metric in self._scores.get(stage, {}).items():
+            # compute() gathers every rank's state: the score of all query rows, not a mean of ranks'.
+            pl_module.log(f"{stage}/query_{name}", metric.compute(), sync_dist=True)
             metric.reset()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log_auc("val", pl_module)
+        self._log_scores("val", pl_module)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log_auc("test", pl_module)
+        self._log_scores("test", pl_module)
 
 
 class _MetaOptimization(AutomaticOptimization):

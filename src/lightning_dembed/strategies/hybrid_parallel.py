@@ -574,8 +574,12 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
+        if not self._pipeline_enabled or self._pipeline is None or not self.lightning_module.trainer.training:
+            return dataloader  # turned off, nothing sharded, or not a train dataloader
         trainer = self.lightning_module.trainer
-        if not (self._pipeline_enabled and trainer.training and self._pipeline is not None):
+        if callable(getattr(dataloader, "state_dict", None)):
+            # A stateful loader's checkpointed position would be one batch past the step's.
+            rank_zero_info("HybridParallelStrategy: the train dataloader saves its own state; training unpipelined")
             return dataloader
         to_device: Callable[[Any], Any] = lambda batch: batch  # noqa: E731
         if self.root_device.type != "cpu":
