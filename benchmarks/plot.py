@@ -77,13 +77,18 @@ def _hbars(
     ax.xaxis.set_major_formatter(_THOUSANDS)
 
 
+def _pipeline_labels_and_colors(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """A bar label per (pipeline, workers) row, and one color per pipeline."""
+    labels = [f"{r['pipeline']}, {r['num_workers']} worker{'s' * (r['num_workers'] != 1)}" for r in rows]
+    pipelines = list(dict.fromkeys(r["pipeline"] for r in rows))
+    return labels, [_COLORS[pipelines.index(r["pipeline"]) % len(_COLORS)] for r in rows]
+
+
 def plot_data_pipeline(record: dict[str, Any]) -> Figure:
     rows = record["results"]
     fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.2), layout="constrained")
     ax = fig.subplots()
-    labels = [f"{r['pipeline']}, {r['num_workers']} worker{'s' * (r['num_workers'] != 1)}" for r in rows]
-    pipelines = list(dict.fromkeys(r["pipeline"] for r in rows))
-    colors = [_COLORS[pipelines.index(r["pipeline"]) % len(_COLORS)] for r in rows]
+    labels, colors = _pipeline_labels_and_colors(rows)
     _hbars(ax, labels, [r["samples_per_sec"] for r in rows], colors)
     ax.set_xscale("log")
     ax.set_xlabel("samples/s (log scale)")
@@ -128,9 +133,7 @@ def plot_meta_io(record: dict[str, Any]) -> Figure:
     rows = record["pipelines"]
     fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.4), layout="constrained")
     ax = fig.subplots()
-    labels = [f"{r['pipeline']}, {r['num_workers']} worker{'s' * (r['num_workers'] != 1)}" for r in rows]
-    pipelines = list(dict.fromkeys(r["pipeline"] for r in rows))
-    colors = [_COLORS[pipelines.index(r["pipeline"]) % len(_COLORS)] for r in rows]
+    labels, colors = _pipeline_labels_and_colors(rows)
     _hbars(
         ax,
         labels,
