@@ -39,9 +39,8 @@ __all__ = ["LookupPipeline", "ShardedLookup", "find_features"]
 
 log = logging.getLogger(__name__)
 
-# Batches whose input stage may be under way at once: the one ahead of the step, and for loaders
-# without a length the one Lightning fetches ahead itself (it must know which batch is the last),
-# plus the one being trained.
+# Inputs started ahead and not yet used, at most: the step's and the next one's; one more means the
+# forwards are not using them (checked before starting another).
 _MOST_AHEAD = 3
 
 # Sharding types whose pooled output is reduce-scattered across ranks.
