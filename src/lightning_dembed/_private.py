@@ -40,6 +40,7 @@ __all__ = [
     "init_optimizers_and_lr_schedulers",  # configure_optimizers' output in every form it may take
     "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
     "register_ddp_comm_hook",  # what DDPStrategy._register_ddp_hooks calls, aimed at the dense DDP here
+    "planner_best_options",  # the sharding options TorchRec's planner chose, with their perf estimates
     "sharded_output_keys",  # the order a sharded EmbeddingBagCollection's pooled output comes in
     "tensor_version",  # a tensor's in-place modification counter
 ]
@@ -75,6 +76,11 @@ def flush_first_static_graph_iteration(ddp: DistributedDataParallel) -> None:
     no tensor) never reaches; Lightning's DDPStrategy calls the same reducer method for its own DDP.
     """
     ddp.reducer._delay_all_reduce()
+
+
+def planner_best_options(planner: Any) -> Optional[list]:
+    """The `ShardingOption`s of the plan TorchRec's planner last found (None where it found none here)."""
+    return planner._best_plan
 
 
 def sharded_output_keys(module: Any) -> list[str]:

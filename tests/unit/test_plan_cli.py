@@ -57,3 +57,12 @@ def test_offload_moves_the_largest_tables_to_host_memory_until_the_plan_fits(
 def test_offload_is_refused_for_cpu_plans(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ValueError, match="offload='uvm'.* on cpu every table is there already"):
         main(["plan", CONFIG, "--world-size", "2", "--device", "cpu", "--offload", "uvm"])
+
+
+def test_torchrec_planner_estimates_each_ranks_embedding_time(capsys: pytest.CaptureFixture) -> None:
+    code, result = plan(capsys, "--world-size", "4", "--", "--data.init_args.scale=0.01")
+    assert code == 0
+    per_rank = [r["estimated_ms"] for r in result["ranks"]]
+    assert all(ms > 0 for ms in per_rank) and result["estimated_step_ms"] == max(per_rank)
+    _, merlin = plan(capsys, "--world-size", "4", "--placement", "basic")
+    assert "estimated_step_ms" not in merlin  # Merlin's rules estimate no time

@@ -97,3 +97,10 @@ def test_automatic_optimization_is_where_and_what_the_meta_loop_expects() -> Non
     assert ours.optim_progress is lightnings.optim_progress
     assert private.swap_automatic_optimization(trainer, lightnings) is ours
     assert trainer.fit_loop.epoch_loop.automatic_optimization is lightnings
+
+
+def test_planner_keeps_its_best_options() -> None:
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    assert "self._best_plan" in inspect.getsource(EmbeddingShardingPlanner.__init__)
+    assert "self._best_plan = best_plan" in inspect.getsource(EmbeddingShardingPlanner.plan)

@@ -29,6 +29,7 @@ from torchrec.distributed.sharding_plan import (
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import data_type_to_dtype
 
+from lightning_dembed._private import planner_best_options
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
 from lightning_dembed.sharding.notices import torchrec_notices_silenced
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
@@ -207,7 +208,9 @@ def _torchrec_plan(
     device_type: str,
     memory_budget: int,
     process_group: Optional[dist.ProcessGroup],
-) -> ShardingPlan:
+) -> tuple[ShardingPlan, list[float]]:
+    """TorchRec's plan, and its estimate of each rank's embedding time per step in ms (empty where the
+    planner did not plan in this process: ranks other than 0 of a collective plan)."""
     constraints: dict[str, ParameterConstraints] = dict(policy.constraints)
     for table, sharding_type in policy.sharding_types.items():
         constraints[table] = replace(constraints.get(table, ParameterConstraints()), sharding_types=[sharding_type])
@@ -227,8 +230,9 @@ def _torchrec_plan(
     try:
         with torchrec_notices_silenced():
             if process_group is not None:
-                return planner.collective_plan(root, sharders, process_group)
-            return planner.plan(root, sharders)
+                plan = planner.collective_plan(root, sharders, process_group)
+            else:
+                plan = planner.plan(root, sharders)
     except PlannerError as err:
         raise MemoryBudgetError(
             f"TorchRec's planner found no plan within {memory_budget / 2**30:.2f} GiB per rank. Use more "
@@ -236,6 +240,19 @@ def _torchrec_plan(
             "the largest tables to host memory (offload='uvm_caching', on GPUs), shrink the tables, or raise "
             f"memory_budget_per_rank. Planner said: {err}"
         ) from err
+    return plan, _estimated_ms_per_rank(planner_best_options(planner), world_size)
+
+
+def _estimated_ms_per_rank(options: Optional[list], world_size: int) -> list[float]:
+    """Per rank, the sum of TorchRec's perf estimates (forward and backward, compute and comms) of its shards."""
+    if not options:
+        return []
+    per_rank = [0.0] * world_size
+    for option in options:
+        for shard in option.shards:
+            if shard.perf is not None and shard.rank is not None:
+                per_rank[shard.rank] += shard.perf.total
+    return per_rank
 
 
 def offload_largest_tables(plan: ShardingPlan, summarize: Any, kernel: str) -> PlanSummary:
@@ -319,12 +336,13 @@ def plan_sharding(
             f"offload={policy.offload!r} keeps tables in host memory for GPUs; on {device.type} every table is "
             "there already. Leave offload unset (plan for a GPU cluster with `lightning-dembed plan --device cuda`)"
         )
+    estimated_ms: list[float] = []  # Merlin's rules estimate no time
     if policy.uses_merlin_rules:
         sharder_map = {s.module_type: s for s in sharders}
         plan = _merlin_plan(modules, specs, policy, sharder_map, world_size, local_world_size, device.type)
     else:
         # With offload, the sharders also offer its kernel: the planner offloads what does not fit.
-        plan = _torchrec_plan(
+        plan, estimated_ms = _torchrec_plan(
             root, policy, sharders, world_size, local_world_size, device.type, memory_budget, process_group
         )
     keep_table_order(plan, modules, policy)
@@ -335,6 +353,7 @@ def plan_sharding(
             lambda: summarize_plan(plan, modules, world_size, memory_budget, optimizer_state_factor),
             OFFLOAD_KERNELS[policy.offload],
         )
+    summary.rank_estimated_ms = estimated_ms
     check_memory_budget(summary)
     return plan, summary
 

@@ -89,6 +89,9 @@ class PlanSummary:
     memory_budget: int
     optimizer_state_factor: float = field(default=0.0)
     rank_host_bytes: list[int] = field(default_factory=list)  # of tables offloaded to host memory
+    # TorchRec's estimate of each rank's embedding time per step, in ms, at its planning batch size
+    # (512 per rank); its planner only.
+    rank_estimated_ms: list[float] = field(default_factory=list)
 
     def as_rows(self) -> list[list]:
         """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
@@ -101,14 +104,21 @@ class PlanSummary:
     COLUMNS = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB"]
 
     def as_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready data: per rank its bytes, per table its sharding, ranks and bytes."""
+        """The plan as JSON-ready data: per rank its bytes, per table its sharding, ranks and bytes.
+
+        Where TorchRec's planner planned, also its estimate of each rank's embedding time per step
+        (``estimated_ms``) and of the step's (``estimated_step_ms``, the slowest rank's).
+        """
+        def extra(rank: int) -> dict[str, Any]:
+            host = {"host_bytes": self.rank_host_bytes[rank]} if any(self.rank_host_bytes) else {}
+            estimate = {"estimated_ms": self.rank_estimated_ms[rank]} if self.rank_estimated_ms else {}
+            return {**host, **estimate}
+
         return {
             "world_size": len(self.rank_bytes),
             "memory_budget": self.memory_budget,
-            "ranks": [
-                {"rank": r, "bytes": b, **({"host_bytes": self.rank_host_bytes[r]} if any(self.rank_host_bytes) else {})}
-                for r, b in enumerate(self.rank_bytes)
-            ],
+            **({"estimated_step_ms": max(self.rank_estimated_ms)} if self.rank_estimated_ms else {}),
+            "ranks": [{"rank": r, "bytes": b, **extra(r)} for r, b in enumerate(self.rank_bytes)],
             "tables": [
                 {"name": t.name, "sharding": t.sharding_type, "kernel": t.compute_kernel, "ranks": list(t.ranks),
                  "bytes": t.size_bytes}
@@ -129,6 +139,11 @@ class PlanSummary:
             lines.append(
                 "per-rank host memory (offloaded tables + optimizer state): "
                 + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_host_bytes))
+            )
+        if self.rank_estimated_ms:
+            lines.append(
+                f"TorchRec's estimate of the embeddings' time per step, at its planning batch of 512 per rank: "
+                f"{max(self.rank_estimated_ms):.3f} ms (slowest rank; ranks from {min(self.rank_estimated_ms):.3f} ms)"
             )
         return "\n".join(lines)
 
