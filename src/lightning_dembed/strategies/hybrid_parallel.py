@@ -574,9 +574,11 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        if not self._pipeline_enabled or self._pipeline is None or not self.lightning_module.trainer.training:
-            return dataloader  # turned off, nothing sharded, or not a train dataloader
+        if not self._pipeline_enabled or self._pipeline is None:
+            return dataloader  # turned off, or nothing sharded yet
         trainer = self.lightning_module.trainer
+        if not trainer.training:
+            return dataloader  # validation, test, predict: looked up once, nothing to run ahead of
         if callable(getattr(dataloader, "state_dict", None)):
             # A stateful loader's checkpointed position would be one batch past the step's.
             rank_zero_info("HybridParallelStrategy: the train dataloader saves its own state; training unpipelined")
@@ -591,9 +593,7 @@ class HybridParallelStrategy(DDPStrategy):
                 rank_zero_info("HybridParallelStrategy: batch transfer hooks are overridden; training unpipelined")
                 return dataloader
             to_device = lambda batch: move_data_to_device(batch, self.root_device)  # noqa: E731
-        return PipelinedLoader(
-            dataloader, self._pipeline, to_device, lambda: self._compare_epoch_lengths(self.lightning_module.trainer)
-        )
+        return PipelinedLoader(dataloader, self._pipeline, to_device, lambda: self._compare_epoch_lengths(trainer))
 
     @override
     def on_train_end(self) -> None:
