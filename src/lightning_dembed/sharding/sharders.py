@@ -29,18 +29,22 @@ _ROW_WISE_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.valu
 _IN_DEVICE_KERNELS = (EmbeddingComputeKernel.DENSE.value, EmbeddingComputeKernel.FUSED.value)
 
 
-def _allowed_kernels(kernels: list[str], offload: Optional[str]) -> list[str]:
-    allowed = set(_IN_DEVICE_KERNELS) | ({OFFLOAD_KERNELS[offload]} if offload else set())
-    return [k for k in kernels if k in allowed]
-
-
-class EmbeddingBagCollectionSharderWithCPURowWise(EmbeddingBagCollectionSharder):
-    """TorchRec's sharder for `EmbeddingBagCollection`: row-wise types on CPU too, in-GPU kernels
-    unless ``offload`` names one that keeps tables in host memory."""
+class _KernelsOnDevice:
+    """Offers the in-device kernels of a TorchRec sharder, and the offload kernel only when asked."""
 
     def __init__(self, fused_params: Optional[dict[str, Any]] = None, offload: Optional[str] = None) -> None:
-        super().__init__(fused_params=fused_params)
+        super().__init__(fused_params=fused_params)  # type: ignore[call-arg]
         self.offload = offload
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        allowed = set(_IN_DEVICE_KERNELS) | ({OFFLOAD_KERNELS[self.offload]} if self.offload else set())
+        offered = super().compute_kernels(sharding_type, compute_device_type)  # type: ignore[misc]
+        return [kernel for kernel in offered if kernel in allowed]
+
+
+class EmbeddingBagCollectionSharderWithCPURowWise(_KernelsOnDevice, EmbeddingBagCollectionSharder):
+    """TorchRec's sharder for `EmbeddingBagCollection`: row-wise types on CPU too, in-device kernels
+    unless ``offload`` names one that keeps tables in host memory."""
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
@@ -48,19 +52,9 @@ class EmbeddingBagCollectionSharderWithCPURowWise(EmbeddingBagCollectionSharder)
             types += [t for t in _ROW_WISE_TYPES if t not in types]
         return types
 
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        return _allowed_kernels(super().compute_kernels(sharding_type, compute_device_type), self.offload)
 
-
-class EmbeddingCollectionSharderInGPU(EmbeddingCollectionSharder):
-    """TorchRec's sharder for `EmbeddingCollection`, with in-GPU kernels unless ``offload`` names one."""
-
-    def __init__(self, fused_params: Optional[dict[str, Any]] = None, offload: Optional[str] = None) -> None:
-        super().__init__(fused_params=fused_params)
-        self.offload = offload
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        return _allowed_kernels(super().compute_kernels(sharding_type, compute_device_type), self.offload)
+class EmbeddingCollectionSharderInGPU(_KernelsOnDevice, EmbeddingCollectionSharder):
+    """TorchRec's sharder for `EmbeddingCollection`, with in-device kernels unless ``offload`` names one."""
 
 
 def default_sharders(
