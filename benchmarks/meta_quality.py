@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/meta_quality.py                 # defaults below
     python benchmarks/meta_quality.py --heterogeneity 0 2 --seeds 0 --methods plain maml
+    python benchmarks/meta_quality.py --movielens ~/data/ml-100k         # a real data set instead
+    python benchmarks/meta_quality.py --combine a/meta_quality.json b/meta_quality.json   # parts run side by side
 
 For each heterogeneity level (`SyntheticTaskConfig.heterogeneity`: how much users differ, 0 =
 every user alike) and seed (of the generated users, the cold-start holdout and the training), the
@@ -18,19 +20,31 @@ shipped recipes run in this process, one after the other, on one device and the 
   (ANIL), or learned inner rates (Meta-SGD, the config as shipped); adapted on each cold user's
   support set, on the checkpoint with the best adapted validation AUC.
 
+and, on generated users only, the ceilings that knowing the generator gives (`ceilings`):
+
+- ``bayes-shared``: the true click probability of a user known only by their features, the best
+  any model scored as is can do;
+- ``bayes-adapted``: the Bayes (MAP) estimate of each user's own click bias and taste from their
+  support rows, under the generator's true prior, item factors known: about the best adaptation
+  on the support set can do (the posterior's mode, not its full average).
+
+With ``--movielens DIR`` the ``*_movielens`` configs run on that directory instead (one level,
+named after it; no ceilings).
+
 Every method keeps the configs' model selection (best validation checkpoint, early stopping) and
 is scored on every query row of the same test users (the validation users are the other half of
 the cold-start users). Reported per level and method: query AUC and query log loss (mean over
 users of their mean), mean and standard deviation over seeds, and meta-DLRM's AUC gain over the
 best plain baseline with its spread over seeds (per-seed differences).
 
-Writes ``benchmarks/results/meta_quality.json`` and ``benchmarks/results/meta_quality.md``.
+Writes ``benchmarks/results/<date>_<machine>/meta_quality.{json,md,svg}`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import statistics
@@ -46,7 +60,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import command_line, machine_info, markdown_table, results_dir, write_results  # noqa: E402
 
-METHODS = ("plain", "plain+ft", "maml", "fomaml", "anil", "metasgd")
+METHODS = ("plain", "plain+ft", "maml", "fomaml", "anil", "metasgd", "bayes-shared", "bayes-adapted")
+# What knowing the generator gives (synthetic data only): the ceilings no trained model can pass.
+CEILINGS = ("bayes-shared", "bayes-adapted")
 # Overrides of the shipped meta config per method: only the algorithm differs (shipped: Meta-SGD).
 META_OVERRIDES = {
     "maml": ["--meta.algorithm=maml", "--meta.learn_inner_lr=false"],
@@ -69,6 +85,13 @@ def _inside(directory: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+def _data_args(args: argparse.Namespace, heterogeneity: float) -> list[str]:
+    if args.movielens is not None:
+        return [f"--data.init_args.interactions={args.movielens}"]
+    return [f"--data.init_args.num_users={args.num_users}",
+            f"--data.init_args.synthetic={{heterogeneity: {heterogeneity}}}"]
+
+
 def _common_args(args: argparse.Namespace, heterogeneity: float, seed: int, store: Path) -> list[str]:
     return [
         "--trainer.accelerator=cpu",
@@ -78,8 +101,7 @@ def _common_args(args: argparse.Namespace, heterogeneity: float, seed: int, stor
         "--trainer.enable_model_summary=false",
         f"--seed_everything={seed}",
         f"--data.init_args.seed={seed}",
-        f"--data.init_args.num_users={args.num_users}",
-        f"--data.init_args.synthetic={{heterogeneity: {heterogeneity}}}",
+        *_data_args(args, heterogeneity),
         f"--data.init_args.store_dir={store}",
         "--data.init_args.num_workers=0",
         *args.override,
@@ -106,7 +128,7 @@ def run_plain(args: argparse.Namespace, common: list[str], workdir: Path) -> dic
     with _inside(workdir):
         start = time.perf_counter()
         plain_args = [a for a in common if not a.startswith("--meta.")]  # the meta section is meta-DLRM's
-        config = config_path("dlrm_tasks_synthetic")
+        config = config_path(f"dlrm_tasks_{args.data_name}")
         cli = RecipeCLI(DLRMModule, LightningDataModule, run=False,
                         args=["--config", str(config), *plain_args])
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
@@ -142,7 +164,7 @@ def run_plain(args: argparse.Namespace, common: list[str], workdir: Path) -> dic
     }
 
 
-def run_meta(method: str, common: list[str], workdir: Path) -> dict[str, Any]:
+def run_meta(args: argparse.Namespace, method: str, common: list[str], workdir: Path) -> dict[str, Any]:
     """Meta-DLRM by one algorithm, adapted, on its best validation checkpoint."""
     from lightning.pytorch import LightningDataModule
 
@@ -153,7 +175,7 @@ def run_meta(method: str, common: list[str], workdir: Path) -> dict[str, Any]:
     with _inside(workdir):
         start = time.perf_counter()
         cli = MetaRecipeCLI(DLRMModule, LightningDataModule, run=False,
-                            args=["--config", str(config_path("meta_dlrm_synthetic")), *common,
+                            args=["--config", str(config_path(f"meta_dlrm_{args.data_name}")), *common,
                                   *META_OVERRIDES[method]])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         best_ckpt = cli.trainer.checkpoint_callback.best_model_path
@@ -162,6 +184,91 @@ def run_meta(method: str, common: list[str], workdir: Path) -> dict[str, Any]:
         return {**_scores(metrics, "adapted"), "unadapted": _scores(metrics, "unadapted"),
                 "steps": cli.trainer.global_step, "seconds": time.perf_counter() - start,
                 "best_checkpoint": Path(best_ckpt).name}
+
+
+def _query_scores(logits: Any, labels: Any, users: Any, label_noise: float) -> dict[str, float]:
+    """AUC and mean-over-users log loss of the generator's click probabilities from ``logits``."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    logits, labels, users = (torch.as_tensor(a) for a in (logits, labels, users))
+    # The labels were flipped to a coin at rate label_noise after the click was drawn.
+    p = (1 - label_noise) * torch.sigmoid(logits) + label_noise / 2
+    losses = torch.nn.functional.binary_cross_entropy(p, labels.double(), reduction="none")
+    _, user_index = torch.unique(users, return_inverse=True)
+    per_user = torch.zeros(int(user_index.max()) + 1, dtype=losses.dtype).index_add_(0, user_index, losses)
+    counts = torch.bincount(user_index).to(losses.dtype)
+    return {"auc": float(binary_auroc(p, labels.long())), "log_loss": float((per_user / counts).mean())}
+
+
+def ceilings(args: argparse.Namespace, heterogeneity: float, seed: int, store_dir: Path) -> dict[str, dict[str, Any]]:
+    """The best possible scores on the same test users' query rows, from the generator's hidden click model.
+
+    ``bayes-shared``: the click probability of a user the model knows nothing of beyond their
+    features (item, brand, hour, context and the segment's share of the taste), the ceiling of any
+    model scored as is. ``bayes-adapted``: the Bayes (MAP) estimate of the user's own click bias and
+    taste from their support rows, under the generator's true prior and with the item factors known:
+    the ceiling of adaptation on the support set (only the support rows are the user's own data).
+    """
+    import numpy as np
+    import torch
+
+    from lightning_dembed.data import SyntheticTaskConfig, TaskStore
+    from lightning_dembed.data.tasks import click_model, generate_interactions
+
+    start = time.perf_counter()
+    if not (store_dir / "stats.json").is_file():
+        raise FileNotFoundError(
+            f"{store_dir}: no task store; the ceilings score its test users. Run a model method in the same "
+            "command, or pass the --workdir of a run that did"
+        )
+    config = SyntheticTaskConfig(num_users=args.num_users, heterogeneity=heterogeneity, seed=seed)
+    table, truth = generate_interactions(config), click_model(config)
+    store = TaskStore.load(store_dir)
+    cold, stats = store.cold_start, store.stats["config"]
+    test_users = cold.task_range(cold.num_tasks // 2, cold.num_tasks).keys
+    if stats.get("support_size") != 0.5 or stats.get("split") != "time":
+        raise ValueError(f"{store_dir}: the ceilings follow the shipped split (time, support_size 0.5), not {stats}")
+
+    user, timestamp = table["user_id"].to_numpy(), table["timestamp"].to_numpy()
+    rows = np.flatnonzero(np.isin(user, test_users))
+    rows = rows[np.lexsort((timestamp[rows], user[rows]))]  # each user's rows in time order
+    users, first, counts = np.unique(user[rows], return_index=True, return_counts=True)
+    position = np.arange(rows.size) - np.repeat(first, counts)
+    support = position < np.repeat(np.maximum(counts // 2, 1), counts)  # as the store's support_size 0.5
+
+    labels = torch.as_tensor(table["label"].to_numpy()[rows], dtype=torch.float64)
+    shared = torch.as_tensor(truth.global_logit[rows] + heterogeneity * truth.segment_logit[rows])
+    user_index = torch.as_tensor(np.searchsorted(users, user[rows]))
+    # Per user: a click bias and their own taste over the item factors, MAP under the true prior.
+    features = torch.cat([torch.ones(rows.size, 1, dtype=torch.float64),
+                          torch.as_tensor(truth.item_factors[rows])], dim=1)
+    variances = torch.tensor([truth.bias_variance] + [truth.own_taste_variance] * config.latent_dim,
+                             dtype=torch.float64) * max(heterogeneity, 1e-6) ** 2
+    weights = torch.zeros(users.size, features.shape[1], dtype=torch.float64, requires_grad=True)
+    on_support = torch.as_tensor(support)
+    noise = config.label_noise
+
+    def logits() -> torch.Tensor:
+        return shared + (weights[user_index] * features).sum(1)
+
+    def negative_log_posterior() -> torch.Tensor:
+        optimizer.zero_grad()
+        p = (1 - noise) * torch.sigmoid(logits()[on_support]) + noise / 2
+        loss = torch.nn.functional.binary_cross_entropy(p, labels[on_support], reduction="sum")
+        loss = loss + (weights**2 / (2 * variances)).sum()
+        loss.backward()
+        return loss
+
+    optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    optimizer.step(negative_log_posterior)
+    query = ~support
+    common = {"steps": 0, "seconds": time.perf_counter() - start}
+    return {
+        "bayes-shared": {**_query_scores(shared[query], labels[query], users[user_index[query]], noise), **common},
+        "bayes-adapted": {**_query_scores(logits().detach()[query], labels[query], users[user_index[query]], noise),
+                          **common},
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
@@ -220,10 +327,32 @@ def report(record: dict[str, Any]) -> str:
     return (
         "# Cold-start quality: meta-DLRM vs plain DLRM\n\n"
         f"`{record['command']}`\n\n"
-        f"{record['settings']['num_users']} generated users per level and seed, seeds "
-        f"{record['settings']['seeds']}; mean ± standard deviation over seeds; 'vs best plain': per-seed "
+        + "".join(f"- part: `{part}`\n" for part in record.get("parts", ())) + ("\n" if record.get("parts") else "")
+        + (f"MovieLens ratings from `{record['settings']['movielens']}`" if record["settings"].get("movielens")
+           else f"{record['settings']['num_users']} generated users per level")
+        + f" and seed; seeds {record['settings']['seeds']}; mean ± standard deviation over seeds; 'vs best plain': per-seed "
         "difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
     )
+
+
+def combined(paths: list[Path], command: str) -> dict[str, Any]:
+    """One record of the runs of several records made with the same settings but their levels."""
+    records = [json.loads(path.read_text()) for path in paths]
+    settings = {k: v for k, v in records[0]["settings"].items() if k != "heterogeneity"}
+    for path, record in zip(paths, records):
+        theirs = {k: v for k, v in record["settings"].items() if k != "heterogeneity"}
+        if theirs != settings:
+            raise ValueError(f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels may differ")
+    runs = [run for record in records for run in record["runs"]]
+    methods = list(dict.fromkeys(run["method"] for run in runs))
+    return {
+        "command": command,
+        "parts": [record["command"] for record in records],
+        "machine": records[0]["machine"],
+        "settings": {**settings, "heterogeneity": sorted({run["heterogeneity"] for run in runs})},
+        "runs": runs,
+        "summary": summarize(runs, methods),
+    }
 
 
 def main() -> None:
@@ -232,6 +361,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--num-users", type=int, default=2000)
+    parser.add_argument("--movielens", type=Path, default=None,
+                        help="an unzipped MovieLens directory (ml-100k, ml-1m): run the *_movielens configs on it "
+                        "instead of generated users (one level, named after the directory)")
     parser.add_argument("--finetune-grid", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])),
                         nargs="+", default=[(1, 0.1), (5, 0.1), (5, 0.5)],
                         help="inner_steps:inner_lr pairs tried for plain+ft on the validation users")
@@ -241,7 +373,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="task stores and checkpoints (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=results_dir() / "meta_quality.json")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="summarize the runs of these meta_quality.json files together (parts run side by "
+                        "side, e.g. one per core with different --heterogeneity) instead of running anything")
     args = parser.parse_args()
+    args.data_name = "synthetic" if args.movielens is None else "movielens"
+    if args.movielens is not None:
+        args.heterogeneity = [args.movielens.name]  # the level column names the data set
+        args.methods = [m for m in args.methods if m not in CEILINGS]  # no hidden truth to know
+    if args.combine:
+        write_results(args.out, combined(args.combine, command_line()), report)
+        return
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -257,7 +399,9 @@ def main() -> None:
                 results.update(run_plain(args, common, where / "plain"))
             for method in args.methods:
                 if method in META_OVERRIDES:
-                    results[method] = run_meta(method, common, where / method)
+                    results[method] = run_meta(args, method, common, where / method)
+            if set(CEILINGS) & set(args.methods) and args.movielens is None:
+                results.update(ceilings(args, heterogeneity, seed, where / "task_store"))
             for method in args.methods:
                 run = {"heterogeneity": heterogeneity, "seed": seed, "method": method, **results[method]}
                 runs.append(run)
@@ -266,6 +410,7 @@ def main() -> None:
         "command": command_line(),
         "machine": machine_info(ROOT),
         "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds, "num_users": args.num_users,
+                     "movielens": None if args.movielens is None else str(args.movielens),
                      "finetune_grid": args.finetune_grid, "override": args.override},
         "runs": runs,
         "summary": summarize(runs, args.methods),

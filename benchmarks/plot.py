@@ -198,12 +198,14 @@ def plot_meta_orchestration(record: dict[str, Any]) -> Figure:
 def plot_meta_quality(record: dict[str, Any]) -> Figure:
     summary = record["summary"]
     methods = list(dict.fromkeys(r["method"] for r in summary))
+    # Levels in order, evenly spaced: heterogeneity values, or the name of a real data set.
+    names = list(dict.fromkeys(r["heterogeneity"] for r in summary))
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     auc_ax, gain_ax = fig.subplots(1, 2)
     for i, method in enumerate(methods):
         rows = [r for r in summary if r["method"] == method]
         # Each method a little to the side, so that the seeds' error bars do not hide each other.
-        levels = [r["heterogeneity"] + 0.04 * (i - (len(methods) - 1) / 2) for r in rows]
+        levels = [names.index(r["heterogeneity"]) + 0.06 * (i - (len(methods) - 1) / 2) for r in rows]
         style = dict(color=_COLORS[i % len(_COLORS)], marker="o", capsize=3, label=method)
         auc_ax.errorbar(levels, [r["auc"][0] for r in rows], yerr=[r["auc"][1] for r in rows], **style)
         if all("auc_gain" in r for r in rows):
@@ -217,7 +219,8 @@ def plot_meta_quality(record: dict[str, Any]) -> Figure:
     gain_ax.set_ylabel("AUC gain over the best plain baseline")
     gain_ax.legend(fontsize=7)
     for ax in (auc_ax, gain_ax):
-        ax.set_xlabel("heterogeneity of users")
+        ax.set_xticks(range(len(names)), [str(name) for name in names])
+        ax.set_xlabel("heterogeneity of users (or data set)")
     fig.suptitle(f"Cold-start quality: meta-DLRM vs plain DLRM ({_machine_line(record)})")
     return fig
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
 from lightning_dembed.data.task_store import TaskStore, build_task_store, parse_label_rule
-from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions, write_interactions
+from lightning_dembed.data.tasks import SyntheticTaskConfig, click_model, generate_interactions, write_interactions
 
 
 def interactions(num_tasks: int = 40, seed: int = 0, string_keys: bool = False) -> pa.Table:
@@ -281,6 +281,22 @@ def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
     assert all(torch.equal(a.dense_features, b.dense_features) for a, b in zip(workers, first))
     with pytest.raises(ValueError, match="tasks_per_batch"):
         MetaBatchDataset(split, tasks_per_batch=split.num_tasks + 1)
+
+
+def test_click_model_is_the_one_behind_each_generated_row() -> None:
+    config = SyntheticTaskConfig(num_users=500, heterogeneity=2.0, seed=5)
+    table, truth = generate_interactions(config), click_model(config)
+    assert truth.logit.shape == truth.global_logit.shape == (table.num_rows,)
+    assert truth.item_factors.shape == (table.num_rows, config.latent_dim)
+    # Row by row: rows of one item carry that item's factors, and clicks follow the logit.
+    items = table["item_id"].to_numpy()
+    first = {item: row for row, item in reversed(list(enumerate(items)))}
+    np.testing.assert_array_equal(truth.item_factors, truth.item_factors[[first[i] for i in items]])
+    labels = table["label"].to_numpy()
+    assert labels[truth.logit > 1].mean() > 0.6 > 0.4 > labels[truth.logit < -1].mean()
+    alike = click_model(dataclasses.replace(config, heterogeneity=0.0))
+    np.testing.assert_array_equal(alike.logit, alike.global_logit)
+    assert truth.bias_variance + config.latent_dim * truth.own_taste_variance > 0
 
 
 @pytest.mark.parametrize("heterogeneity", [0.0, 2.0])

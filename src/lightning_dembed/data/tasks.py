@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["SyntheticTaskConfig", "generate_interactions", "write_interactions"]
+__all__ = ["ClickModel", "SyntheticTaskConfig", "click_model", "generate_interactions", "write_interactions"]
 
 _SEGMENTS, _HOURS, _DEVICES = 8, 24, 4
 
@@ -107,8 +107,45 @@ class SyntheticTaskConfig:
         }
 
 
+class ClickModel(NamedTuple):
+    """The generator's hidden click model, row by row in `generate_interactions`' order.
+
+    What no model trained on the table can know, for measuring how far one is from the best
+    possible (``benchmarks/meta_ceiling.py``). Each row's click logit, before the label noise, is
+    ``global_logit + heterogeneity * (segment_logit + user_bias[row's user] + own taste . item_factors)``.
+
+    Attributes:
+        global_logit: ``[N]`` the part every user shares (item, brand, hour, dense context).
+        segment_logit: ``[N]`` the part of the user's taste that their ``user_segment`` shares, unscaled.
+        item_factors: ``[N, latent_dim]`` the row's item factors (a user's taste is a weighting of them).
+        logit: ``[N]`` the whole click logit.
+        bias_variance: variance of a user's click bias over users, before ``heterogeneity``.
+        own_taste_variance: variance of each coordinate of a user's own taste (beyond their
+            segment's), before ``heterogeneity``. With ``bias_variance``: a Bayesian user model's prior.
+    """
+
+    global_logit: np.ndarray
+    segment_logit: np.ndarray
+    item_factors: np.ndarray
+    logit: np.ndarray
+    bias_variance: float
+    own_taste_variance: float
+
+
 def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     """One row per interaction, rows of all users interleaved in random order; vectorised."""
+    return _simulate(config)[0]
+
+
+def click_model(config: SyntheticTaskConfig) -> ClickModel:
+    """The hidden click model behind ``generate_interactions(config)``, in the order of its rows."""
+    return _simulate(config)[1]
+
+
+_BIAS_STD, _SEGMENT_SHARE = 0.5, 0.5  # of a user's click bias; of the taste their segment shares
+
+
+def _simulate(config: SyntheticTaskConfig) -> tuple[pa.Table, ClickModel]:
     rng = np.random.default_rng(config.seed)
     dim = config.latent_dim
     num_brands = config.cardinalities["brand"]
@@ -127,8 +164,9 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     # Users: a segment sharing part of the taste (what a global model can see), the rest their own.
     segment = rng.integers(_SEGMENTS, size=config.num_users)
     segment_taste = rng.standard_normal((_SEGMENTS, dim))
-    taste = 0.5 * segment_taste[segment] + np.sqrt(0.75) * rng.standard_normal((config.num_users, dim))
-    user_bias = rng.normal(0.0, 0.5, size=config.num_users)
+    own_share = np.sqrt(1.0 - _SEGMENT_SHARE**2)
+    taste = _SEGMENT_SHARE * segment_taste[segment] + own_share * rng.standard_normal((config.num_users, dim))
+    user_bias = rng.normal(0.0, _BIAS_STD, size=config.num_users)
     favourite_device = rng.integers(_DEVICES, size=config.num_users)
 
     # Log-uniform row counts: many light users, a few heavy ones, as in real logs.
@@ -144,14 +182,14 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
 
     # The taste term has unit variance (unit-variance tastes, item factors of squared norm ~1).
     personal = user_bias[user] + np.einsum("nd,nd->n", taste[user], item_factors[item])
-    logit = (
+    global_logit = (
         -0.5
         + item_bias[item]
         + brand_bias[item_brand[item]]
         + 0.3 * np.sin(2 * np.pi * hour / _HOURS)
         + dense @ dense_weights
-        + config.heterogeneity * personal
     )
+    logit = global_logit + config.heterogeneity * personal
     label = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
     noisy = rng.random(n) < config.label_noise
     label = np.where(noisy, rng.random(n) < 0.5, label).astype(np.float32)
@@ -174,7 +212,17 @@ def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     columns.update({f"d{i}": dense[:, i] for i in range(config.num_dense)})
     columns.update({"label": label, "timestamp": timestamp})
     shuffle = rng.permutation(n)
-    return pa.table({name: np.ascontiguousarray(values[shuffle]) for name, values in columns.items()})
+    table = pa.table({name: np.ascontiguousarray(values[shuffle]) for name, values in columns.items()})
+    segment_logit = _SEGMENT_SHARE * np.einsum("nd,nd->n", segment_taste[segment[user]], item_factors[item])
+    truth = ClickModel(
+        global_logit=global_logit[shuffle],
+        segment_logit=segment_logit[shuffle],
+        item_factors=item_factors[item][shuffle],
+        logit=logit[shuffle],
+        bias_variance=_BIAS_STD**2,
+        own_taste_variance=own_share**2,
+    )
+    return table, truth
 
 
 def write_interactions(config: SyntheticTaskConfig, path: Union[str, Path]) -> Path:
