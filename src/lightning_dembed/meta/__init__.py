@@ -15,7 +15,7 @@ from lightning_dembed.meta.functional import (
     task_index,
     vmap_refusal,
 )
-from lightning_dembed.meta.loop import ColdStartEvaluation, MetaLearningLoop, lookup_in_step
+from lightning_dembed.meta.loop import ColdStartEvaluation, MetaLearningLoop
 
 __all__ = [
     "AdaptResult",
@@ -26,7 +26,6 @@ __all__ = [
     "MetaStepOutput",
     "TaskIndex",
     "adapt_and_predict",
-    "lookup_in_step",
     "meta_step",
     "task_index",
     "vmap_refusal",

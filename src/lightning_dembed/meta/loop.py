@@ -25,7 +25,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -39,24 +38,8 @@ from lightning_dembed.meta.config import MetaLearningConfig
 from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
 from lightning_dembed.metrics import NormalizedEntropy
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
-from lightning_dembed.sharding.hooks import pad_to_stride
 
-__all__ = ["ColdStartEvaluation", "MetaLearningLoop", "lookup_in_step"]
-
-
-def lookup_in_step(module: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
-    """``module.embed(features)``, run in step with the other ranks whatever each one's row count.
-
-    Sharded lookups exchange pooled rows between ranks (all-to-all, reduce-scatter), which needs
-    one row count on all ranks; meta-batches of whole tasks differ in rows. Empty bags make up the
-    difference (one scalar all-reduce per meta-batch, whatever its tasks) and are sliced off.
-    """
-    rows = features.stride()
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return module.embed(features)
-    most = torch.tensor([rows], device=features.values().device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return module.embed(pad_to_stride(features, int(most)))[:rows]
+__all__ = ["ColdStartEvaluation", "MetaLearningLoop"]
 
 
 @contextmanager
@@ -185,7 +168,8 @@ class ColdStartEvaluation(Callback):
             # Only what adapts is passed: the module's own parameters stand in for the rest.
             {n: p for n, p in module.named_parameters() if self.config.adapts(n)},
             batch.dense_features,
-            lookup_in_step(module, batch.sparse_features),
+            # Sharded lookups pad ranks' row counts themselves where an exchange needs them equal.
+            module.embed(batch.sparse_features),
             batch.labels,
             batch.task_offsets,
             batch.support_sizes,
