@@ -66,3 +66,13 @@ def test_torchrec_planner_estimates_each_ranks_embedding_time(capsys: pytest.Cap
     assert all(ms > 0 for ms in per_rank) and result["estimated_step_ms"] == max(per_rank)
     _, merlin = plan(capsys, "--world-size", "4", "--placement", "basic")
     assert "estimated_step_ms" not in merlin  # Merlin's rules estimate no time
+
+
+def test_text_plan_of_many_ranks_stays_readable(capsys: pytest.CaptureFixture) -> None:
+    code = main(["plan", CONFIG, "--world-size", "32", "--placement", "memory_optimized",
+                 "--row-slice-threshold", "10000"])
+    text = capsys.readouterr().out
+    assert code == 0
+    # A row-wise table over every rank is one range; per-rank memory is its balance, not 32 entries.
+    assert any(" row_wise " in line and " 0-31 " in line for line in text.splitlines())
+    assert "over 32 ranks" in text and "rank 5:" not in text

@@ -6,7 +6,7 @@ Plain data, shared by the policy (`policy`), the planner (`planner`), the sharde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ShardingType
@@ -97,7 +97,7 @@ class PlanSummary:
         """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
         return [
             [t.name, t.num_embeddings, t.embedding_dim, t.sharding_type, t.compute_kernel,
-             ",".join(map(str, t.ranks)), round(t.size_bytes / 2**20, 3)]
+             _rank_ranges(t.ranks), round(t.size_bytes / 2**20, 3)]
             for t in self.tables
         ]
 
@@ -131,14 +131,12 @@ class PlanSummary:
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
         lines.append(
-            "per-rank memory (tables + optimizer state): "
-            + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_bytes))
-            + f" (budget {self.memory_budget / 2**20:.0f} MiB)"
+            f"per-rank memory (tables + optimizer state): {_per_rank_mib(self.rank_bytes)} "
+            f"(budget {self.memory_budget / 2**20:.0f} MiB)"
         )
         if any(self.rank_host_bytes):
             lines.append(
-                "per-rank host memory (offloaded tables + optimizer state): "
-                + ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(self.rank_host_bytes))
+                f"per-rank host memory (offloaded tables + optimizer state): {_per_rank_mib(self.rank_host_bytes)}"
             )
         if self.rank_estimated_ms:
             lines.append(
@@ -146,6 +144,32 @@ class PlanSummary:
                 f"{max(self.rank_estimated_ms):.3f} ms (slowest rank; ranks from {min(self.rank_estimated_ms):.3f} ms)"
             )
         return "\n".join(lines)
+
+
+def _rank_ranges(ranks: Sequence[int]) -> str:
+    """``0,1,2,3,7`` as ``0-3,7``: a row-wise table on 640 ranks is one short cell."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)) for run in runs)
+
+
+_RANKS_LISTED = 16  # more ranks are summed up in the text (every rank's bytes are in as_dict)
+
+
+def _per_rank_mib(values: list[int]) -> str:
+    """Each rank's MiB, or for many ranks the largest, mean and smallest (the balance of the plan)."""
+    if len(values) <= _RANKS_LISTED:
+        return ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(values))
+    largest = max(range(len(values)), key=values.__getitem__)
+    smallest = min(range(len(values)), key=values.__getitem__)
+    return (
+        f"largest {values[largest] / 2**20:.1f} MiB (rank {largest}), mean {sum(values) / len(values) / 2**20:.1f} "
+        f"MiB, smallest {values[smallest] / 2**20:.1f} MiB (rank {smallest}) over {len(values)} ranks"
+    )
 
 
 class MemoryBudgetError(ValueError):
