@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/meta_quality.py                 # defaults below
     python benchmarks/meta_quality.py --heterogeneity 0 2 --seeds 0 --methods plain maml
     python benchmarks/meta_quality.py --movielens ~/data/ml-100k         # a real data set instead
-    python benchmarks/meta_quality.py --combine a/meta_quality.json b/meta_quality.json   # parts run side by side
+    python benchmarks/meta_quality.py --combine a/meta_quality.json b/meta_quality.json  # parts side by side
 
 For each heterogeneity level (`SyntheticTaskConfig.heterogeneity`: how much users differ, 0 =
 every user alike) and seed (of the generated users, the cold-start holdout and the training), the
@@ -201,7 +201,9 @@ def _query_scores(logits: Any, labels: Any, users: Any, label_noise: float) -> d
     return {"auc": float(binary_auroc(p, labels.long())), "log_loss": float((per_user / counts).mean())}
 
 
-def ceilings(args: argparse.Namespace, heterogeneity: float, seed: int, store_dir: Path) -> dict[str, dict[str, Any]]:
+def ceilings(
+    args: argparse.Namespace, heterogeneity: float, seed: int, store_dir: Path
+) -> dict[str, dict[str, Any]]:
     """The best possible scores on the same test users' query rows, from the generator's hidden click model.
 
     ``bayes-shared``: the click probability of a user the model knows nothing of beyond their
@@ -228,7 +230,9 @@ def ceilings(args: argparse.Namespace, heterogeneity: float, seed: int, store_di
     cold, stats = store.cold_start, store.stats["config"]
     test_users = cold.task_range(cold.num_tasks // 2, cold.num_tasks).keys
     if stats.get("support_size") != 0.5 or stats.get("split") != "time":
-        raise ValueError(f"{store_dir}: the ceilings follow the shipped split (time, support_size 0.5), not {stats}")
+        raise ValueError(
+            f"{store_dir}: the ceilings follow the shipped split (time, support_size 0.5), not {stats}"
+        )
 
     user, timestamp = table["user_id"].to_numpy(), table["timestamp"].to_numpy()
     rows = np.flatnonzero(np.isin(user, test_users))
@@ -263,11 +267,13 @@ def ceilings(args: argparse.Namespace, heterogeneity: float, seed: int, store_di
     optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
     optimizer.step(negative_log_posterior)
     query = ~support
+    query_users = users[user_index[query]]
     common = {"steps": 0, "seconds": time.perf_counter() - start}
     return {
-        "bayes-shared": {**_query_scores(shared[query], labels[query], users[user_index[query]], noise), **common},
-        "bayes-adapted": {**_query_scores(logits().detach()[query], labels[query], users[user_index[query]], noise),
-                          **common},
+        "bayes-shared": {**_query_scores(shared[query], labels[query], query_users, noise), **common},
+        "bayes-adapted": {
+            **_query_scores(logits().detach()[query], labels[query], query_users, noise), **common
+        },
     }
 
 
@@ -324,14 +330,19 @@ def report(record: dict[str, Any]) -> str:
          "log loss vs best plain", "steps trained"],
         rows,
     )
+    settings = record["settings"]
+    data = (
+        f"MovieLens ratings from `{settings['movielens']}`" if settings.get("movielens")
+        else f"{settings['num_users']} generated users per level"
+    )
     return (
         "# Cold-start quality: meta-DLRM vs plain DLRM\n\n"
         f"`{record['command']}`\n\n"
-        + "".join(f"- part: `{part}`\n" for part in record.get("parts", ())) + ("\n" if record.get("parts") else "")
-        + (f"MovieLens ratings from `{record['settings']['movielens']}`" if record["settings"].get("movielens")
-           else f"{record['settings']['num_users']} generated users per level")
-        + f" and seed; seeds {record['settings']['seeds']}; mean ± standard deviation over seeds; 'vs best plain': per-seed "
-        "difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
+        + "".join(f"- part: `{part}`\n" for part in record.get("parts", ()))
+        + ("\n" if record.get("parts") else "")
+        + data
+        + f" and seed; seeds {settings['seeds']}; mean ± standard deviation over seeds; 'vs best plain': "
+        "per-seed difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
     )
 
 
@@ -342,7 +353,9 @@ def combined(paths: list[Path], command: str) -> dict[str, Any]:
     for path, record in zip(paths, records):
         theirs = {k: v for k, v in record["settings"].items() if k != "heterogeneity"}
         if theirs != settings:
-            raise ValueError(f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels may differ")
+            raise ValueError(
+                f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels may differ"
+            )
     runs = [run for record in records for run in record["runs"]]
     methods = list(dict.fromkeys(run["method"] for run in runs))
     return {
@@ -362,8 +375,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--num-users", type=int, default=2000)
     parser.add_argument("--movielens", type=Path, default=None,
-                        help="an unzipped MovieLens directory (ml-100k, ml-1m): run the *_movielens configs on it "
-                        "instead of generated users (one level, named after the directory)")
+                        help="an unzipped MovieLens directory (ml-100k, ml-1m): run the *_movielens configs "
+                        "on it instead of generated users (one level, named after the directory)")
     parser.add_argument("--finetune-grid", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])),
                         nargs="+", default=[(1, 0.1), (5, 0.1), (5, 0.5)],
                         help="inner_steps:inner_lr pairs tried for plain+ft on the validation users")
@@ -374,8 +387,8 @@ def main() -> None:
                         help="task stores and checkpoints (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=results_dir() / "meta_quality.json")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
-                        help="summarize the runs of these meta_quality.json files together (parts run side by "
-                        "side, e.g. one per core with different --heterogeneity) instead of running anything")
+                        help="summarize the runs of these meta_quality.json files together (parts run side "
+                        "by side, e.g. one per core with different --heterogeneity) instead of running anything")
     args = parser.parse_args()
     args.data_name = "synthetic" if args.movielens is None else "movielens"
     if args.movielens is not None:

@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
 from lightning_dembed.data.task_store import TaskStore, build_task_store, parse_label_rule
-from lightning_dembed.data.tasks import SyntheticTaskConfig, click_model, generate_interactions, write_interactions
+from lightning_dembed.data.tasks import (
+    SyntheticTaskConfig,
+    click_model,
+    generate_interactions,
+    write_interactions,
+)
 
 
 def interactions(num_tasks: int = 40, seed: int = 0, string_keys: bool = False) -> pa.Table:

@@ -136,7 +136,8 @@ class PlanSummary:
         )
         if any(self.rank_host_bytes):
             lines.append(
-                f"per-rank host memory (offloaded tables + optimizer state): {_per_rank_mib(self.rank_host_bytes)}"
+                "per-rank host memory (offloaded tables + optimizer state): "
+                + _per_rank_mib(self.rank_host_bytes)
             )
         if self.rank_estimated_ms:
             lines.append(
@@ -166,8 +167,9 @@ def _per_rank_mib(values: list[int]) -> str:
         return ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in enumerate(values))
     largest = max(range(len(values)), key=values.__getitem__)
     smallest = min(range(len(values)), key=values.__getitem__)
+    mean = sum(values) / len(values)
     return (
-        f"largest {values[largest] / 2**20:.1f} MiB (rank {largest}), mean {sum(values) / len(values) / 2**20:.1f} "
+        f"largest {values[largest] / 2**20:.1f} MiB (rank {largest}), mean {mean / 2**20:.1f} "
         f"MiB, smallest {values[smallest] / 2**20:.1f} MiB (rank {smallest}) over {len(values)} ranks"
     )
 
