@@ -171,12 +171,12 @@ class CountCollectives(Callback):
 
         trainer.strategy.model._dmp_wrapped_module.register_comm_hook(None, allreduce)
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.calls.clear()
-
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # From the end of one meta-batch to the end of the next: the fetch in between, where a
+        # pipelined input stage starts, counts with the meta-batch it serves.
         self.per_step.append(dict(self.calls))
+        self.calls.clear()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for name, original in self._originals.items():
@@ -300,9 +300,11 @@ def report(record: dict) -> str:
                            [[r["method"], *[r["collectives_per_meta_batch"].get(n, 0) for n in names],
                              r["dense_weights_agree"]] for r in counts]),
             "",
-            "`all_reduce` counts the DDP bucket all-reduces (the counting hook issues them through "
-            "torch.distributed) and, pipelined, the ranks' agreement to use the input stage started ahead. The "
-            "next meta-batch's input stage starts when it is fetched, before this one's count begins.",
+            "Counted from the end of one meta-batch to the end of the next, the fetch in between included "
+            "(pipelined, the input stage of a meta-batch starts when it is fetched). `all_reduce` counts the "
+            "DDP bucket all-reduces (the counting hook issues them through torch.distributed), the ranks' "
+            "agreement to use an input stage started ahead, and the row-count all-reduce of gloo's "
+            "row-wise lookups.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -22,11 +22,11 @@ shipped recipes run in this process, one after the other, on one device and the 
 
 and, on generated users only, the ceilings that knowing the generator gives (`ceilings`):
 
-- ``bayes-shared``: the true click probability of a user known only by their features, the best
-  any model scored as is can do;
-- ``bayes-adapted``: the Bayes (MAP) estimate of each user's own click bias and taste from their
-  support rows, under the generator's true prior, item factors known: about the best adaptation
-  on the support set can do (the posterior's mode, not its full average).
+- ``bayes-shared``: the Bayes predictive click probability of a user known only by their
+  features (their own bias and taste averaged out under the true prior): about the best any
+  model scored as is can do;
+- ``bayes-adapted``: the same after the user's support rows (Laplace posterior of their bias and
+  taste, item factors known): about the best adaptation on the support set can do.
 
 With ``--movielens DIR`` the ``*_movielens`` configs run on that directory instead (one level,
 named after it; no ceilings).
@@ -186,14 +186,14 @@ def run_meta(args: argparse.Namespace, method: str, common: list[str], workdir: 
                 "best_checkpoint": Path(best_ckpt).name}
 
 
-def _query_scores(logits: Any, labels: Any, users: Any, label_noise: float) -> dict[str, float]:
-    """AUC and mean-over-users log loss of the generator's click probabilities from ``logits``."""
+def _query_scores(clicks: Any, labels: Any, users: Any, label_noise: float) -> dict[str, float]:
+    """AUC and mean-over-users log loss of click probabilities (before the generator's label noise)."""
     import torch
     from torchmetrics.functional.classification import binary_auroc
 
-    logits, labels, users = (torch.as_tensor(a) for a in (logits, labels, users))
+    clicks, labels, users = (torch.as_tensor(a) for a in (clicks, labels, users))
     # The labels were flipped to a coin at rate label_noise after the click was drawn.
-    p = (1 - label_noise) * torch.sigmoid(logits) + label_noise / 2
+    p = (1 - label_noise) * clicks + label_noise / 2
     losses = torch.nn.functional.binary_cross_entropy(p, labels.double(), reduction="none")
     _, user_index = torch.unique(users, return_inverse=True)
     per_user = torch.zeros(int(user_index.max()) + 1, dtype=losses.dtype).index_add_(0, user_index, losses)
@@ -201,22 +201,30 @@ def _query_scores(logits: Any, labels: Any, users: Any, label_noise: float) -> d
     return {"auc": float(binary_auroc(p, labels.long())), "log_loss": float((per_user / counts).mean())}
 
 
+def _predictive(mean: Any, variance: Any) -> Any:
+    """E[sigmoid(z)] for z ~ N(mean, variance), by the probit approximation (MacKay 1992)."""
+    import torch
+
+    return torch.sigmoid(mean / torch.sqrt(1 + torch.pi * variance / 8))
+
+
 def ceilings(
     args: argparse.Namespace, heterogeneity: float, seed: int, store_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """The best possible scores on the same test users' query rows, from the generator's hidden click model.
+    """About the best scores possible on the same test users' query rows, from the generator's click model.
 
-    ``bayes-shared``: the click probability of a user the model knows nothing of beyond their
-    features (item, brand, hour, context and the segment's share of the taste), the ceiling of any
-    model scored as is. ``bayes-adapted``: the Bayes (MAP) estimate of the user's own click bias and
-    taste from their support rows, under the generator's true prior and with the item factors known:
-    the ceiling of adaptation on the support set (only the support rows are the user's own data).
+    Both are Bayes predictive probabilities under the generator's true model and prior, item factors
+    known. ``bayes-shared``: for a user known only by their features (item, brand, hour, context
+    and the segment's share of the taste), their own click bias and taste averaged out under the
+    prior: what a model scored as is can at best do. ``bayes-adapted``: the same after observing the
+    user's support rows, by a Laplace approximation of the posterior of their bias and taste: what
+    adaptation on the support set can at best do. (Probit and Laplace approximations: close to,
+    not exactly, the Bayes optimum.)
     """
     import numpy as np
     import torch
 
-    from lightning_dembed.data import SyntheticTaskConfig, TaskStore
-    from lightning_dembed.data.tasks import click_model, generate_interactions
+    from lightning_dembed.data import SyntheticTaskConfig, TaskStore, generate_with_click_model
 
     start = time.perf_counter()
     if not (store_dir / "stats.json").is_file():
@@ -225,14 +233,18 @@ def ceilings(
             "command, or pass the --workdir of a run that did"
         )
     config = SyntheticTaskConfig(num_users=args.num_users, heterogeneity=heterogeneity, seed=seed)
-    table, truth = generate_interactions(config), click_model(config)
+    table, truth = generate_with_click_model(config)
     store = TaskStore.load(store_dir)
-    cold, stats = store.cold_start, store.stats["config"]
-    test_users = cold.task_range(cold.num_tasks // 2, cold.num_tasks).keys
-    if stats.get("support_size") != 0.5 or stats.get("split") != "time":
+    cold, stats = store.cold_start, store.stats
+    built = {k: stats["config"].get(k) for k in ("support_size", "split", "query_size")}
+    shipped = {"support_size": 0.5, "split": "time", "query_size": None}
+    if built != shipped or stats["input_rows"] != table.num_rows:
         raise ValueError(
-            f"{store_dir}: the ceilings follow the shipped split (time, support_size 0.5), not {stats}"
+            f"{store_dir}: the ceilings regenerate the users of the shipped config (time split, "
+            f"support_size 0.5, every later row a query; {table.num_rows} rows) but the store was built "
+            f"with {built} from {stats['input_rows']} rows: drop the data overrides for the ceilings"
         )
+    test_users = cold.task_range(cold.num_tasks // 2, cold.num_tasks).keys
 
     user, timestamp = table["user_id"].to_numpy(), table["timestamp"].to_numpy()
     rows = np.flatnonzero(np.isin(user, test_users))
@@ -244,37 +256,57 @@ def ceilings(
     labels = torch.as_tensor(table["label"].to_numpy()[rows], dtype=torch.float64)
     shared = torch.as_tensor(truth.global_logit[rows] + heterogeneity * truth.segment_logit[rows])
     user_index = torch.as_tensor(np.searchsorted(users, user[rows]))
-    # Per user: a click bias and their own taste over the item factors, MAP under the true prior.
+    # Per user: a click bias and their own taste over the item factors, with the generator's prior.
     features = torch.cat([torch.ones(rows.size, 1, dtype=torch.float64),
                           torch.as_tensor(truth.item_factors[rows])], dim=1)
-    variances = torch.tensor([truth.bias_variance] + [truth.own_taste_variance] * config.latent_dim,
-                             dtype=torch.float64) * max(heterogeneity, 1e-6) ** 2
+    prior = torch.tensor([truth.bias_variance] + [truth.own_taste_variance] * config.latent_dim,
+                         dtype=torch.float64) * max(heterogeneity, 1e-6) ** 2
     weights = torch.zeros(users.size, features.shape[1], dtype=torch.float64, requires_grad=True)
     on_support = torch.as_tensor(support)
     noise = config.label_noise
 
-    def logits() -> torch.Tensor:
-        return shared + (weights[user_index] * features).sum(1)
+    def noisy_click(logits: torch.Tensor) -> torch.Tensor:
+        return (1 - noise) * torch.sigmoid(logits) + noise / 2
 
     def negative_log_posterior() -> torch.Tensor:
         optimizer.zero_grad()
-        p = (1 - noise) * torch.sigmoid(logits()[on_support]) + noise / 2
-        loss = torch.nn.functional.binary_cross_entropy(p, labels[on_support], reduction="sum")
-        loss = loss + (weights**2 / (2 * variances)).sum()
+        logits = shared[on_support] + (weights[user_index[on_support]] * features[on_support]).sum(1)
+        clicks = noisy_click(logits)
+        loss = torch.nn.functional.binary_cross_entropy(clicks, labels[on_support], reduction="sum")
+        loss = loss + (weights**2 / (2 * prior)).sum()
         loss.backward()
         return loss
 
     optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
     optimizer.step(negative_log_posterior)
+    mode = weights.detach()
+
+    # Laplace: the posterior's covariance is the inverse Hessian of the negative log posterior at its mode.
+    mode_logits = (shared + (mode[user_index] * features).sum(1)).requires_grad_(True)
+    row_loss = torch.nn.functional.binary_cross_entropy(noisy_click(mode_logits), labels, reduction="none")
+    (slope,) = torch.autograd.grad(row_loss.sum(), mode_logits, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope.sum(), mode_logits)
+    curvature = torch.where(on_support, curvature.clamp(min=0), 0.0)  # the noisy likelihood can bend down
+    outer = curvature[:, None, None] * features[:, :, None] * features[:, None, :]
+    hessian = torch.zeros(users.size, *outer.shape[1:], dtype=torch.float64).index_add_(0, user_index, outer)
+    covariance = torch.linalg.inv(hessian + torch.diag(1 / prior))
+
     query = ~support
-    query_users = users[user_index[query]]
-    common = {"steps": 0, "seconds": time.perf_counter() - start}
+    x, u = features[query], user_index[query]
+    shared_click = _predictive(shared[query], (x * x * prior).sum(1))
+    adapted_click = _predictive(
+        shared[query] + (mode[u] * x).sum(1), torch.einsum("ni,nij,nj->n", x, covariance[u], x)
+    )
+    query_users = users[u]
+    common = {"steps": None, "seconds": time.perf_counter() - start}
     return {
-        "bayes-shared": {**_query_scores(shared[query], labels[query], query_users, noise), **common},
-        "bayes-adapted": {
-            **_query_scores(logits().detach()[query], labels[query], query_users, noise), **common
-        },
+        "bayes-shared": {**_query_scores(shared_click, labels[query], query_users, noise), **common},
+        "bayes-adapted": {**_query_scores(adapted_click, labels[query], query_users, noise), **common},
     }
+
+
+def _mean_or_none(values: list[Optional[float]]) -> Optional[float]:
+    return None if None in values else statistics.fmean(values)  # type: ignore[arg-type]
 
 
 def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
@@ -298,7 +330,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
             losses = [score[method, s]["log_loss"] for s in seeds]
             row = {"heterogeneity": level, "method": method, "seeds": len(seeds),
                    "auc": _mean_std(aucs), "log_loss": _mean_std(losses),
-                   "steps": statistics.fmean(score[method, s]["steps"] for s in seeds)}
+                   "steps": _mean_or_none([score[method, s]["steps"] for s in seeds])}
             if best_plain is not None and method not in plain:
                 row["vs_best_plain"] = best_plain
                 row["auc_gain"] = _mean_std(
@@ -322,7 +354,7 @@ def report(record: dict[str, Any]) -> str:
         [r["heterogeneity"], r["method"], _pm(r["auc"]), _pm(r["log_loss"]),
          _pm(r["auc_gain"], signed=True) if "auc_gain" in r else "",
          _pm(r["log_loss_change"], signed=True) if "log_loss_change" in r else "",
-         f"{r['steps']:.0f}"]
+         "" if r["steps"] is None else f"{r['steps']:.0f}"]
         for r in record["summary"]
     ]
     table = markdown_table(
@@ -332,8 +364,9 @@ def report(record: dict[str, Any]) -> str:
     )
     settings = record["settings"]
     data = (
-        f"MovieLens ratings from `{settings['movielens']}`" if settings.get("movielens")
-        else f"{settings['num_users']} generated users per level"
+        f"MovieLens ratings from `{settings['movielens']}`; seeds {settings['seeds']}"
+        if settings.get("movielens")
+        else f"{settings['num_users']} generated users per level and seed; seeds {settings['seeds']}"
     )
     return (
         "# Cold-start quality: meta-DLRM vs plain DLRM\n\n"
@@ -341,7 +374,7 @@ def report(record: dict[str, Any]) -> str:
         + "".join(f"- part: `{part}`\n" for part in record.get("parts", ()))
         + ("\n" if record.get("parts") else "")
         + data
-        + f" and seed; seeds {settings['seeds']}; mean ± standard deviation over seeds; 'vs best plain': "
+        + "; mean ± standard deviation over seeds; 'vs best plain': "
         "per-seed difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
     )
 
@@ -357,6 +390,10 @@ def combined(paths: list[Path], command: str) -> dict[str, Any]:
                 f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels may differ"
             )
     runs = [run for record in records for run in record["runs"]]
+    keys = [(run["heterogeneity"], run["seed"], run["method"]) for run in runs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"runs (level, seed, method) {repeated} are in more than one of {paths}")
     methods = list(dict.fromkeys(run["method"] for run in runs))
     return {
         "command": command,
@@ -387,8 +424,8 @@ def main() -> None:
                         help="task stores and checkpoints (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=results_dir() / "meta_quality.json")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
-                        help="summarize the runs of these meta_quality.json files together (parts run side "
-                        "by side, e.g. one per core with different --heterogeneity) instead of running anything")
+                        help="summarize the runs of these meta_quality.json files together (parts run "
+                        "side by side, e.g. one per core with other --heterogeneity) instead of running anything")
     args = parser.parse_args()
     args.data_name = "synthetic" if args.movielens is None else "movielens"
     if args.movielens is not None:
@@ -413,7 +450,7 @@ def main() -> None:
             for method in args.methods:
                 if method in META_OVERRIDES:
                     results[method] = run_meta(args, method, common, where / method)
-            if set(CEILINGS) & set(args.methods) and args.movielens is None:
+            if set(CEILINGS) & set(args.methods):
                 results.update(ceilings(args, heterogeneity, seed, where / "task_store"))
             for method in args.methods:
                 run = {"heterogeneity": heterogeneity, "seed": seed, "method": method, **results[method]}
@@ -422,7 +459,8 @@ def main() -> None:
     record = {
         "command": command_line(),
         "machine": machine_info(ROOT),
-        "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds, "num_users": args.num_users,
+        "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds,
+                     "num_users": None if args.movielens is not None else args.num_users,
                      "movielens": None if args.movielens is None else str(args.movielens),
                      "finetune_grid": args.finetune_grid, "override": args.override},
         "runs": runs,

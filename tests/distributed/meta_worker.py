@@ -74,7 +74,9 @@ class Dump(Callback):
         self.losses.append(float(outputs["loss"]))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        torch.save({"losses": self.losses, "collectives": self.counter.per_step}, self.out / f"rank{trainer.global_rank}.pt")
+        used_ahead = {path: lookup.used_ahead for path, lookup in trainer.strategy._pipeline.lookups.items()}
+        torch.save({"losses": self.losses, "collectives": self.counter.per_step, "used_ahead": used_ahead},
+                   self.out / f"rank{trainer.global_rank}.pt")
         trainer.save_checkpoint(self.out / "final.ckpt")
         if trainer.is_global_zero:
             consolidate_checkpoint(self.out / "final.ckpt", self.out / "final.full.pt")

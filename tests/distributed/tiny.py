@@ -241,6 +241,9 @@ class MetaBatches(torch.utils.data.IterableDataset):
     def __init__(self, steps: int, num_tasks: int, rank: int, world_size: int) -> None:
         self.steps, self.num_tasks, self.rank, self.world_size = steps, num_tasks, rank, world_size
 
+    def __len__(self) -> int:  # sized, as the shipped task loaders: trained pipelined
+        return self.steps
+
     def __iter__(self):
         for step in range(self.steps):
             yield task_batch(meta_tasks(step, self.num_tasks)[self.rank:: self.world_size])

@@ -18,8 +18,8 @@ from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
 from lightning_dembed.data.task_store import TaskStore, build_task_store, parse_label_rule
 from lightning_dembed.data.tasks import (
     SyntheticTaskConfig,
-    click_model,
     generate_interactions,
+    generate_with_click_model,
     write_interactions,
 )
 
@@ -290,7 +290,8 @@ def test_epochs_reshuffle_and_workers_yield_the_same_batches() -> None:
 
 def test_click_model_is_the_one_behind_each_generated_row() -> None:
     config = SyntheticTaskConfig(num_users=500, heterogeneity=2.0, seed=5)
-    table, truth = generate_interactions(config), click_model(config)
+    table, truth = generate_with_click_model(config)
+    assert table.equals(generate_interactions(config))
     assert truth.logit.shape == truth.global_logit.shape == (table.num_rows,)
     assert truth.item_factors.shape == (table.num_rows, config.latent_dim)
     # Row by row: rows of one item carry that item's factors, and clicks follow the logit.
@@ -299,7 +300,7 @@ def test_click_model_is_the_one_behind_each_generated_row() -> None:
     np.testing.assert_array_equal(truth.item_factors, truth.item_factors[[first[i] for i in items]])
     labels = table["label"].to_numpy()
     assert labels[truth.logit > 1].mean() > 0.6 > 0.4 > labels[truth.logit < -1].mean()
-    alike = click_model(dataclasses.replace(config, heterogeneity=0.0))
+    _, alike = generate_with_click_model(dataclasses.replace(config, heterogeneity=0.0))
     np.testing.assert_array_equal(alike.logit, alike.global_logit)
     assert truth.bias_variance + config.latent_dim * truth.own_taste_variance > 0
 

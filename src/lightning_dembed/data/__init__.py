@@ -36,16 +36,23 @@ from lightning_dembed.data.synthetic import (
 )
 from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
 from lightning_dembed.data.task_store import TaskStore, build_task_store
-from lightning_dembed.data.tasks import SyntheticTaskConfig, generate_interactions
+from lightning_dembed.data.tasks import (
+    ClickModel,
+    SyntheticTaskConfig,
+    generate_interactions,
+    generate_with_click_model,
+)
 
 __all__ = [
     "MetaBatchDataset",
     "QueryRowDataset",
+    "ClickModel",
     "SyntheticTaskConfig",
     "TaskDataModule",
     "TaskStore",
     "build_task_store",
     "generate_interactions",
+    "generate_with_click_model",
     "movielens_format",
     "read_interactions",
     "read_movielens",

@@ -22,7 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["ClickModel", "SyntheticTaskConfig", "click_model", "generate_interactions", "write_interactions"]
+__all__ = [
+    "ClickModel",
+    "SyntheticTaskConfig",
+    "generate_interactions",
+    "generate_with_click_model",
+    "write_interactions",
+]
 
 _SEGMENTS, _HOURS, _DEVICES = 8, 24, 4
 
@@ -111,7 +117,7 @@ class ClickModel(NamedTuple):
     """The generator's hidden click model, row by row in `generate_interactions`' order.
 
     What no model trained on the table can know, for measuring how far one is from the best
-    possible (``benchmarks/meta_ceiling.py``). Each row's click logit, before the label noise, is
+    possible (the ceilings of ``benchmarks/meta_quality.py``). Each row's click logit, before the label noise, is
     ``global_logit + heterogeneity * (segment_logit + user_bias[row's user] + own taste . item_factors)``.
 
     Attributes:
@@ -134,18 +140,14 @@ class ClickModel(NamedTuple):
 
 def generate_interactions(config: SyntheticTaskConfig) -> pa.Table:
     """One row per interaction, rows of all users interleaved in random order; vectorised."""
-    return _simulate(config)[0]
-
-
-def click_model(config: SyntheticTaskConfig) -> ClickModel:
-    """The hidden click model behind ``generate_interactions(config)``, in the order of its rows."""
-    return _simulate(config)[1]
+    return generate_with_click_model(config)[0]
 
 
 _BIAS_STD, _SEGMENT_SHARE = 0.5, 0.5  # of a user's click bias; of the taste their segment shares
 
 
-def _simulate(config: SyntheticTaskConfig) -> tuple[pa.Table, ClickModel]:
+def generate_with_click_model(config: SyntheticTaskConfig) -> tuple[pa.Table, ClickModel]:
+    """``generate_interactions(config)`` and the hidden click model behind it, in the order of its rows."""
     rng = np.random.default_rng(config.seed)
     dim = config.latent_dim
     num_brands = config.cardinalities["brand"]

@@ -222,9 +222,10 @@ class ColdStartEvaluation(Callback):
         for kind, logits in (("adapted", result.adapted_logits), ("unadapted", result.unadapted_logits)):
             scores[f"auc_{kind}"].update(torch.sigmoid(logits), result.labels.long())
             scores[f"ne_{kind}"].update(logits, result.labels)
-        rows = result.labels.numel()
-        module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=rows)
-        module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=rows)
+        # The losses are means over this batch's tasks: weighted by tasks, the epoch's is the mean over users.
+        tasks = batch.num_tasks
+        module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=tasks)
+        module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=tasks)
 
     def _validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")

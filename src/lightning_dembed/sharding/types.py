@@ -94,7 +94,7 @@ class PlanSummary:
     rank_estimated_ms: list[float] = field(default_factory=list)
 
     def as_rows(self) -> list[list]:
-        """One row per table: name, rows, dim, sharding type, kernel, ranks, MiB."""
+        """One row per table: name, rows, dim, sharding type, kernel, ranks (as ranges: ``0-3,7``), MiB."""
         return [
             [t.name, t.num_embeddings, t.embedding_dim, t.sharding_type, t.compute_kernel,
              _rank_ranges(t.ranks), round(t.size_bytes / 2**20, 3)]
