@@ -425,7 +425,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=results_dir() / "meta_quality.json")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="summarize the runs of these meta_quality.json files together (parts run "
-                        "side by side, e.g. one per core with other --heterogeneity) instead of running anything")
+                        "side by side, e.g. one per core with other --heterogeneity); runs nothing")
     args = parser.parse_args()
     args.data_name = "synthetic" if args.movielens is None else "movielens"
     if args.movielens is not None:

@@ -27,9 +27,20 @@ def run(out: Path, *args: str) -> dict:
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
-def test_meta_training_on_sharded_tables_matches_single_process(tmp_path: Path, algorithm: str) -> None:
-    ranks = run(tmp_path, "--algorithm", algorithm, "--tasks", "8", "--inner-lr", str(INNER_LR), "--lr", str(LR))
+TABLE_WISE = json.dumps({"sharding_types": dict.fromkeys(("t_user", "t_item", "t_category"), "table_wise")})
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "policy"),
+    [("maml", None), ("fomaml", None), ("maml", TABLE_WISE)],
+    ids=["maml", "fomaml", "maml-table-wise"],  # table-wise alone: uneven rows per rank, never padded
+)
+def test_meta_training_on_sharded_tables_matches_single_process(
+    tmp_path: Path, algorithm: str, policy: str | None
+) -> None:
+    extra = ("--policy", policy) if policy else ()
+    ranks = run(tmp_path, "--algorithm", algorithm, "--tasks", "8", "--inner-lr", str(INNER_LR),
+                "--lr", str(LR), *extra)
     config = MetaLearningConfig(algorithm=algorithm, inner_lr=INNER_LR, adapt=("over_arch",), adapt_embeddings=("user",))
     ref_losses, ref_state = meta_reference_run(STEPS, 8, config, LR)
     # Each rank averages its 4 tasks; the meta-batch's loss is the mean of the two.

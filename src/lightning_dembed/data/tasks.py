@@ -117,8 +117,9 @@ class ClickModel(NamedTuple):
     """The generator's hidden click model, row by row in `generate_interactions`' order.
 
     What no model trained on the table can know, for measuring how far one is from the best
-    possible (the ceilings of ``benchmarks/meta_quality.py``). Each row's click logit, before the label noise, is
-    ``global_logit + heterogeneity * (segment_logit + user_bias[row's user] + own taste . item_factors)``.
+    possible (the ceilings of ``benchmarks/meta_quality.py``). Each row's click logit, before the
+    label noise, is ``global_logit + heterogeneity * (segment_logit + user_bias[row's user] + own
+    taste . item_factors)``.
 
     Attributes:
         global_logit: ``[N]`` the part every user shares (item, brand, hour, dense context).
