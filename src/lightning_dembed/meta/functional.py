@@ -218,6 +218,10 @@ class _MetaBatch:
         feature_names: Sequence[str],
         inner_lrs: Optional[InnerLearningRates],
     ) -> None:
+        if config.learn_inner_lr and inner_lrs is None:
+            raise ValueError(
+                "config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns"
+            )
         if embedded.dim() != 3 or not (embedded.shape[0] == dense.shape[0] == labels.shape[0]):
             raise ValueError(
                 f"expected embedded [R, F, D], dense [R, num_dense] and labels [R] over the same R rows; got "
@@ -252,7 +256,7 @@ class _MetaBatch:
             for column, feature in enumerate(config.adapt_embeddings):
                 self.layout[names.index(feature), column] = 1.0
             self.initial["offsets"] = embedded.new_zeros(len(config.adapt_embeddings), embedded.shape[-1])
-        self.rates = self._rates(inner_lrs)
+        self.rates = self._rates(inner_lrs if config.learn_inner_lr else None)
 
         self.index = task_index(task_offsets, support_sizes)
         mask_dtype = embedded.dtype
@@ -380,10 +384,6 @@ def meta_step(
                         batch.sparse_features.keys())
         out.loss.backward()
     """
-    if config.learn_inner_lr and inner_lrs is None:
-        raise ValueError(
-            "config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns"
-        )
     batch = _MetaBatch(
         module,
         params,
@@ -394,7 +394,7 @@ def meta_step(
         support_sizes,
         config,
         feature_names,
-        inner_lrs if config.learn_inner_lr else None,
+        inner_lrs,
     )
     query_losses, support_losses, logits = batch.run()
     query_mask = batch.index.query_mask
@@ -420,6 +420,13 @@ def meta_step(
 def _plain(t: Tensor) -> Tensor:
     # Tensors made under inference mode cannot be saved for backward: copy them out of it.
     return t.clone() if t.is_inference() else t
+
+
+def _outside_inference(
+    params: Mapping[str, Tensor], dense: Tensor, embedded: Tensor, labels: Tensor
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    """``params, dense, embedded, labels`` usable by autograd, copied where inference mode made them."""
+    return {n: _plain(p) for n, p in params.items()}, _plain(dense), _plain(embedded), _plain(labels)
 
 
 def adapt_and_predict(
@@ -449,24 +456,17 @@ def adapt_and_predict(
                                        config, batch.sparse_features.keys())
         auc.update(torch.sigmoid(result.adapted_logits), result.labels.long())
     """
-    if config.learn_inner_lr and inner_lrs is None:
-        raise ValueError(
-            "config.learn_inner_lr (Meta-SGD) needs inner_lrs, an InnerLearningRates the module owns"
-        )
     # torch.func.grad differentiates whatever the grad mode, so under no_grad the adaptation is
     # the same and no outer graph (never backpropagated here) is built.
     with torch.inference_mode(False), torch.no_grad():
         batch = _MetaBatch(
             module,
-            {n: _plain(p) for n, p in params.items()},
-            _plain(dense),
-            _plain(embedded),
-            _plain(labels),
+            *_outside_inference(params, dense, embedded, labels),
             task_offsets,
             support_sizes,
             config,
             feature_names,
-            inner_lrs if config.learn_inner_lr else None,
+            inner_lrs,
         )
         query_losses, _, adapted = batch.run()
         unadapted = batch.unadapted_query_logits()
@@ -517,15 +517,14 @@ def vmap_refusal(
     with torch.inference_mode(False), torch.no_grad():
         batch = _MetaBatch(
             module,
-            {n: _plain(p) for n, p in params.items()},
-            _plain(dense[:first_task_rows]),
-            _plain(embedded[:first_task_rows]),
-            _plain(labels[:first_task_rows]),
+            *_outside_inference(
+                params, dense[:first_task_rows], embedded[:first_task_rows], labels[:first_task_rows]
+            ),
             task_offsets[:2],
             support_sizes[:1],
             config,
             feature_names,
-            inner_lrs if config.learn_inner_lr else None,
+            inner_lrs,
         )
         try:
             vmap(batch.task)(batch.support, batch.query)
