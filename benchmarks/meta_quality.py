@@ -192,13 +192,17 @@ def _query_scores(clicks: Any, labels: Any, users: Any, label_noise: float) -> d
     from torchmetrics.functional.classification import binary_auroc
 
     clicks, labels, users = (torch.as_tensor(a) for a in (clicks, labels, users))
-    # The labels were flipped to a coin at rate label_noise after the click was drawn.
-    p = (1 - label_noise) * clicks + label_noise / 2
+    p = _with_label_noise(clicks, label_noise)
     losses = torch.nn.functional.binary_cross_entropy(p, labels.double(), reduction="none")
     _, user_index = torch.unique(users, return_inverse=True)
     per_user = torch.zeros(int(user_index.max()) + 1, dtype=losses.dtype).index_add_(0, user_index, losses)
     counts = torch.bincount(user_index).to(losses.dtype)
     return {"auc": float(binary_auroc(p, labels.long())), "log_loss": float((per_user / counts).mean())}
+
+
+def _with_label_noise(clicks: Any, label_noise: float) -> Any:
+    """The probability of a positive label: the generator flips labels to a coin at rate label_noise."""
+    return (1 - label_noise) * clicks + label_noise / 2
 
 
 def _predictive(mean: Any, variance: Any) -> Any:
@@ -266,7 +270,7 @@ def ceilings(
     noise = config.label_noise
 
     def noisy_click(logits: torch.Tensor) -> torch.Tensor:
-        return (1 - noise) * torch.sigmoid(logits) + noise / 2
+        return _with_label_noise(torch.sigmoid(logits), noise)
 
     def negative_log_posterior() -> torch.Tensor:
         optimizer.zero_grad()
