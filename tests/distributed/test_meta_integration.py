@@ -11,9 +11,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import TinyMetaModule, meta_reference_run  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from tiny import ColdStartTinyModule, TinyMetaModule, meta_reference_run, meta_tasks, task_batch  # noqa: E402
 
-from lightning_dembed.meta import MetaLearningConfig  # noqa: E402
+from lightning_dembed.meta import ColdStartEvaluation, MetaLearningConfig  # noqa: E402
 
 WORKER = Path(__file__).parent / "meta_worker.py"
 STEPS, INNER_LR, LR = 3, 0.3, 0.1
@@ -78,3 +79,23 @@ def test_collectives_per_meta_batch_do_not_grow_with_tasks_or_inner_steps(tmp_pa
         assert small[rank]["collectives"] == large[rank]["collectives"]
     # One DDP all-reduce of the dense gradients per meta-batch, whatever the tasks and inner steps.
     assert all(step["ddp_bucket_all_reduce"] == 1 for step in small[0]["collectives"])
+
+
+def test_cold_start_scores_on_ranks_with_uneven_tasks_are_those_of_one_process(tmp_path: Path) -> None:
+    worker = Path(__file__).parent / "cold_start_worker.py"
+    proc = subprocess.run(
+        [sys.executable, str(worker), "--out", str(tmp_path), "--tasks", "5", "--rank0-tasks", "4"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    seed_everything(0)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[ColdStartEvaluation(**ColdStartTinyModule.EVALUATION)])
+    loader = torch.utils.data.DataLoader([task_batch(meta_tasks(0, 5))], batch_size=None)
+    want = trainer.validate(ColdStartTinyModule(), loader, verbose=False)[0]
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    assert got.keys() == want.keys()
+    # The losses too are means over all 5 users, not the mean of rank 0's 4 and rank 1's 1.
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -207,6 +207,15 @@ class TinyMetaModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class ColdStartTinyModule(TinyMetaModule):
+    """`TinyMetaModule` scored by `ColdStartEvaluation` (with these arguments) in validation."""
+
+    EVALUATION = {"inner_steps": 2, "inner_lr": 0.3, "adapt": ["over_arch"], "adapt_embeddings": ["user"]}
+
+    def validation_step(self, batch, batch_idx):  # replaced by ColdStartEvaluation
+        raise AssertionError("ColdStartEvaluation should have installed its own validation step")
+
+
 def meta_tasks(seed: int, num_tasks: int):
     """Tasks of different sizes: (dense, ids [rows, F], labels, support size) each."""
     g = torch.Generator().manual_seed(seed)

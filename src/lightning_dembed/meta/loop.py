@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryAUROC
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -219,13 +219,15 @@ class ColdStartEvaluation(Callback):
         with torch.inference_mode(False), torch.enable_grad():
             result = self._adapt(adapt_and_predict, _plain_tensors(batch))
         scores = self._metrics(stage, result.labels.device)
-        for kind, logits in (("adapted", result.adapted_logits), ("unadapted", result.unadapted_logits)):
+        for kind, logits, loss in (
+            ("adapted", result.adapted_logits, result.adapted_loss),
+            ("unadapted", result.unadapted_logits, result.unadapted_loss),
+        ):
             scores[f"auc_{kind}"].update(torch.sigmoid(logits), result.labels.long())
             scores[f"ne_{kind}"].update(logits, result.labels)
-        # The losses are means over this batch's tasks: weighted by tasks, the epoch's is the mean over users.
-        tasks = batch.num_tasks
-        module.log(f"{stage}/query_loss_adapted", result.adapted_loss, sync_dist=True, batch_size=tasks)
-        module.log(f"{stage}/query_loss_unadapted", result.unadapted_loss, sync_dist=True, batch_size=tasks)
+            # A mean over this batch's tasks, weighted by their number: the epoch's is the mean over
+            # every rank's tasks (Lightning's sync_dist would average the ranks' means instead).
+            scores[f"loss_{kind}"].update(loss.detach(), weight=batch.num_tasks)
 
     def _validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
@@ -261,14 +263,15 @@ class ColdStartEvaluation(Callback):
         if stage not in self._scores:
             self._scores[stage] = {
                 f"{name}_{kind}": make().to(device)
-                for name, make in (("auc", BinaryAUROC), ("ne", NormalizedEntropy))
+                for name, make in (("auc", BinaryAUROC), ("ne", NormalizedEntropy), ("loss", MeanMetric))
                 for kind in ("adapted", "unadapted")
             }
         return self._scores[stage]
 
     def _log_scores(self, stage: str, pl_module: LightningModule) -> None:
         for name, metric in self._scores.get(stage, {}).items():
-            # compute() gathers every rank's state: the score of all query rows, not a mean of ranks'.
+            # compute() gathers every rank's state: the score of all query rows (tasks, for the
+            # losses), not a mean of ranks'.
             pl_module.log(f"{stage}/query_{name}", metric.compute(), sync_dist=True)
             metric.reset()
 
