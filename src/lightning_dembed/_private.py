@@ -38,6 +38,7 @@ __all__ = [
     "load_state_dict_no_dist",  # DCP's load that returns what the planner above created
     "flush_first_static_graph_iteration",
     "init_optimizers_and_lr_schedulers",  # configure_optimizers' output in every form it may take
+    "pruned_modules",  # the modules a ModelPruning callback prunes, resolved in its setup
     "prepare_for_backward",  # what Lightning's DDPStrategy.pre_backward calls under manual optimization
     "register_ddp_comm_hook",  # what DDPStrategy._register_ddp_hooks calls, aimed at the dense DDP here
     "planner_best_options",  # the sharding options TorchRec's planner chose, with their perf estimates
@@ -86,6 +87,11 @@ def planner_best_options(planner: Any) -> Optional[list]:
 def sharded_output_keys(module: Any) -> list[str]:
     """The keys, in order, of the `KeyedTensor` a sharded `EmbeddingBagCollection` returns (fixed by its plan)."""
     return list(module._embedding_names)
+
+
+def pruned_modules(callback: "pl.callbacks.ModelPruning") -> list[nn.Module]:
+    """The modules ``callback`` prunes; its ``setup`` (which runs before the strategy's) resolves them."""
+    return [module for module, _ in callback._parameters_to_prune]
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

@@ -173,15 +173,24 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--precision", "64-true"), "Use precision='bf16-mixed'"),
         (("--policy", '{"model_averaging_period": 4}'), "does not support model averaging"),
         (("--swa",), "StochasticWeightAveraging keeps an averaged copy"),
+        (("--accumulate-from-epoch-1",), "or a GradientAccumulationScheduler that accumulates"),
+        (("--prune",), "ModelPruning would prune embedding tables"),
         (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
     ],
-    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging", "swa", "frozen-replicated"],
+    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging", "swa", "accumulation-scheduler", "pruning",
+         "frozen-replicated"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_two_manual_backwards_before_a_step_are_refused(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--two-backwards", "--sharding", "table_wise", expect_ok=False)
+    assert proc.returncode != 0
+    assert "manual_backward was called again before an optimizer step" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_bf16_mixed_trains_close_to_one_process(tmp_path: Path) -> None:

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    ModelCheckpoint,
+    ModelPruning,
+    StochasticWeightAveraging,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -107,12 +112,16 @@ class ManualTinyRecModule(TinyRecModule):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
+        self.backwards_per_step = 1
 
     def training_step(self, batch, batch_idx: int) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss = self.loss(batch)
         self.losses.append(float(loss))
+        if self.backwards_per_step == 2:  # accumulating by hand: refused
+            self.manual_backward(loss / 2, retain_graph=True)
+            loss = loss / 2
         self.manual_backward(loss)
         optimizer.step()
 
@@ -191,6 +200,7 @@ def main() -> None:
     p.add_argument("--predict", action="store_true", help="after fit, predict in the launching process")
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     p.add_argument("--manual", action="store_true", help="manual optimization")
+    p.add_argument("--two-backwards", action="store_true", help="manual optimization, 2 backwards per step")
     p.add_argument("--two-optimizers", action="store_true", help="manual optimization, tables in a 2nd optimizer")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     p.add_argument("--scheduler", default="none", help="an LR schedule of tiny.SCHEDULERS")
@@ -206,6 +216,8 @@ def main() -> None:
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
+    p.add_argument("--accumulate-from-epoch-1", action="store_true", help="GradientAccumulationScheduler({1: 2})")
+    p.add_argument("--prune", action="store_true", help="ModelPruning of every weight (tables included)")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
@@ -221,12 +233,14 @@ def main() -> None:
     if args.sharding:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
-    module_class = ManualTinyRecModule if args.manual else TinyRecModule
+    module_class = ManualTinyRecModule if args.manual or args.two_backwards else TinyRecModule
     if args.two_optimizers:
         module_class = TwoOptimizerTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table)
     module.nan_at = args.nan_at
+    if args.two_backwards:
+        module.backwards_per_step = 2
     if args.touch_ids:
         step = module.training_step
 
@@ -248,6 +262,10 @@ def main() -> None:
         callbacks.append(DenseWeightsAtValidation(out))
     if args.swa:
         callbacks.append(StochasticWeightAveraging(swa_lrs=0.01))
+    if args.accumulate_from_epoch_1:
+        callbacks.append(GradientAccumulationScheduler({1: 2}))
+    if args.prune:
+        callbacks.append(ModelPruning("l1_unstructured", amount=0.5))
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,

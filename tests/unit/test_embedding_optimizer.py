@@ -16,9 +16,11 @@ def from_first_group(optimizer: torch.optim.Optimizer) -> EmbeddingOptimizer:
 @pytest.mark.parametrize(
     ("optimizer", "kwargs"),
     [
-        (torch.optim.SGD(PARAMS, lr=0.5), {"lr": 0.5, "weight_decay": 0, "momentum": 0, "nesterov": False}),
+        (torch.optim.SGD(PARAMS, lr=0.5), {"lr": 0.5, "weight_decay": 0, "maximize": False, "momentum": 0,
+                                           "nesterov": False}),
         (torch.optim.Adagrad(PARAMS, lr=0.1, eps=1e-8), {"lr": 0.1, "eps": 1e-8, "weight_decay": 0,
-                                                         "lr_decay": 0, "initial_accumulator_value": 0}),
+                                                         "maximize": False, "lr_decay": 0,
+                                                         "initial_accumulator_value": 0}),
     ],
 )
 def test_from_configured_optimizer(optimizer: torch.optim.Optimizer, kwargs: dict) -> None:
@@ -35,6 +37,31 @@ def test_no_fused_equivalent_lists_alternatives() -> None:
 def test_unsupported_hyper_parameter_value() -> None:
     with pytest.raises(ValueError, match=r"SGD\(momentum=0.9\) cannot be fused"):
         from_first_group(torch.optim.SGD(PARAMS, lr=0.1, momentum=0.9))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        (torch.optim.SGD(PARAMS, lr=0.1, weight_decay=1e-4),
+         r"SGD\(weight_decay=0.0001\).*param group with weight_decay=0"),
+        (torch.optim.Adagrad(PARAMS, lr=0.1, weight_decay=1e-4), r"Adagrad\(weight_decay=0.0001\)"),
+        (torch.optim.SGD(PARAMS, lr=0.1, maximize=True), r"SGD\(maximize=True\) cannot be fused"),
+        (trec_optim.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, weight_decay=1e-4),
+         r"RowWiseAdagrad\(weight_decay=0.0001\)"),
+    ],
+    ids=["sgd-decay", "adagrad-decay", "maximize", "rowwise-decay"],
+)
+def test_what_the_fused_update_cannot_do_is_refused(optimizer: torch.optim.Optimizer, message: str) -> None:
+    # The fused kernels would silently skip it: decay of every row at every step, ascent.
+    with pytest.raises(ValueError, match=message):
+        from_first_group(optimizer)
+
+
+def test_adam_from_configure_optimizers_is_refused_as_lazy() -> None:
+    lazy = r"only the rows each batch looks up.*EmbeddingOptimizer\(torch.optim.Adam"
+    with pytest.raises(ValueError, match=lazy):
+        from_first_group(torch.optim.Adam(PARAMS, lr=1e-3))
+    EmbeddingOptimizer(torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.99)})  # given explicitly: taken
 
 
 def test_adam_is_gpu_only() -> None:

@@ -104,3 +104,18 @@ def test_planner_keeps_its_best_options() -> None:
 
     assert "self._best_plan" in inspect.getsource(EmbeddingShardingPlanner.__init__)
     assert "self._best_plan = best_plan" in inspect.getsource(EmbeddingShardingPlanner.plan)
+
+
+def test_model_pruning_resolves_the_modules_it_prunes_in_setup() -> None:
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.callbacks import ModelPruning
+    from torch import nn
+
+    module = LightningModule()
+    module.dense, module.table = nn.Linear(2, 2), nn.EmbeddingBag(4, 2)
+    chosen = ModelPruning("l1_unstructured", parameters_to_prune=[(module.dense, "weight")])
+    chosen.setup(None, module, "fit")
+    assert private.pruned_modules(chosen) == [module.dense]
+    every = ModelPruning("l1_unstructured")  # every module with a weight or bias
+    every.setup(None, module, "fit")
+    assert {id(m) for m in private.pruned_modules(every)} == {id(module.dense), id(module.table)}

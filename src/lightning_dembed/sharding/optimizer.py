@@ -20,16 +20,32 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 __all__ = ["EmbeddingOptimizer", "ParamGroupRef", "TableHyperParameters", "apply_embedding_optimizers", "table_param_groups"]
 
 # Hyper-parameters FBGEMM's fused kernels implement, per optimizer class, and the values of the
-# ones they do not implement that are harmless (the class defaults).
+# ones they do not implement that are harmless (the class defaults). Weight decay is not among
+# them: FBGEMM's SGD and Adagrad ignore it, its row-wise Adagrad runs it only in a mode TorchRec
+# never sets, its Adam decays decoupled, and a fused kernel sees only the rows a batch looks up,
+# where torch's decays every row at every step.
+_NO_DECAY = {"weight_decay": 0, "maximize": False}
 _FUSED: dict[type, tuple[tuple[str, ...], dict[str, Any], float]] = {
     # class: (passed through, must equal, optimizer state per table element)
-    torch.optim.SGD: (("lr", "weight_decay"), {"momentum": 0, "nesterov": False}, 0.0),
-    torch.optim.Adagrad: (("lr", "eps", "weight_decay"), {"lr_decay": 0, "initial_accumulator_value": 0}, 1.0),
-    torch.optim.Adam: (("lr", "betas", "eps", "weight_decay"), {"amsgrad": False}, 2.0),
-    trec_optim.RowWiseAdagrad: (("lr", "eps", "weight_decay"), {}, 0.0),
+    torch.optim.SGD: (("lr",), {"momentum": 0, "nesterov": False, **_NO_DECAY}, 0.0),
+    torch.optim.Adagrad: (("lr", "eps"), {"lr_decay": 0, "initial_accumulator_value": 0, **_NO_DECAY}, 1.0),
+    torch.optim.Adam: (
+        ("lr", "betas", "eps"), {"amsgrad": False, "decoupled_weight_decay": False, **_NO_DECAY}, 2.0
+    ),
+    trec_optim.RowWiseAdagrad: (("lr", "eps"), {"weight_decay": 0}, 0.0),
 }
 _GPU_ONLY = {torch.optim.Adam}
-_NAMES = "torch.optim.SGD (no momentum), torch.optim.Adagrad, torch.optim.Adam (GPU), torchrec.optim.RowWiseAdagrad"
+# FBGEMM's Adam moves only the rows a batch looks up (lazily, as torch.optim.SparseAdam); the
+# torch.optim.Adam of configure_optimizers moves every row whose moments are not zero, every step.
+_LAZY = {torch.optim.Adam}
+_WHY = {
+    "weight_decay": "give the tables a param group with weight_decay=0 (FBGEMM's fused update touches only "
+    "the rows a batch looks up, so it cannot decay every row as torch does)",
+}
+_NAMES = (
+    "torch.optim.SGD (no momentum), torch.optim.Adagrad, torch.optim.Adam (GPU, lazy), "
+    "torchrec.optim.RowWiseAdagrad"
+)
 
 
 @dataclass(frozen=True)
@@ -37,9 +53,11 @@ class EmbeddingOptimizer:
     """An optimizer class and hyper-parameters that FBGEMM can run fused in the backward pass.
 
     Args:
-        optimizer_class: ``torch.optim.SGD``, ``torch.optim.Adagrad``, ``torch.optim.Adam`` (GPU only)
-            or ``torchrec.optim.RowWiseAdagrad``.
-        kwargs: its hyper-parameters, e.g. ``{"lr": 0.01}``.
+        optimizer_class: ``torch.optim.SGD``, ``torch.optim.Adagrad``, ``torch.optim.Adam`` (GPU only;
+            lazy: it moves only the rows a batch looks up, so it is taken only as given here, never
+            from ``configure_optimizers``) or ``torchrec.optim.RowWiseAdagrad``.
+        kwargs: its hyper-parameters, e.g. ``{"lr": 0.01}``. Weight decay must be 0: the fused update
+            sees only the rows a batch looks up.
 
     Example::
 
@@ -61,9 +79,10 @@ class EmbeddingOptimizer:
         passed, required, _ = _FUSED[self.optimizer_class]
         for key, value in self.kwargs.items():
             if key in required and value != required[key]:
+                fix = _WHY.get(key, "pass embedding_optimizer= to the strategy")
                 raise ValueError(
                     f"{self.optimizer_class.__name__}({key}={value!r}) cannot be fused for the embedding tables "
-                    f"(FBGEMM supports {key}={required[key]!r}); pass embedding_optimizer= to the strategy"
+                    f"(FBGEMM supports {key}={required[key]!r}); {fix}"
                 )
             if key not in passed and key not in required:
                 raise ValueError(
@@ -81,6 +100,15 @@ class EmbeddingOptimizer:
         opt_cls = type(optimizer)
         if opt_cls not in _FUSED:
             cls(opt_cls)  # raises with the list of alternatives
+        if opt_cls in _LAZY:
+            name = opt_cls.__name__
+            raise ValueError(
+                f"{name} from configure_optimizers holds embedding tables: FBGEMM's fused {name} updates "
+                f"only the rows each batch looks up (as torch.optim.SparseAdam), while torch.optim.{name} "
+                "moves every row at every step. Train the tables with torch.optim.Adagrad or SGD (their fused "
+                "updates match torch's), or opt into the lazy update with HybridParallelStrategy("
+                f"embedding_optimizer=EmbeddingOptimizer(torch.optim.{name}, ...))"
+            )
         passed, required, _ = _FUSED[opt_cls]
         kwargs = {k: group[k] for k in passed if k in group}
         kwargs.update({k: group[k] for k in required if k in group})

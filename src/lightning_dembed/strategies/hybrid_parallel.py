@@ -8,7 +8,12 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    ModelPruning,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -29,6 +34,7 @@ from lightning_dembed._private import (
     flush_first_static_graph_iteration,
     init_optimizers_and_lr_schedulers,
     prepare_for_backward,
+    pruned_modules,
     register_ddp_comm_hook,
 )
 from lightning_dembed.checkpoint import (
@@ -231,6 +237,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_groups: dict[str, ParamGroupRef] = {}
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
+        self._backward_since_step = False  # manual optimization: a backward's table update not yet stepped
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._batch_check: Optional[_BatchCountCheck] = None
@@ -342,12 +349,25 @@ class HybridParallelStrategy(DDPStrategy):
                 "a full copy of each table on every rank (or a silently partial average). Average the dense "
                 "parameters in your own callback, or use strategy='ddp' for a model whose tables fit one device"
             )
-        if trainer.accumulate_grad_batches > 1:
+        # GradientAccumulationScheduler sets accumulate_grad_batches only as its epochs start.
+        accumulating = trainer.accumulate_grad_batches > 1 or any(
+            isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
+            for c in trainer.callbacks
+        )
+        if accumulating:
             raise ValueError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: FBGEMM's fused optimizer updates "
-                "the embedding tables inside every backward, so they cannot accumulate gradients; raise the "
-                "batch size instead"
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} (or a GradientAccumulationScheduler "
+                "that accumulates): FBGEMM's fused optimizer updates the embedding tables inside every "
+                "backward, so they cannot accumulate gradients; raise the batch size instead"
             )
+        tables = {id(m) for e in find_embedding_modules(self.lightning_module).values() for m in e.modules()}
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelPruning) and any(id(m) in tables for m in pruned_modules(callback)):
+                raise ValueError(
+                    "ModelPruning would prune embedding tables, which sharding replaces with TorchRec's own "
+                    "(the masks would act on copies no step uses); list only dense modules in its "
+                    "parameters_to_prune"
+                )
 
     @override
     def model_to_device(self) -> None:
@@ -612,7 +632,26 @@ class HybridParallelStrategy(DDPStrategy):
                 "its backward and update are skipped on every rank (skip_nonfinite_loss=True)"
             )
             return closure_loss
+        if not self.lightning_module.automatic_optimization:
+            self._refuse_second_backward_before_a_step()
         return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _refuse_second_backward_before_a_step(self) -> None:
+        # Under DDP, two backwards add up their gradients for one step; here FBGEMM has already
+        # applied the first one to the tables (for Adagrad, or with clipping, not the same update).
+        if self._backward_since_step:
+            raise ValueError(
+                "manual optimization: manual_backward was called again before an optimizer step, but FBGEMM "
+                "updated the embedding tables inside the first backward already, so their gradients cannot "
+                "accumulate across backwards. Sum the losses and call manual_backward once per optimizer step "
+                "(step between the backwards for updates of their own)"
+            )
+        self._backward_since_step = True
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        self._backward_since_step = False
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
