@@ -172,13 +172,14 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--precision", "bf16-true"), "Use precision='bf16-mixed'"),
         (("--precision", "64-true"), "Use precision='bf16-mixed'"),
         (("--policy", '{"model_averaging_period": 4}'), "does not support model averaging"),
+        (("--clip", "1.0", "--own-clipping"), "with configure_gradient_clipping overridden"),
         (("--swa",), "StochasticWeightAveraging keeps an averaged copy"),
         (("--accumulate-from-epoch-1",), "or a GradientAccumulationScheduler that accumulates"),
         (("--prune",), "ModelPruning would prune embedding tables"),
         (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
     ],
-    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging", "swa", "accumulation-scheduler", "pruning",
-         "frozen-replicated"],
+    ids=["norm-clipping", "bf16-true", "64-true", "model-averaging", "own-clipping", "swa", "accumulation-scheduler",
+         "pruning", "frozen-replicated"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

@@ -126,6 +126,11 @@ class ManualTinyRecModule(TinyRecModule):
         optimizer.step()
 
 
+class OwnClippingTinyRecModule(TinyRecModule):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        pass  # no clipping at all, whatever the Trainer says
+
+
 class TwoOptimizerTinyRecModule(TinyRecModule):
     """Manual optimization with one optimizer for the MLP and one, with a StepLR, for the tables."""
 
@@ -218,6 +223,7 @@ def main() -> None:
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
     p.add_argument("--accumulate-from-epoch-1", action="store_true", help="GradientAccumulationScheduler({1: 2})")
     p.add_argument("--prune", action="store_true", help="ModelPruning of every weight (tables included)")
+    p.add_argument("--own-clipping", action="store_true", help="configure_gradient_clipping overridden")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
@@ -236,6 +242,8 @@ def main() -> None:
     module_class = ManualTinyRecModule if args.manual or args.two_backwards else TinyRecModule
     if args.two_optimizers:
         module_class = TwoOptimizerTinyRecModule
+    if args.own_clipping:
+        module_class = OwnClippingTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table)
     module.nan_at = args.nan_at

@@ -349,6 +349,13 @@ class HybridParallelStrategy(DDPStrategy):
                 "a full copy of each table on every rank (or a silently partial average). Average the dense "
                 "parameters in your own callback, or use strategy='ddp' for a model whose tables fit one device"
             )
+        if trainer.gradient_clip_val and is_overridden("configure_gradient_clipping", self.lightning_module):
+            raise ValueError(
+                f"gradient_clip_val={trainer.gradient_clip_val} with configure_gradient_clipping overridden: "
+                "FBGEMM clips the embedding tables at gradient_clip_val inside every backward, whatever the "
+                "override does. Drop the override (Lightning then clips the dense parameters by value, as the "
+                "Trainer says), or drop gradient_clip_val and clip the dense parameters only in the override"
+            )
         # GradientAccumulationScheduler sets accumulate_grad_batches only as its epochs start.
         accumulating = trainer.accumulate_grad_batches > 1 or any(
             isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
