@@ -194,6 +194,14 @@ def test_two_manual_backwards_before_a_step_are_refused(tmp_path: Path) -> None:
     assert "manual_backward was called again before an optimizer step" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_table_learning_rate_changed_between_forward_and_backward_is_refused(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--schedule-before-backward", "--sharding", "table_wise",
+                      expect_ok=False)
+    assert proc.returncode != 0
+    assert "changed its learning rate from 0.4 to 0.2 between the forward and the backward" in proc.stderr, \
+        proc.stderr[-3000:]
+
+
 def test_bf16_mixed_trains_close_to_one_process(tmp_path: Path) -> None:
     run_worker(tmp_path, "--steps", str(STEPS), "--precision", "bf16-mixed", "--policy", every_table("row_wise"),
                "--save", "final.ckpt")

@@ -137,6 +137,7 @@ class TwoOptimizerTinyRecModule(TinyRecModule):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
+        self.schedule_before_backward = False
 
     def configure_optimizers(self):
         dense = torch.optim.SGD(self.mlp.parameters(), lr=self.hparams.lr)
@@ -149,10 +150,13 @@ class TwoOptimizerTinyRecModule(TinyRecModule):
         tables.zero_grad()
         loss = self.loss(batch)
         self.losses.append(float(loss))
+        if self.schedule_before_backward:  # the tables' lr changes between their forward and backward: refused
+            self.lr_schedulers().step()
         self.manual_backward(loss)
         dense.step()
         tables.step()
-        self.lr_schedulers().step()
+        if not self.schedule_before_backward:
+            self.lr_schedulers().step()
 
 
 def install_kill(rank: str, step: str, where: str) -> None:
@@ -207,6 +211,7 @@ def main() -> None:
     p.add_argument("--manual", action="store_true", help="manual optimization")
     p.add_argument("--two-backwards", action="store_true", help="manual optimization, 2 backwards per step")
     p.add_argument("--two-optimizers", action="store_true", help="manual optimization, tables in a 2nd optimizer")
+    p.add_argument("--schedule-before-backward", action="store_true", help="--two-optimizers, LR step before backward")
     p.add_argument("--bad-id", action="store_true", help="feed an id past the end of table t2")
     p.add_argument("--scheduler", default="none", help="an LR schedule of tiny.SCHEDULERS")
     p.add_argument("--groups", action="store_true", help="tables in their own param group, 4x the lr")
@@ -240,7 +245,7 @@ def main() -> None:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
     module_class = ManualTinyRecModule if args.manual or args.two_backwards else TinyRecModule
-    if args.two_optimizers:
+    if args.two_optimizers or args.schedule_before_backward:
         module_class = TwoOptimizerTinyRecModule
     if args.own_clipping:
         module_class = OwnClippingTinyRecModule
@@ -249,6 +254,8 @@ def main() -> None:
     module.nan_at = args.nan_at
     if args.two_backwards:
         module.backwards_per_step = 2
+    if args.schedule_before_backward:
+        module.schedule_before_backward = True
     if args.touch_ids:
         step = module.training_step
 

@@ -229,6 +229,24 @@ class TableHyperParameters:
                 # TorchRec's fused optimizers push param_groups' lr into the kernel here (step() would too).
                 kernel.zero_grad()
 
+    def check_learning_rates_kept(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Refuse a table group's learning rate changed between the forward and the backward.
+
+        The fused kernels update the tables inside backward with the learning rate `sync` gave them
+        before the forward; the dense parameters would take the new one at their optimizer step.
+        """
+        for kernel, refs in self._kernels:
+            used = kernel.param_groups[0]["lr"]
+            for ref, table in refs.items():
+                now = float(optimizers[ref.optimizer].param_groups[ref.group]["lr"])
+                if now != used:
+                    raise ValueError(
+                        f"param group {ref.group} of optimizer {ref.optimizer} changed its learning rate from "
+                        f"{used!r} to {now!r} between the forward and the backward of one training step, but it "
+                        f"holds table {table!r}, which FBGEMM updates inside backward with the learning rate of "
+                        "the forward. Step LR schedulers after optimizer.step() (or before the forward)"
+                    )
+
     def _check_unchanged(self, name: str, ref: ParamGroupRef, group: dict[str, Any]) -> None:
         built = self._built_with[name]
         for key, value in built.kwargs.items():

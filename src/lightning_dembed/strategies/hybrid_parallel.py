@@ -641,6 +641,8 @@ class HybridParallelStrategy(DDPStrategy):
             return closure_loss
         if not self.lightning_module.automatic_optimization:
             self._refuse_second_backward_before_a_step()
+        if self._table_hyper_parameters is not None:
+            self._table_hyper_parameters.check_learning_rates_kept(self.optimizers)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _refuse_second_backward_before_a_step(self) -> None:
