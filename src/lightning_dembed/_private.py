@@ -43,6 +43,7 @@ __all__ = [
     "register_ddp_comm_hook",  # what DDPStrategy._register_ddp_hooks calls, aimed at the dense DDP here
     "planner_best_options",  # the sharding options TorchRec's planner chose, with their perf estimates
     "sharded_output_keys",  # the order a sharded EmbeddingBagCollection's pooled output comes in
+    "undivided_by_mean_pooling",  # the features a sharded EmbeddingBagCollection's mean-pooling divisor skips
     "tensor_version",  # a tensor's in-place modification counter
 ]
 
@@ -87,6 +88,19 @@ def planner_best_options(planner: Any) -> Optional[list]:
 def sharded_output_keys(module: Any) -> list[str]:
     """The keys, in order, of the `KeyedTensor` a sharded `EmbeddingBagCollection` returns (fixed by its plan)."""
     return list(module._embedding_names)
+
+
+def undivided_by_mean_pooling(module: Any) -> Optional[list[str]]:
+    """The features a sharded `EmbeddingBagCollection`'s mean-pooling callback leaves undivided, as
+    the list the callback reads (adding to it takes effect); None where the module has no callback.
+
+    TorchRec installs the callback when a mean-pooled table is sharded row-wise (its kernel sums
+    partial bags, so the module divides by the bag sizes afterwards); the list holds the features
+    of row-wise sum-pooled tables.
+    """
+    if not module._has_mean_pooling_callback:
+        return None
+    return module._pooling_type_to_rs_features["SUM"]
 
 
 def pruned_modules(callback: "pl.callbacks.ModelPruning") -> list[nn.Module]:

@@ -75,6 +75,17 @@ def test_sharded_training_matches_single_process(tmp_path: Path, policy: str) ->
         assert all(len(t["ranks"]) == 2 for t in plan if t["embedding_dim"] >= 8), plan
 
 
+def test_mean_pooling_with_row_wise_and_other_shardings_in_one_module_matches_single_process(tmp_path: Path) -> None:
+    # TorchRec divides the pooled output of the whole module by the bag sizes when a mean-pooled
+    # table is row-wise; the tables sharded otherwise were pooled to means already.
+    policy = json.dumps({"sharding_types": {"t0": "row_wise", "t1": "table_wise", "t2": "table_row_wise",
+                                            "t3": "data_parallel"}})
+    run_worker(tmp_path, "--steps", str(STEPS), "--mean-pooling", "--policy", policy, "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, mean_pooling=True)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
 def test_adagrad_with_merlin_thresholds_matches_single_process(tmp_path: Path) -> None:
     # t3 (96 elements) is replicated, t2 (768) row-sliced, the rest table-parallel.
     policy = json.dumps({"placement": "memory_balanced", "data_parallel_threshold": 100, "row_slice_threshold": 700})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.datasets.utils import Batch
 
 TABLES = [
@@ -19,18 +19,20 @@ NUM_DENSE = 3
 HOTNESS = 2
 
 
-def tables() -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=[f"f_{n}"]) for n, r, d in TABLES]
+def tables(pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=[f"f_{n}"], pooling=pooling)
+            for n, r, d in TABLES]
 
 
 class TinyRecModule(LightningModule):
     """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``."""
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
-                 groups: bool = False, frozen_table: str | None = None) -> None:
+                 groups: bool = False, frozen_table: str | None = None, mean_pooling: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.ebc = EmbeddingBagCollection(tables=tables(), device=torch.device(device))
+        pooling = PoolingType.MEAN if mean_pooling else PoolingType.SUM
+        self.ebc = EmbeddingBagCollection(tables=tables(pooling), device=torch.device(device))
         if frozen_table:
             self.ebc.embedding_bags[frozen_table].weight.requires_grad_(False)
         width = sum(d for _, _, d in TABLES) + NUM_DENSE
@@ -139,14 +141,16 @@ class SizedGlobalBatches(GlobalBatches):
 
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
-                  groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None):
+                  groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
+                  mean_pooling: bool = False):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
     averages gradients over ranks, whatever their row counts; an empty rank contributes zeros).
     """
     torch.manual_seed(init_seed)
-    module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table)
+    module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table,
+                           mean_pooling=mean_pooling)
     configured = module.configure_optimizers()
     opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
         else (configured, None)

@@ -73,6 +73,20 @@ def test_sharded_output_keys_attribute_exists() -> None:
     assert "self._embedding_names.extend" in inspect.getsource(ShardedEmbeddingBagCollection._create_output_dist)
 
 
+def test_undivided_by_mean_pooling_is_the_list_the_divisor_reads() -> None:
+    from torchrec.distributed import embeddingbag
+
+    init = inspect.getsource(embeddingbag.ShardedEmbeddingBagCollection.__init__)
+    assert "self._pooling_type_to_rs_features: Dict[str, List[str]] = defaultdict(list)" in init
+    assert "self._has_mean_pooling_callback" in init
+    input_dist = inspect.getsource(embeddingbag.ShardedEmbeddingBagCollection.input_dist)
+    assert "pooling_type_to_rs_features=self._pooling_type_to_rs_features" in input_dist
+    divisor = inspect.getsource(embeddingbag._create_mean_pooling_divisor)
+    # Those features' bag sizes are set to 1: their pooled embeddings are left as they are.
+    assert "for feature in pooling_type_to_rs_features[PoolingType.SUM.value]:" in divisor
+    assert "lengths[feature_index : feature_index + batch_size] = 1" in divisor
+
+
 # -- the fit loop's optimization loop (MetaLearningLoop) -------------------------------------------
 
 

@@ -6,6 +6,9 @@
 - Output order: a sharded `EmbeddingBagCollection` returns its features grouped by shard, not in
   the order of its tables, so ``KeyedTensor.values()`` would silently mean something else after
   sharding. The original order is restored where it differs.
+- Mean pooling: where a mean-pooled table is sharded row-wise, TorchRec divides the module's
+  pooled output by the bag sizes afterwards, also that of tables sharded otherwise, which FBGEMM
+  pooled already: their means are divided twice, their sums divided. Only the row-wise ones are.
 - Padding: `pad_to_stride` adds empty bags, which look nothing up and receive no gradient.
 
 `lightning_dembed.sharding.lookup` runs these around TorchRec's input and output stages.
@@ -18,14 +21,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-from torchrec.distributed.types import LazyAwaitable
+from torchrec.distributed.types import LazyAwaitable, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lightning_dembed._private import sharded_output_keys
+from lightning_dembed._private import sharded_output_keys, undivided_by_mean_pooling
 from lightning_dembed.modules.discovery import embedding_configs
 
-__all__ = ["FeatureCheck", "pad_to_stride", "register_output_order", "then"]
+__all__ = ["FeatureCheck", "divide_only_row_wise_bags", "pad_to_stride", "register_output_order", "then"]
 
 
 class FeatureCheck:
@@ -130,6 +133,28 @@ def register_output_order(sharded: nn.Module, unsharded: nn.Module) -> bool:
         return False
     sharded.register_forward_hook(_OutputOrder(order))
     return True
+
+
+# Shardings whose kernels pool partial bags, summed across ranks; TorchRec divides mean-pooled ones later.
+_PARTIAL_BAG_TYPES = {ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value}
+
+
+def divide_only_row_wise_bags(sharded: nn.Module, unsharded: nn.Module, sharding_types: dict[str, str]) -> None:
+    """Make TorchRec's mean-pooling division leave alone the features of tables not sharded row-wise.
+
+    Args:
+        sharded: the sharded module.
+        unsharded: its unsharded twin (for its tables' features).
+        sharding_types: the sharding type of each of its tables, by table name.
+    """
+    if not isinstance(sharded, ShardedEmbeddingBagCollection):
+        return
+    undivided = undivided_by_mean_pooling(sharded)
+    if undivided is None:
+        return
+    for config in embedding_configs(unsharded):
+        if sharding_types[config.name] not in _PARTIAL_BAG_TYPES:
+            undivided.extend(f for f in config.feature_names if f not in undivided)
 
 
 def pad_to_stride(features: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:

@@ -43,7 +43,7 @@ from lightning_dembed.checkpoint import (
     remove_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_dembed.sharding.hooks import FeatureCheck, register_output_order
+from lightning_dembed.sharding.hooks import FeatureCheck, divide_only_row_wise_bags, register_output_order
 from lightning_dembed.sharding.lookup import LookupPipeline, ShardedLookup
 from lightning_dembed.sharding.notices import torchrec_notices_silenced
 from lightning_dembed.sharding.optimizer import (
@@ -458,12 +458,14 @@ class HybridParallelStrategy(DDPStrategy):
         lookups = {}
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
-            sharding_types = {ps.sharding_type for ps in plan.plan[path].values()}
+            sharding_types = {table: ps.sharding_type for table, ps in plan.plan[path].items()}
             lookups[path] = ShardedLookup(
-                sharded, FeatureCheck.of(unsharded, path), sharding_types, self._check_ids, self._control_group
+                sharded, FeatureCheck.of(unsharded, path), set(sharding_types.values()), self._check_ids,
+                self._control_group,
             )
             sharded.forward = lookups[path]
             register_output_order(sharded, unsharded)
+            divide_only_row_wise_bags(sharded, unsharded, sharding_types)
             if initial_tables[path]:
                 copy_full_into_sharded(sharded.state_dict(), initial_tables[path])
         # TorchRec's own DDP wrapping moves the whole module the same way; needed here when not fitting.
