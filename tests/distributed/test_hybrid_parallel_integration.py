@@ -86,6 +86,14 @@ def test_mean_pooling_with_row_wise_and_other_shardings_in_one_module_matches_si
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
 
 
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_embedding_collection_matches_single_process(tmp_path: Path, sharding: str) -> None:
+    run_worker(tmp_path, "--steps", str(STEPS), "--sequence", "--policy", every_table(sharding), "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, sequence=True)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
 def test_adagrad_with_merlin_thresholds_matches_single_process(tmp_path: Path) -> None:
     # t3 (96 elements) is replicated, t2 (768) row-sliced, the rest table-parallel.
     policy = json.dumps({"placement": "memory_balanced", "data_parallel_threshold": 100, "row_slice_threshold": 700})

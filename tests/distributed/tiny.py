@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    JaggedTensor,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 from torchrec.datasets.utils import Batch
 
 TABLES = [
@@ -16,6 +24,7 @@ TABLES = [
     ("t3", 24, 4),
 ]
 NUM_DENSE = 3
+SEQUENCE_DIM = 8  # an EmbeddingCollection's tables share one width
 HOTNESS = 2
 
 
@@ -24,23 +33,43 @@ def tables(pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
             for n, r, d in TABLES]
 
 
+def bag_sums(sequences: JaggedTensor, rows: int, dim: int) -> torch.Tensor:
+    """``[rows, dim]``: the embeddings of each row's ids summed (what sum pooling does, in the model)."""
+    row_of_id = torch.repeat_interleave(torch.arange(rows), sequences.lengths())
+    return torch.zeros(rows, dim).index_add(0, row_of_id, sequences.values())
+
+
 class TinyRecModule(LightningModule):
-    """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``."""
+    """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``.
+
+    With ``sequence`` the tables are an `EmbeddingCollection` (in ``self.ebc`` all the same), all
+    ``SEQUENCE_DIM`` wide, whose per-id embeddings the model sums per row itself.
+    """
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
-                 groups: bool = False, frozen_table: str | None = None, mean_pooling: bool = False) -> None:
+                 groups: bool = False, frozen_table: str | None = None, mean_pooling: bool = False,
+                 sequence: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        pooling = PoolingType.MEAN if mean_pooling else PoolingType.SUM
-        self.ebc = EmbeddingBagCollection(tables=tables(pooling), device=torch.device(device))
+        if sequence:
+            configs = [EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=SEQUENCE_DIM, feature_names=[f"f_{n}"])
+                       for n, r, _ in TABLES]
+            self.ebc = EmbeddingCollection(tables=configs, device=torch.device(device))
+        else:
+            pooling = PoolingType.MEAN if mean_pooling else PoolingType.SUM
+            self.ebc = EmbeddingBagCollection(tables=tables(pooling), device=torch.device(device))
         if frozen_table:
             self.ebc.embedding_bags[frozen_table].weight.requires_grad_(False)
-        width = sum(d for _, _, d in TABLES) + NUM_DENSE
+        width = (SEQUENCE_DIM * len(TABLES) if sequence else sum(d for _, _, d in TABLES)) + NUM_DENSE
         self.mlp = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 1))
         self.losses: list[float] = []
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse).values()
+        if self.hparams.sequence:
+            sequences = self.ebc(sparse)
+            pooled = torch.cat([bag_sums(sequences[f"f_{n}"], dense.shape[0], SEQUENCE_DIM) for n, _, _ in TABLES], dim=1)
+        else:
+            pooled = self.ebc(sparse).values()
         return self.mlp(torch.cat([dense, pooled], dim=1)).squeeze(1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -142,7 +171,7 @@ class SizedGlobalBatches(GlobalBatches):
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
-                  mean_pooling: bool = False):
+                  mean_pooling: bool = False, sequence: bool = False):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
@@ -150,7 +179,7 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
     """
     torch.manual_seed(init_seed)
     module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table,
-                           mean_pooling=mean_pooling)
+                           mean_pooling=mean_pooling, sequence=sequence)
     configured = module.configure_optimizers()
     opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
         else (configured, None)

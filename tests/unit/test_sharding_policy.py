@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from lightning_dembed.modules.discovery import find_embedding_modules
-from lightning_dembed.sharding.planner import check_memory_budget, table_specs
+from lightning_dembed.sharding.planner import check_memory_budget, plan_sharding, table_specs
+from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
 from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
@@ -107,6 +108,24 @@ def test_table_of_bad_width_and_duplicate_names_are_named() -> None:
     )
     with pytest.raises(ValueError, match=r"table 'odd' appears in both 'a' and 'b'"):
         table_specs({"a": twin, "b": twin})
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [ShardingPolicy(sharding_types={"seq": "data_parallel"}), ShardingPolicy(placement="basic", data_parallel_threshold=10**6)],
+    ids=["asked-by-name", "merlin-threshold"],
+)
+def test_data_parallel_sequence_table_on_cpu_is_refused_naming_the_alternatives(policy: ShardingPolicy) -> None:
+    # FBGEMM's dense CPU kernel pools what an EmbeddingCollection returns row by row.
+    ec = EmbeddingCollection(
+        tables=[EmbeddingConfig(name="seq", num_embeddings=10, embedding_dim=4, feature_names=["f"])],
+        device=torch.device("meta"),
+    )
+    model = torch.nn.ModuleDict({"ec": ec})
+    with pytest.raises(ValueError, match=r"table 'seq' of EmbeddingCollection 'ec': sharding type 'data_parallel' is "
+                                         r"not available for it on cpu; choose one of \['table_wise'"):
+        plan_sharding(model, policy, default_sharders(), world_size=2, local_world_size=2,
+                      device=torch.device("cpu"), memory_budget=2**30, optimizer_state_factor=1.0)
 
 
 def test_find_embedding_modules_by_path() -> None:

@@ -172,6 +172,8 @@ def _merlin_plan(
         for config in embedding_configs(module):
             decision = decisions[config.name]
             kind = decision.sharding_type
+            # Merlin's thresholds decide without looking at the module (data_parallel below one).
+            _check_offered(config.name, kind, module, path, sharders[type(module)], device_type)
             if kind == ShardingType.TABLE_WISE.value:
                 generators[config.name] = table_wise(rank=decision.ranks[0])  # type: ignore[index]
             elif kind == ShardingType.COLUMN_WISE.value:
@@ -312,6 +314,35 @@ def keep_table_order(plan: ShardingPlan, modules: dict[str, nn.Module], policy: 
                 module_plan[name] = ps
 
 
+def _check_offered(
+    table: str, kind: str, module: nn.Module, path: str, sharder: ModuleSharder[nn.Module], device_type: str
+) -> None:
+    """Fail, naming the table and what its module can do, on a sharding type its sharder does not offer."""
+    offered = sharder.sharding_types(device_type)
+    if kind not in offered:
+        raise ValueError(
+            f"table {table!r} of {type(module).__name__} {path!r}: sharding type {kind!r} is not available for it "
+            f"on {device_type}; choose one of {offered} (sharding_types={{{table!r}: ...}})"
+        )
+
+
+def _check_sharding_types_offered(
+    specs: list[TableSpec],
+    modules: dict[str, nn.Module],
+    policy: ShardingPolicy,
+    sharders: list[ModuleSharder[nn.Module]],
+    device_type: str,
+) -> None:
+    """`_check_offered` for every sharding type the policy asks for by table name."""
+    # TorchRec matches sharders to modules by exact type (a module none matches is not sharded).
+    sharder_of = {s.module_type: s for s in sharders}
+    for spec in specs:
+        module = modules[spec.module_path]
+        sharder = sharder_of.get(type(module))
+        if spec.name in policy.sharding_types and sharder is not None:
+            _check_offered(spec.name, policy.sharding_types[spec.name], module, spec.module_path, sharder, device_type)
+
+
 def plan_sharding(
     root: nn.Module,
     policy: ShardingPolicy,
@@ -331,6 +362,7 @@ def plan_sharding(
     modules = find_embedding_modules(root)
     specs = table_specs(modules)
     policy.check_tables(specs)
+    _check_sharding_types_offered(specs, modules, policy, sharders, device.type)
     if policy.offload is not None and device.type != "cuda":
         raise ValueError(
             f"offload={policy.offload!r} keeps tables in host memory for GPUs; on {device.type} every table is "

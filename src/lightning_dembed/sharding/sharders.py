@@ -54,7 +54,15 @@ class EmbeddingBagCollectionSharderWithCPURowWise(_KernelsOnDevice, EmbeddingBag
 
 
 class EmbeddingCollectionSharderInGPU(_KernelsOnDevice, EmbeddingCollectionSharder):
-    """TorchRec's sharder for `EmbeddingCollection`, with in-device kernels unless ``offload`` names one."""
+    """TorchRec's sharder for `EmbeddingCollection`, with in-device kernels unless ``offload`` names
+    one, and without ``data_parallel`` on CPU: there FBGEMM's dense kernel pools the sequences it
+    should return row by row (TorchRec's own `DistributedModelParallel` then fails on the output)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+        return types
 
 
 def default_sharders(
