@@ -194,6 +194,22 @@ def test_two_manual_backwards_before_a_step_are_refused(tmp_path: Path) -> None:
     assert "manual_backward was called again before an optimizer step" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_two_lookups_per_step_train_as_one_process_with_sgd(tmp_path: Path) -> None:
+    # Plain SGD: FBGEMM's update per lookup, in turn, is DDP's update of their summed gradient.
+    run_worker(tmp_path, "--steps", str(STEPS), "--lookups", "2", "--policy", every_table("row_wise"),
+               "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, lookups=2)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
+@pytest.mark.parametrize("args", [("--optimizer", "adagrad"), ("--clip", "0.01")], ids=["adagrad", "sgd-clipped"])
+def test_two_lookups_per_step_are_refused_where_updates_do_not_add_up(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--lookups", "2", "--sharding", "table_wise", *args, expect_ok=False)
+    assert proc.returncode != 0
+    assert "ebc ran forward again before the backward" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_table_learning_rate_changed_between_forward_and_backward_is_refused(tmp_path: Path) -> None:
     proc = run_worker(tmp_path, "--steps", "2", "--schedule-before-backward", "--sharding", "table_wise",
                       expect_ok=False)

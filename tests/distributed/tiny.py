@@ -42,13 +42,13 @@ def bag_sums(sequences: JaggedTensor, rows: int, dim: int) -> torch.Tensor:
 class TinyRecModule(LightningModule):
     """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``.
 
-    With ``sequence`` the tables are an `EmbeddingCollection` (in ``self.ebc`` all the same), all
+    With ``lookups`` > 1 the forward looks the ids up that many times. With ``sequence`` the tables are an `EmbeddingCollection` (in ``self.ebc`` all the same), all
     ``SEQUENCE_DIM`` wide, whose per-id embeddings the model sums per row itself.
     """
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
                  groups: bool = False, frozen_table: str | None = None, mean_pooling: bool = False,
-                 sequence: bool = False) -> None:
+                 sequence: bool = False, lookups: int = 1) -> None:
         super().__init__()
         self.save_hyperparameters()
         if sequence:
@@ -69,7 +69,8 @@ class TinyRecModule(LightningModule):
             sequences = self.ebc(sparse)
             pooled = torch.cat([bag_sums(sequences[f"f_{n}"], dense.shape[0], SEQUENCE_DIM) for n, _, _ in TABLES], dim=1)
         else:
-            pooled = self.ebc(sparse).values()
+            # lookups > 1: the tables looked up that many times per step (weighted 1, 1/2, ...).
+            pooled = sum(self.ebc(sparse).values() / (i + 1) for i in range(self.hparams.lookups))
         return self.mlp(torch.cat([dense, pooled], dim=1)).squeeze(1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -171,7 +172,7 @@ class SizedGlobalBatches(GlobalBatches):
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
-                  mean_pooling: bool = False, sequence: bool = False):
+                  mean_pooling: bool = False, sequence: bool = False, lookups: int = 1):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
@@ -179,7 +180,7 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
     """
     torch.manual_seed(init_seed)
     module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table,
-                           mean_pooling=mean_pooling, sequence=sequence)
+                           mean_pooling=mean_pooling, sequence=sequence, lookups=lookups)
     configured = module.configure_optimizers()
     opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
         else (configured, None)

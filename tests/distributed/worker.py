@@ -232,6 +232,7 @@ def main() -> None:
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--mean-pooling", action="store_true", help="every table mean-pooled")
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
+    p.add_argument("--lookups", type=int, default=1, help="forwards of the tables per step")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
@@ -253,7 +254,7 @@ def main() -> None:
         module_class = OwnClippingTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table,
-                          mean_pooling=args.mean_pooling, sequence=args.sequence)
+                          mean_pooling=args.mean_pooling, sequence=args.sequence, lookups=args.lookups)
     module.nan_at = args.nan_at
     if args.two_backwards:
         module.backwards_per_step = 2

@@ -8,6 +8,9 @@ module of the strategy and keeps what the strategy adds around it in the same pl
 - the input stage checks the features (unknown or missing keys; ids too when asked), pads a
   rank's short batch where gloo's row-wise exchange needs equal row counts, and starts the input
   all-to-alls;
+- a second forward with gradients before the backward is refused where the tables' fused update
+  is not linear in the gradient: FBGEMM updates the tables once per forward's gradient, in turn,
+  where DDP would step once on their sum (Adagrad's state or clipping differ; plain SGD does not);
 - `prefetch` runs the input stage on the next batch while the current one trains, as TorchRec's
   `TrainPipelineSparseDist` does; the forward then uses it when it is called with those very
   features (same tensors, unchanged since), and otherwise runs the input stage itself. A model
@@ -115,6 +118,9 @@ class ShardedLookup:
         sharding_types: the sharding types of its tables (row-wise ones need padding on gloo).
         check_ids: check every id before the lookup (one host sync), not only when FBGEMM fails.
         control_group: a gloo group of all ranks, for their small host-side agreements.
+        updates_add_up: whether the tables' fused updates for two gradients, one after the other,
+            equal one update for their sum (plain SGD, unclipped): then the module may run forward
+            more than once per backward.
     """
 
     def __init__(
@@ -124,8 +130,11 @@ class ShardedLookup:
         sharding_types: set[str],
         check_ids: bool,
         control_group: Optional[dist.ProcessGroup],
+        updates_add_up: bool,
     ) -> None:
         self.module = module
+        self.updates_add_up = updates_add_up
+        self.forwards_since_backward = 0  # with gradients
         self.control_group = control_group
         self.check = check
         self.check_ids = check_ids
@@ -195,10 +204,23 @@ class ShardedLookup:
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=self.control_group)
         return None if int(mismatch) else self._started.pop(0)
 
+    def _count_trained_forward(self) -> None:
+        self.forwards_since_backward += 1
+        if self.forwards_since_backward > 1 and not self.updates_add_up:
+            raise ValueError(
+                f"{self.check.module_path} ran forward again before the backward, but FBGEMM updates its tables "
+                "inside backward once per forward's gradient, which with their optimizer (not plain SGD, or with "
+                "gradient clipping) is not the one update of the summed gradient that DDP makes. Look up all ids "
+                "in one call (concatenate the KeyedJaggedTensors, then split the output), or run the forward "
+                "whose output is not trained under torch.no_grad()"
+            )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         features = args[0] if args else kwargs.get("features")
         if len(args) + len(kwargs) != 1 or not isinstance(features, KeyedJaggedTensor):
             return type(self.module).forward(self.module, *args, **kwargs)
+        if torch.is_grad_enabled() and self.module.training:  # evaluation may adapt with gradients, not train
+            self._count_trained_forward()
         started = self._take(features)
         if started is None:
             started = self.start(features)
@@ -250,6 +272,11 @@ class LookupPipeline:
     def splits_done(self) -> None:
         for lookup in self.lookups.values():
             lookup.splits_done()
+
+    def forget_forwards(self) -> None:
+        """Forget the forwards counted so far: a backward consumed them, or a step begins."""
+        for lookup in self.lookups.values():
+            lookup.forwards_since_backward = 0
 
     def drain(self) -> None:
         """Finish every exchange started ahead (every rank started the same ones)."""

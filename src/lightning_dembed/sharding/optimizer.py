@@ -115,6 +115,11 @@ class EmbeddingOptimizer:
         return cls(opt_cls, kwargs)
 
     @property
+    def updates_add_up(self) -> bool:
+        """Whether updating with two gradients in turn equals one update with their sum (plain SGD)."""
+        return self.optimizer_class is torch.optim.SGD
+
+    @property
     def state_factor(self) -> float:
         """Optimizer state per table element (Adagrad keeps one accumulator per weight)."""
         return _FUSED[self.optimizer_class][2]

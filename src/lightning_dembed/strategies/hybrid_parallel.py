@@ -100,6 +100,11 @@ WEIGHT_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
 FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": 0.0})
 
 
+def _table_name(parameter_name: str) -> str:
+    """The table of an embedding module's parameter (``<module path>.embedding_bags.<table>.weight``)."""
+    return parameter_name.rpartition(".")[0].rpartition(".")[2]
+
+
 def _clipping_fused_params(trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
     """FBGEMM's fused gradient clipping for the tables, matching the Trainer's ``gradient_clip_val``."""
     if not trainer.gradient_clip_val:
@@ -456,12 +461,19 @@ class HybridParallelStrategy(DDPStrategy):
                 data_parallel_wrapper=self._data_parallel_wrapper,
             )
         lookups = {}
+        clipped = any((sharder.fused_params or {}).get("gradient_clipping") for sharder in self._sharders)
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
             sharding_types = {table: ps.sharding_type for table, ps in plan.plan[path].items()}
+            # Replicated tables train under DDP and the dense optimizers: their gradients add up.
+            updates_add_up = all(
+                not clipped and o.updates_add_up
+                for name, o in self._table_optimizers.items()
+                if name.startswith(f"{path}.") and sharding_types[_table_name(name)] != "data_parallel"
+            )
             lookups[path] = ShardedLookup(
                 sharded, FeatureCheck.of(unsharded, path), set(sharding_types.values()), self._check_ids,
-                self._control_group,
+                self._control_group, updates_add_up,
             )
             sharded.forward = lookups[path]
             register_output_order(sharded, unsharded)
@@ -482,8 +494,7 @@ class HybridParallelStrategy(DDPStrategy):
     def _refuse_frozen_replicated_tables(self, summary: PlanSummary) -> None:
         # Replicated tables share one dense kernel trained by DDP and the dense optimizers, which
         # cannot leave one of them out; the learning-rate-0 kernel only exists for sharded tables.
-        frozen = {name.rpartition(".")[0].rpartition(".")[2]
-                  for name, o in self._table_optimizers.items() if o is FROZEN_TABLE}
+        frozen = {_table_name(name) for name, o in self._table_optimizers.items() if o is FROZEN_TABLE}
         replicated = sorted(t.name for t in summary.tables if t.name in frozen and t.sharding_type == "data_parallel")
         if replicated:
             raise ValueError(
@@ -547,6 +558,8 @@ class HybridParallelStrategy(DDPStrategy):
         # in its forward: they take their param groups' current values first.
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.sync(self.optimizers)
+        if self._pipeline is not None:
+            self._pipeline.forget_forwards()  # the last step's may have had no backward (a skipped one)
         self._check_every_rank_has_this_batch()
         loss = super().training_step(*args, **kwargs)
         if self._pipeline is not None:
@@ -645,7 +658,10 @@ class HybridParallelStrategy(DDPStrategy):
             self._refuse_second_backward_before_a_step()
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.check_learning_rates_kept(self.optimizers)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self._pipeline is not None:
+            self._pipeline.forget_forwards()
+        return loss
 
     def _refuse_second_backward_before_a_step(self) -> None:
         # Under DDP, two backwards add up their gradients for one step; here FBGEMM has already
