@@ -19,6 +19,7 @@ from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher as MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput as WorkerOutput
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import _TunerExitException as TunerExitException
 from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner as EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as load_state_dict_no_dist
@@ -33,6 +34,7 @@ __all__ = [
     "EmptyStateDictLoadPlanner",  # DCP's planner that loads every (or the named) tensor of a checkpoint
     "MultiProcessingLauncher",
     "SubprocessScriptLauncher",  # start_method="popen": rank 0 is the launching process, the others re-run the script
+    "TunerExitException",  # how the LR finder leaves fit on every rank: Lightning's control flow, not a failure
     "WorkerOutput",
     "compute_local_shape_and_global_offset",  # a DTensor shard's place in the full tensor
     "load_state_dict_no_dist",  # DCP's load that returns what the planner above created

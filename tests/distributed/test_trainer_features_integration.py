@@ -194,6 +194,15 @@ def test_two_manual_backwards_before_a_step_are_refused(tmp_path: Path) -> None:
     assert "manual_backward was called again before an optimizer step" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_lr_finder_leaves_training_as_one_process(tmp_path: Path) -> None:
+    # Its trial steps move the tables and Adagrad's state; the checkpoint it restores must undo both.
+    run_worker(tmp_path, "--steps", str(STEPS), "--lr-find", "--start-method", "popen", "--optimizer", "adagrad",
+               "--policy", every_table("row_wise"), "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "adagrad", LR)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
 def test_two_lookups_per_step_train_as_one_process_with_sgd(tmp_path: Path) -> None:
     # Plain SGD: FBGEMM's update per lookup, in turn, is DDP's update of their summed gradient.
     run_worker(tmp_path, "--steps", str(STEPS), "--lookups", "2", "--policy", every_table("row_wise"),

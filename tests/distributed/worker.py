@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.callbacks import (
     GradientAccumulationScheduler,
     ModelCheckpoint,
@@ -233,6 +234,7 @@ def main() -> None:
     p.add_argument("--mean-pooling", action="store_true", help="every table mean-pooled")
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
     p.add_argument("--lookups", type=int, default=1, help="forwards of the tables per step")
+    p.add_argument("--lr-find", action="store_true", help="Tuner.lr_find (weights restored after) before fit")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
@@ -311,6 +313,10 @@ def main() -> None:
     if args.validate_only:
         trainer.validate(module, datamodule=data)
         return
+    if args.lr_find:
+        Tuner(trainer).lr_find(module, datamodule=data, num_training=args.steps, early_stop_threshold=None,
+                               update_attr=False)
+        module.losses.clear()
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     torch.save({name: p.is_meta for name, p in module.named_parameters()}, out / "launcher_params_meta.pt")
     if args.predict:

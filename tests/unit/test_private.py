@@ -73,6 +73,15 @@ def test_sharded_output_keys_attribute_exists() -> None:
     assert "self._embedding_names.extend" in inspect.getsource(ShardedEmbeddingBagCollection._create_output_dist)
 
 
+def test_tuner_exit_exception_is_how_fit_ends_for_the_lr_finder() -> None:
+    from lightning.pytorch.callbacks import lr_finder
+    from lightning.pytorch.trainer import call
+
+    assert issubclass(private.TunerExitException, Exception)
+    assert "raise _TunerExitException()" in inspect.getsource(lr_finder.LearningRateFinder.lr_find)
+    assert "except _TunerExitException:" in inspect.getsource(call._call_and_handle_interrupt)
+
+
 def test_undivided_by_mean_pooling_is_the_list_the_divisor_reads() -> None:
     from torchrec.distributed import embeddingbag
 

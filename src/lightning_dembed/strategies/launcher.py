@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dembed._private import MultiProcessingLauncher, SubprocessScriptLauncher, WorkerOutput
+from lightning_dembed._private import MultiProcessingLauncher, SubprocessScriptLauncher, TunerExitException, WorkerOutput
 from lightning_dembed.checkpoint import gather_full_state_dict
 
 __all__ = ["ERROR_DIR_VARIABLE", "FirstFailureScriptLauncher", "RankFailedFirst", "ShardedMultiProcessingLauncher"]
@@ -88,6 +88,8 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
         started_ns = time.time_ns()
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
+        except TunerExitException:  # the LR finder is done; Lightning's caller expects this on every rank
+            raise
         except Exception as error:
             if error_dir is None:  # started by another launcher (torchrun, SLURM): it reports failures
                 raise
