@@ -6,11 +6,14 @@ as under ``strategy="ddp"``), or is refused before training with an error that n
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_hybrid_parallel_integration import (  # noqa: E402
@@ -24,7 +27,7 @@ from test_hybrid_parallel_integration import (  # noqa: E402
     global_losses,
     run_worker,
 )
-from tiny import reference_run  # noqa: E402
+from tiny import GlobalBatches, TinyRecModule, reference_run  # noqa: E402
 
 STEPS = 4
 
@@ -289,6 +292,25 @@ def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
     assert "the tables' fused optimizer state starts fresh." in proc.stderr
     _, ref_state = reference_run(4, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=2)
     assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
+
+
+def test_resume_from_a_checkpoint_written_under_ddp_goes_on_as_ddp(tmp_path: Path) -> None:
+    # One plain process on the global batches writes what strategy="ddp" writes: the tables' Adagrad
+    # state among the dense parameters' in one optimizer's state. Resumed sharded (every kind of
+    # table, one replicated), the dense state goes to the dense optimizer, the tables' to FBGEMM.
+    torch.manual_seed(0)  # the reference's initial weights
+    module = TinyRecModule(optimizer="adagrad", lr=LR)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(GlobalBatches(2, GLOBAL_BATCH, rank=0, world_size=1), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "ddp.ckpt")
+    policy = json.dumps({"sharding_types": {"t0": "table_wise", "t1": "row_wise", "t2": "data_parallel",
+                                            "t3": "column_wise"}})
+    proc = run_worker(tmp_path / "resumed", "--steps", "2", "--max-steps", "4", "--optimizer", "adagrad",
+                      "--policy", policy, "--resume", str(tmp_path / "ddp.ckpt"), "--save", "final.ckpt")
+    assert "starts fresh" not in proc.stderr
+    _, ref_state = reference_run(4, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=2)
+    assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)
 
 
 @pytest.mark.parametrize("where", ["train", "save"])

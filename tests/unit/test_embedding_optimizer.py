@@ -4,7 +4,12 @@ import pytest
 import torch
 from torchrec import optim as trec_optim
 
-from lightning_dembed.sharding.optimizer import EmbeddingOptimizer, ParamGroupRef, table_param_groups
+from lightning_dembed.sharding.optimizer import (
+    EmbeddingOptimizer,
+    ParamGroupRef,
+    split_saved_optimizer_state,
+    table_param_groups,
+)
 
 PARAMS = [torch.nn.Parameter(torch.zeros(2))]
 
@@ -82,3 +87,27 @@ def test_tables_take_the_values_of_the_group_that_holds_them() -> None:
     assert groups == {"t1": ParamGroupRef(0, 1)}  # t0 is in no group
     assert from_first_group(optimizer).kwargs["lr"] == 1e-9
     assert EmbeddingOptimizer.from_param_group(optimizer, optimizer.param_groups[1]).kwargs["lr"] == 1.0
+
+
+def test_saved_optimizer_state_is_split_between_kept_parameters_and_tables() -> None:
+    # As strategy="ddp" saves it: parameters numbered across groups, tables among them.
+    saved = {
+        "state": {0: {"sum": torch.ones(2)}, 1: {"sum": torch.full((3, 4), 2.0)}, 2: {"sum": torch.zeros(1)}},
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}, {"lr": 0.4, "params": [2, 3]}],
+    }
+    configured = [["mlp.weight", "ebc.embedding_bags.t0.weight"], ["mlp.bias", "ebc.embedding_bags.t1.weight"]]
+    kept = [["mlp.weight"], ["mlp.bias"]]
+    dense, tables = split_saved_optimizer_state(saved, configured, kept)
+    assert dense["param_groups"] == [{"lr": 0.1, "params": [0]}, {"lr": 0.4, "params": [1]}]
+    assert torch.equal(dense["state"][0]["sum"], torch.ones(2))
+    assert torch.equal(dense["state"][1]["sum"], torch.zeros(1))
+    assert list(tables) == ["ebc.embedding_bags.t0.weight"]  # t1 has no state yet
+
+
+def test_table_state_saved_by_torch_maps_onto_the_fused_kernel_or_is_refused() -> None:
+    adagrad = EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.1})
+    sums = torch.ones(3, 4)
+    assert adagrad.fused_state_from("t0", {"step": torch.tensor(2.0), "sum": sums}) == {"t0.momentum1": sums}
+    row_wise = EmbeddingOptimizer(trec_optim.RowWiseAdagrad, {"lr": 0.1})
+    with pytest.raises(ValueError, match=r"table 't0': the checkpoint holds optimizer state \['sum'\].*fused RowWiseAdagrad"):
+        row_wise.fused_state_from("t0", {"sum": sums})

@@ -17,7 +17,14 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 
-__all__ = ["EmbeddingOptimizer", "ParamGroupRef", "TableHyperParameters", "apply_embedding_optimizers", "table_param_groups"]
+__all__ = [
+    "EmbeddingOptimizer",
+    "ParamGroupRef",
+    "TableHyperParameters",
+    "apply_embedding_optimizers",
+    "split_saved_optimizer_state",
+    "table_param_groups",
+]
 
 # Hyper-parameters FBGEMM's fused kernels implement, per optimizer class, and the values of the
 # ones they do not implement that are harmless (the class defaults). Weight decay is not among
@@ -46,6 +53,14 @@ _NAMES = (
     "torch.optim.SGD (no momentum), torch.optim.Adagrad, torch.optim.Adam (GPU, lazy), "
     "torchrec.optim.RowWiseAdagrad"
 )
+
+
+# FBGEMM's fused state of a table, by the state torch's optimizer class keeps for it as an ordinary
+# parameter (what a checkpoint written under strategy="ddp" holds); "step" only counts steps.
+_FUSED_STATE_FROM_TORCH: dict[type, dict[str, str]] = {
+    torch.optim.SGD: {},
+    torch.optim.Adagrad: {"momentum1": "sum"},
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,20 @@ class EmbeddingOptimizer:
         kwargs.update({k: group[k] for k in required if k in group})
         return cls(opt_cls, kwargs)
 
+    def fused_state_from(self, table: str, saved: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The fused kernel's state for ``table`` (``"<table>.momentum1"``...), from the state torch's
+        optimizer of the same class saved for it as an ordinary parameter; refused where it does not map."""
+        mapping = _FUSED_STATE_FROM_TORCH.get(self.optimizer_class)
+        unknown = sorted(set(saved) - {"step", *(mapping or {}).values()})
+        if mapping is None or unknown:
+            raise ValueError(
+                f"table {table!r}: the checkpoint holds optimizer state {sorted(saved)} for it, which does not map "
+                f"onto FBGEMM's fused {self.optimizer_class.__name__} (state carried over for: "
+                f"{', '.join(c.__name__ for c in _FUSED_STATE_FROM_TORCH)}). Load its weights only "
+                "(LightningModule.load_from_checkpoint, then fit without ckpt_path)"
+            )
+        return {f"{table}.{fused}": saved[kept] for fused, kept in mapping.items()}
+
     @property
     def updates_add_up(self) -> bool:
         """Whether updating with two gradients in turn equals one update with their sum (plain SGD)."""
@@ -155,6 +184,40 @@ class ParamGroupRef(NamedTuple):
 
     optimizer: int
     group: int
+
+
+def split_saved_optimizer_state(
+    saved: Mapping[str, Any], configured: Sequence[Sequence[str]], kept: Sequence[Sequence[str]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """An optimizer's saved state, split between the parameters it still holds and those it gave up.
+
+    Args:
+        saved: ``optimizer.state_dict()`` of the optimizer as ``configure_optimizers`` built it (under
+            ``strategy="ddp"``: tables included), its parameters numbered in the order of its groups.
+        configured: the name of each of those parameters, group by group.
+        kept: the names of the parameters each group holds now (in the same relative order).
+
+    Returns:
+        The state dict to load into the optimizer as it is now, and the saved state of each
+        parameter it gave up (by name) that has one.
+    """
+    state: dict[int, Any] = {}
+    groups: list[dict[str, Any]] = []
+    given_up: dict[str, dict[str, Any]] = {}
+    for saved_group, names, kept_names in zip(saved["param_groups"], configured, kept):
+        group = {**saved_group, "params": []}
+        held = set(kept_names)
+        for index, name in zip(saved_group["params"], names):
+            param_state = saved["state"].get(index)
+            if name in held:
+                number = sum(len(g["params"]) for g in groups) + len(group["params"])
+                group["params"].append(number)
+                if param_state is not None:
+                    state[number] = param_state
+            elif param_state:
+                given_up[name] = param_state
+        groups.append(group)
+    return {"state": state, "param_groups": groups}, given_up
 
 
 def table_param_groups(

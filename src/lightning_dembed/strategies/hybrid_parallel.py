@@ -51,6 +51,7 @@ from lightning_dembed.sharding.optimizer import (
     ParamGroupRef,
     TableHyperParameters,
     apply_embedding_optimizers,
+    split_saved_optimizer_state,
     table_param_groups,
 )
 from lightning_dembed.modules.discovery import find_embedding_modules
@@ -242,6 +243,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_groups: dict[str, ParamGroupRef] = {}
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
+        self._configured_param_names: list[list[list[str]]] = []  # per optimizer and group, tables included
         self._backward_since_step = False  # manual optimization: a backward's table update not yet stepped
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
@@ -703,6 +705,9 @@ class HybridParallelStrategy(DDPStrategy):
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         super().setup_optimizers(trainer)
+        # Each group's parameters as configure_optimizers gave them, tables included: what a
+        # checkpoint written under strategy="ddp" numbers its optimizer state by.
+        self._configured_param_names = self._param_names_by_group()
         # Tables are stepped inside backward by FBGEMM; keep them out of the dense optimizers.
         dropped_bytes = 0
         for optimizer in self.optimizers:
@@ -788,21 +793,59 @@ class HybridParallelStrategy(DDPStrategy):
         return checkpoint
 
     def _fill_optimizer_states(self, checkpoint: dict[str, Any], checkpoint_path: Union[str, Path]) -> None:
-        """Keep the dense optimizer states a full checkpoint has for these optimizers; start the rest fresh."""
-        fresh = [optimizer.state_dict() for optimizer in self.optimizers]
-        saved = checkpoint.get("optimizer_states")
-        shapes = [[len(g["params"]) for g in state["param_groups"]] for state in fresh]
-        keeps_dense = bool(saved) and [[len(g["params"]) for g in s["param_groups"]] for s in saved] == shapes
-        if not keeps_dense:
-            # Written under strategy="ddp" (its groups also hold the tables) or weights only.
-            checkpoint["optimizer_states"] = fresh
+        """The optimizer states of a full checkpoint, in the form this strategy's optimizers take them.
+
+        Written under ``strategy="ddp"`` (its groups also hold the tables): the dense parameters'
+        state goes to the dense optimizers, the tables' to their fused kernels, so training goes on
+        as under DDP. Consolidated from this strategy's checkpoint: the dense state is kept, the
+        tables' fused state (not in it) starts fresh, with a warning; so does all of it where the
+        checkpoint has none for these optimizers.
+        """
+        saved = checkpoint.get("optimizer_states") or []
+        kept = self._param_names_by_group()
+
+        def sizes(groups: list[list[list[str]]]) -> list[list[int]]:
+            return [[len(group) for group in optimizer] for optimizer in groups]
+
+        saved_sizes = [[len(group["params"]) for group in state["param_groups"]] for state in saved]
+        if saved and saved_sizes == sizes(self._configured_param_names):
+            states, table_states = [], {}
+            for state, configured, now in zip(saved, self._configured_param_names, kept):
+                dense, given_up = split_saved_optimizer_state(state, configured, now)
+                states.append(dense)
+                table_states.update(given_up)
+            checkpoint["optimizer_states"] = states
+            self._load_table_optimizer_states(table_states)
+        else:
+            if saved_sizes != sizes(kept):
+                checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
+            rank_zero_warn(
+                f"{checkpoint_path} is a full checkpoint without the tables' optimizer state (consolidated, or "
+                "weights only): weights, loop progress and LR schedules are restored; the tables' fused optimizer "
+                "state starts fresh"
+                + (", and so does the dense optimizers' state." if saved_sizes != sizes(kept) else ".")
+                + " Resume from this strategy's sharded checkpoint to restore all of it."
+            )
         checkpoint.setdefault("lr_schedulers", [config.scheduler.state_dict() for config in self.lr_scheduler_configs])
-        rank_zero_warn(
-            f"{checkpoint_path} is a full (un-sharded) checkpoint: weights, loop progress and LR schedules are "
-            f"restored; the tables' fused optimizer state starts fresh"
-            + ("." if keeps_dense else ", and so does the dense optimizers' state (it has none for these groups).")
-            + " Resume from this strategy's sharded checkpoint to restore all of it."
-        )
+
+    def _param_names_by_group(self) -> list[list[list[str]]]:
+        """The name of each parameter of each param group of each optimizer."""
+        name_of = {id(p): name for name, p in self.lightning_module.named_parameters()}
+        return [
+            [[name_of.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+            for optimizer in self.optimizers
+        ]
+
+    def _load_table_optimizer_states(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        """Each table's saved torch optimizer state (by parameter name) into its fused kernel's shards."""
+        assert self._dmp is not None
+        full: dict[str, torch.Tensor] = {}
+        for name, state in saved.items():
+            full.update(self._table_optimizers[name].fused_state_from(_table_name(name), state))
+        fused = self._dmp.fused_optimizer.state_dict()
+        for table_state in fused["state"].values():
+            copy_full_into_sharded(table_state, full)
+        self._dmp.fused_optimizer.load_state_dict(fused)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
