@@ -144,6 +144,11 @@ class EmbeddingOptimizer:
         return {f"{table}.{fused}": saved[kept] for fused, kept in mapping.items()}
 
     @property
+    def keeps_state(self) -> bool:
+        """Whether the fused kernel keeps optimizer state for the table (all but SGD)."""
+        return self.optimizer_class is not torch.optim.SGD
+
+    @property
     def updates_add_up(self) -> bool:
         """Whether updating with two gradients in turn equals one update with their sum (plain SGD)."""
         return self.optimizer_class is torch.optim.SGD
@@ -204,16 +209,17 @@ def split_saved_optimizer_state(
     state: dict[int, Any] = {}
     groups: list[dict[str, Any]] = []
     given_up: dict[str, dict[str, Any]] = {}
+    number = 0  # of the next kept parameter, counted across groups as torch numbers them
     for saved_group, names, kept_names in zip(saved["param_groups"], configured, kept):
         group = {**saved_group, "params": []}
         held = set(kept_names)
         for index, name in zip(saved_group["params"], names):
             param_state = saved["state"].get(index)
             if name in held:
-                number = sum(len(g["params"]) for g in groups) + len(group["params"])
                 group["params"].append(number)
                 if param_state is not None:
                     state[number] = param_state
+                number += 1
             elif param_state:
                 given_up[name] = param_state
         groups.append(group)

@@ -797,9 +797,9 @@ class HybridParallelStrategy(DDPStrategy):
 
         Written under ``strategy="ddp"`` (its groups also hold the tables): the dense parameters'
         state goes to the dense optimizers, the tables' to their fused kernels, so training goes on
-        as under DDP. Consolidated from this strategy's checkpoint: the dense state is kept, the
-        tables' fused state (not in it) starts fresh, with a warning; so does all of it where the
-        checkpoint has none for these optimizers.
+        as under DDP. Consolidated from this strategy's checkpoint: the dense state is kept; the
+        tables' fused state is not in it and starts fresh, with a warning naming them; so does the
+        dense state where the checkpoint has none for these param groups.
         """
         saved = checkpoint.get("optimizer_states") or []
         kept = self._param_names_by_group()
@@ -808,23 +808,29 @@ class HybridParallelStrategy(DDPStrategy):
             return [[len(group) for group in optimizer] for optimizer in groups]
 
         saved_sizes = [[len(group["params"]) for group in state["param_groups"]] for state in saved]
-        if saved and saved_sizes == sizes(self._configured_param_names):
-            states, table_states = [], {}
+        table_states: dict[str, Any] = {}
+        fresh = []
+        if saved and saved_sizes == sizes(self._configured_param_names):  # strategy="ddp" (or no table in a group)
+            states = []
             for state, configured, now in zip(saved, self._configured_param_names, kept):
                 dense, given_up = split_saved_optimizer_state(state, configured, now)
                 states.append(dense)
                 table_states.update(given_up)
             checkpoint["optimizer_states"] = states
-            self._load_table_optimizer_states(table_states)
-        else:
-            if saved_sizes != sizes(kept):
-                checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
+        elif not saved or saved_sizes != sizes(kept):  # else consolidated: the dense state is for these groups
+            checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
+            fresh.append("the dense optimizers' state")
+        self._load_table_optimizer_states(table_states)
+        stateful = sorted(
+            _table_name(name) for name, o in self._table_optimizers.items() if o.keeps_state and name not in table_states
+        )
+        if stateful:
+            fresh.append(f"the fused optimizer state of tables {stateful}")
+        if fresh:
             rank_zero_warn(
-                f"{checkpoint_path} is a full checkpoint without the tables' optimizer state (consolidated, or "
-                "weights only): weights, loop progress and LR schedules are restored; the tables' fused optimizer "
-                "state starts fresh"
-                + (", and so does the dense optimizers' state." if saved_sizes != sizes(kept) else ".")
-                + " Resume from this strategy's sharded checkpoint to restore all of it."
+                f"{checkpoint_path} is a full checkpoint without all of this run's optimizer state (consolidated, "
+                f"or weights only): weights, loop progress and LR schedules are restored; {' and '.join(fresh)} "
+                "start fresh. Resume from this strategy's sharded checkpoint to restore all of it."
             )
         checkpoint.setdefault("lr_schedulers", [config.scheduler.state_dict() for config in self.lr_scheduler_configs])
 
