@@ -294,6 +294,17 @@ def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
     assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
 
 
+def test_no_checkpoint_between_a_backward_and_its_optimizer_step(tmp_path: Path) -> None:
+    # The tables are updated in the backward; such a checkpoint would make a resume update them twice.
+    # popen: the ranks run the exception's callbacks themselves (under fork the launching process does,
+    # with its own module, as under DDP).
+    proc = run_worker(tmp_path, "--steps", "4", "--fail-before-step", "2", "--sharding", "row_wise",
+                      "--start-method", "popen", expect_ok=False)
+    assert "failing before the optimizer step of step 2" in proc.stderr, proc.stderr[-3000:]
+    assert "on_exception.ckpt not saved: it would fall between a backward and its optimizer step" in proc.stderr
+    assert not (tmp_path / "on_exception.ckpt").exists()
+
+
 def test_resume_from_a_checkpoint_written_under_ddp_goes_on_as_ddp(tmp_path: Path) -> None:
     # One plain process on the global batches writes what strategy="ddp" writes: the tables' Adagrad
     # state among the dense parameters' in one optimizer's state. Resumed sharded (every kind of

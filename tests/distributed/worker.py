@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (
     GradientAccumulationScheduler,
     ModelCheckpoint,
     ModelPruning,
+    OnExceptionCheckpoint,
     StochasticWeightAveraging,
 )
 
@@ -105,6 +106,17 @@ class DenseWeightsAtValidation(Callback):
     def on_validation_start(self, trainer: Trainer, module: TinyRecModule) -> None:
         weights = {k: v.clone() for k, v in module.mlp.state_dict().items()}
         torch.save(weights, self.out / f"dense{trainer.global_rank}.pt")
+
+
+class FailBeforeStep(Callback):
+    """Raises after a step's backward, before its optimizer step (an error in a hook there)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: Trainer, module: TinyRecModule, optimizer) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"failing before the optimizer step of step {self.step}")
 
 
 class ManualTinyRecModule(TinyRecModule):
@@ -235,6 +247,8 @@ def main() -> None:
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
     p.add_argument("--lookups", type=int, default=1, help="forwards of the tables per step")
     p.add_argument("--lr-find", action="store_true", help="Tuner.lr_find (weights restored after) before fit")
+    p.add_argument("--fail-before-step", type=int, default=None,
+                   help="raise in on_before_optimizer_step at this step, with OnExceptionCheckpoint")
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
@@ -287,13 +301,15 @@ def main() -> None:
         callbacks.append(GradientAccumulationScheduler({1: 2}))
     if args.prune:
         callbacks.append(ModelPruning("l1_unstructured", amount=0.5))
+    if args.fail_before_step is not None:
+        callbacks += [FailBeforeStep(args.fail_before_step), OnExceptionCheckpoint(str(out), filename="on_exception")]
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.max_steps or args.steps,
         logger=False,
-        enable_checkpointing=bool(args.checkpoint_dir),
+        enable_checkpointing=bool(args.checkpoint_dir) or args.fail_before_step is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -38,6 +38,7 @@ from lightning_dembed._private import (
     register_ddp_comm_hook,
 )
 from lightning_dembed.checkpoint import (
+    CheckpointError,
     copy_full_into_sharded,
     load_sharded_checkpoint,
     remove_sharded_checkpoint,
@@ -244,7 +245,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._configured_param_names: list[list[list[str]]] = []  # per optimizer and group, tables included
-        self._backward_since_step = False  # manual optimization: a backward's table update not yet stepped
+        self._backward_since_step = False  # FBGEMM updated the tables in a backward whose step has not run yet
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._batch_check: Optional[_BatchCountCheck] = None
@@ -660,6 +661,7 @@ class HybridParallelStrategy(DDPStrategy):
             self._refuse_second_backward_before_a_step()
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.check_learning_rates_kept(self.optimizers)
+        self._backward_since_step = True
         loss = super().backward(closure_loss, optimizer, *args, **kwargs)
         if self._pipeline is not None:
             self._pipeline.forget_forwards()
@@ -675,12 +677,13 @@ class HybridParallelStrategy(DDPStrategy):
                 "accumulate across backwards. Sum the losses and call manual_backward once per optimizer step "
                 "(step between the backwards for updates of their own)"
             )
-        self._backward_since_step = True
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        # Under automatic optimization the backward runs inside this call (in the closure).
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._backward_since_step = False
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
+        return result
 
     def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
@@ -754,6 +757,14 @@ class HybridParallelStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options is not supported")
+        if self._backward_since_step:
+            # Under DDP such a checkpoint holds the weights before the step, which a resume runs again.
+            raise CheckpointError(
+                f"{filepath} not saved: it would fall between a backward and its optimizer step, where FBGEMM has "
+                f"updated the tables for step {self.lightning_module.trainer.global_step} already and the dense "
+                "parameters not; a resume would run that step again and update the tables twice. The checkpoints "
+                "saved before are kept"
+            )
         tensors = self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint)
         # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
         checkpoint["lightning_dembed"] = {"table_keys": self.table_state_keys(tensors["state_dict"])}
