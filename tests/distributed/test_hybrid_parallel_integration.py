@@ -75,23 +75,25 @@ def test_sharded_training_matches_single_process(tmp_path: Path, policy: str) ->
         assert all(len(t["ranks"]) == 2 for t in plan if t["embedding_dim"] >= 8), plan
 
 
-def test_mean_pooling_with_row_wise_and_other_shardings_in_one_module_matches_single_process(tmp_path: Path) -> None:
-    # TorchRec divides the pooled output of the whole module by the bag sizes when a mean-pooled
-    # table is row-wise; the tables sharded otherwise were pooled to means already.
-    policy = json.dumps({"sharding_types": {"t0": "row_wise", "t1": "table_wise", "t2": "table_row_wise",
-                                            "t3": "data_parallel"}})
-    run_worker(tmp_path, "--steps", str(STEPS), "--mean-pooling", "--policy", policy, "--save", "final.ckpt")
-    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, mean_pooling=True)
-    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
-    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
-
-
-def test_embedding_collection_matches_single_process(tmp_path: Path) -> None:
-    # Every sharding type an EmbeddingCollection takes on CPU, in one plan.
-    policy = json.dumps({"sharding_types": {"t0": "table_wise", "t1": "row_wise", "t2": "column_wise",
-                                            "t3": "table_wise"}})
-    run_worker(tmp_path, "--steps", str(STEPS), "--sequence", "--policy", policy, "--save", "final.ckpt")
-    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, sequence=True)
+@pytest.mark.parametrize(
+    ("model_flag", "sharding_types", "model"),
+    [
+        # TorchRec divides the pooled output of the whole module by the bag sizes when a mean-pooled
+        # table is row-wise; the tables sharded otherwise were pooled to means already.
+        ("--mean-pooling", {"t0": "row_wise", "t1": "table_wise", "t2": "table_row_wise", "t3": "data_parallel"},
+         {"mean_pooling": True}),
+        # Every sharding type an EmbeddingCollection takes on CPU, in one plan.
+        ("--sequence", {"t0": "table_wise", "t1": "row_wise", "t2": "column_wise", "t3": "table_wise"},
+         {"sequence": True}),
+    ],
+    ids=["mean-pooling-mixed-plan", "embedding-collection"],
+)
+def test_other_kinds_of_tables_match_single_process(
+    tmp_path: Path, model_flag: str, sharding_types: dict[str, str], model: dict[str, bool]
+) -> None:
+    policy = json.dumps({"sharding_types": sharding_types})
+    run_worker(tmp_path, "--steps", str(STEPS), model_flag, "--policy", policy, "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, **model)
     torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
 

@@ -9,8 +9,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from lightning_dembed.modules.discovery import find_embedding_modules
 from lightning_dembed.sharding.planner import check_memory_budget, plan_sharding, table_specs
-from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.sharding.policy import ShardingPolicy, decide_tables
+from lightning_dembed.sharding.sharders import default_sharders
 from lightning_dembed.sharding.types import MemoryBudgetError, PlanSummary, TableShardingInfo, TableSpec
 
 

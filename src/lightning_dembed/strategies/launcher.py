@@ -14,7 +14,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dembed._private import MultiProcessingLauncher, SubprocessScriptLauncher, TunerExitException, WorkerOutput
+from lightning_dembed._private import (
+    MultiProcessingLauncher,
+    SubprocessScriptLauncher,
+    TunerExitException,
+    WorkerOutput,
+)
 from lightning_dembed.checkpoint import gather_full_state_dict
 
 __all__ = ["ERROR_DIR_VARIABLE", "FirstFailureScriptLauncher", "RankFailedFirst", "ShardedMultiProcessingLauncher"]
