@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,23 +77,27 @@ def test_sharded_training_matches_single_process(tmp_path: Path, policy: str) ->
 
 
 @pytest.mark.parametrize(
-    ("model_flag", "sharding_types", "model"),
+    ("worker_args", "sharding_types", "model"),
     [
         # TorchRec divides the pooled output of the whole module by the bag sizes when a mean-pooled
         # table is row-wise; the tables sharded otherwise were pooled to means already.
-        ("--mean-pooling", {"t0": "row_wise", "t1": "table_wise", "t2": "table_row_wise", "t3": "data_parallel"},
+        (("--mean-pooling",), {"t0": "row_wise", "t1": "table_wise", "t2": "table_row_wise", "t3": "data_parallel"},
          {"mean_pooling": True}),
         # Every sharding type an EmbeddingCollection takes on CPU, in one plan.
-        ("--sequence", {"t0": "table_wise", "t1": "row_wise", "t2": "column_wise", "t3": "table_wise"},
+        (("--sequence",), {"t0": "table_wise", "t1": "row_wise", "t2": "column_wise", "t3": "table_wise"},
          {"sequence": True}),
+        # Weighted ids, with ranks of 3 and 5 rows: the row-wise exchange pads weights too.
+        (("--weighted", "--split", "3,5"),
+         {"t0": "row_wise", "t1": "column_wise", "t2": "table_row_wise", "t3": "data_parallel"},
+         {"weighted": True, "split": [3, 5]}),
     ],
-    ids=["mean-pooling-mixed-plan", "embedding-collection"],
+    ids=["mean-pooling-mixed-plan", "embedding-collection", "weighted-ragged"],
 )
 def test_other_kinds_of_tables_match_single_process(
-    tmp_path: Path, model_flag: str, sharding_types: dict[str, str], model: dict[str, bool]
+    tmp_path: Path, worker_args: tuple[str, ...], sharding_types: dict[str, str], model: dict[str, Any]
 ) -> None:
     policy = json.dumps({"sharding_types": sharding_types})
-    run_worker(tmp_path, "--steps", str(STEPS), model_flag, "--policy", policy, "--save", "final.ckpt")
+    run_worker(tmp_path, "--steps", str(STEPS), *worker_args, "--policy", policy, "--save", "final.ckpt")
     ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR, **model)
     torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)

@@ -42,13 +42,14 @@ def bag_sums(sequences: JaggedTensor, rows: int, dim: int) -> torch.Tensor:
 class TinyRecModule(LightningModule):
     """EmbeddingBagCollection + MLP, trained with the optimizer named in ``optimizer``.
 
-    With ``lookups`` > 1 the forward looks the ids up that many times. With ``sequence`` the tables are an `EmbeddingCollection` (in ``self.ebc`` all the same), all
+    With ``weighted`` every id comes with a weight. With ``lookups`` > 1 the forward looks the ids up
+    that many times. With ``sequence`` the tables are an `EmbeddingCollection` (in ``self.ebc`` all the same), all
     ``SEQUENCE_DIM`` wide, whose per-id embeddings the model sums per row itself.
     """
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, device: str = "cpu", scheduler: str = "none",
                  groups: bool = False, frozen_table: str | None = None, mean_pooling: bool = False,
-                 sequence: bool = False, lookups: int = 1) -> None:
+                 sequence: bool = False, lookups: int = 1, weighted: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if sequence:
@@ -57,7 +58,7 @@ class TinyRecModule(LightningModule):
             self.ebc = EmbeddingCollection(tables=configs, device=torch.device(device))
         else:
             pooling = PoolingType.MEAN if mean_pooling else PoolingType.SUM
-            self.ebc = EmbeddingBagCollection(tables=tables(pooling), device=torch.device(device))
+            self.ebc = EmbeddingBagCollection(tables=tables(pooling), is_weighted=weighted, device=torch.device(device))
         if frozen_table:
             self.ebc.embedding_bags[frozen_table].weight.requires_grad_(False)
         width = (SEQUENCE_DIM * len(TABLES) if sequence else sum(d for _, _, d in TABLES)) + NUM_DENSE
@@ -120,15 +121,18 @@ SCHEDULERS = {
 }
 
 
-def make_batch(seed: int, size: int) -> Batch:
+def make_batch(seed: int, size: int, weighted: bool = False) -> Batch:
     g = torch.Generator().manual_seed(seed)
     keys = [f"f_{n}" for n, _, _ in TABLES]
     values = torch.cat([torch.randint(r, (size * HOTNESS,), generator=g) for _, r, _ in TABLES])
     lengths = torch.full((len(TABLES) * size,), HOTNESS, dtype=torch.int64)
+    dense = torch.randn(size, NUM_DENSE, generator=g)
+    labels = torch.randint(2, (size,), generator=g).float()
+    weights = torch.rand(values.numel(), generator=g) if weighted else None  # drawn last: the rest is as unweighted
     return Batch(
-        dense_features=torch.randn(size, NUM_DENSE, generator=g),
-        sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths),
-        labels=torch.randint(2, (size,), generator=g).float(),
+        dense_features=dense,
+        sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights),
+        labels=labels,
     )
 
 
@@ -140,11 +144,13 @@ def rank_slice(batch: Batch, rank: int, world_size: int, split: list[int] | None
     rows = slice(start, start + size)
     kjt = batch.sparse_features
     per_key = [kjt[k] for k in kjt.keys()]
-    values = torch.cat([jt.values()[rows.start * HOTNESS: rows.stop * HOTNESS] for jt in per_key])
+    ids = slice(rows.start * HOTNESS, rows.stop * HOTNESS)
+    values = torch.cat([jt.values()[ids] for jt in per_key])
+    weights = torch.cat([jt.weights()[ids] for jt in per_key]) if kjt.weights_or_none() is not None else None
     lengths = torch.full((len(per_key) * size,), HOTNESS, dtype=torch.int64)
     return Batch(
         dense_features=batch.dense_features[rows],
-        sparse_features=KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths),
+        sparse_features=KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths, weights=weights),
         labels=batch.labels[rows],
     )
 
@@ -153,13 +159,14 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     """The same global batches on every rank, each rank taking its slice."""
 
     def __init__(self, steps: int, global_size: int, rank: int, world_size: int, seed: int = 0,
-                 split: list[int] | None = None) -> None:
+                 split: list[int] | None = None, weighted: bool = False) -> None:
         self.steps, self.global_size, self.rank, self.world_size, self.seed = steps, global_size, rank, world_size, seed
-        self.split = split
+        self.split, self.weighted = split, weighted
 
     def __iter__(self):
         for step in range(self.steps):
-            yield rank_slice(make_batch(self.seed + step, self.global_size), self.rank, self.world_size, self.split)
+            batch = make_batch(self.seed + step, self.global_size, self.weighted)
+            yield rank_slice(batch, self.rank, self.world_size, self.split)
 
 
 class SizedGlobalBatches(GlobalBatches):
@@ -172,7 +179,7 @@ class SizedGlobalBatches(GlobalBatches):
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
-                  mean_pooling: bool = False, sequence: bool = False, lookups: int = 1):
+                  mean_pooling: bool = False, sequence: bool = False, lookups: int = 1, weighted: bool = False):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
@@ -180,7 +187,7 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
     """
     torch.manual_seed(init_seed)
     module = TinyRecModule(optimizer=optimizer, lr=lr, scheduler=scheduler, groups=groups, frozen_table=frozen_table,
-                           mean_pooling=mean_pooling, sequence=sequence, lookups=lookups)
+                           mean_pooling=mean_pooling, sequence=sequence, lookups=lookups, weighted=weighted)
     configured = module.configure_optimizers()
     opt, sched = (configured["optimizer"], configured["lr_scheduler"]) if isinstance(configured, dict) \
         else (configured, None)
@@ -188,7 +195,7 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
     for step in range(steps):
         opt.zero_grad()
         # Every epoch replays the same ``steps_per_epoch`` batches, as GlobalBatches does.
-        batch = make_batch(seed + (step % steps_per_epoch if steps_per_epoch else step), global_size)
+        batch = make_batch(seed + (step % steps_per_epoch if steps_per_epoch else step), global_size, weighted)
         if split is None:
             loss = module.loss(batch)
         else:

@@ -39,12 +39,13 @@ class Data(LightningDataModule):
     bad_id = False
     rank_steps: list[int] | None = None
     sized = False
+    weighted = False
 
     def train_dataloader(self):
         t = self.trainer
         steps = self.rank_steps[t.global_rank] if self.rank_steps else self.steps
         kind = SizedGlobalBatches if self.sized else GlobalBatches
-        batches = kind(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split)
+        batches = kind(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split, self.weighted)
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
         return torch.utils.data.DataLoader(batches, batch_size=None)
@@ -246,6 +247,7 @@ def main() -> None:
     p.add_argument("--mean-pooling", action="store_true", help="every table mean-pooled")
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
     p.add_argument("--lookups", type=int, default=1, help="forwards of the tables per step")
+    p.add_argument("--weighted", action="store_true", help="weighted ids (is_weighted tables)")
     p.add_argument("--lr-find", action="store_true", help="Tuner.lr_find (weights restored after) before fit")
     p.add_argument("--fail-before-step", type=int, default=None,
                    help="raise in on_before_optimizer_step at this step, with OnExceptionCheckpoint")
@@ -270,7 +272,8 @@ def main() -> None:
         module_class = OwnClippingTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table,
-                          mean_pooling=args.mean_pooling, sequence=args.sequence, lookups=args.lookups)
+                          mean_pooling=args.mean_pooling, sequence=args.sequence, lookups=args.lookups,
+                          weighted=args.weighted)
     module.nan_at = args.nan_at
     if args.two_backwards:
         module.backwards_per_step = 2
@@ -326,6 +329,7 @@ def main() -> None:
     data.bad_id = args.bad_id
     data.rank_steps = [int(n) for n in args.rank_steps.split(",")] if args.rank_steps else None
     data.sized = args.sized
+    data.weighted = args.weighted
     if args.validate_only:
         trainer.validate(module, datamodule=data)
         return
