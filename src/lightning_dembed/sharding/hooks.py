@@ -21,12 +21,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-from torchrec.distributed.types import LazyAwaitable, ShardingType
+from torchrec.distributed.types import LazyAwaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_dembed._private import sharded_output_keys, undivided_by_mean_pooling
 from lightning_dembed.modules.discovery import embedding_configs
+from lightning_dembed.sharding.types import ROW_SPLIT_TYPES
 
 __all__ = ["FeatureCheck", "divide_only_row_wise_bags", "pad_to_stride", "register_output_order", "then"]
 
@@ -135,10 +136,6 @@ def register_output_order(sharded: nn.Module, unsharded: nn.Module) -> bool:
     return True
 
 
-# Shardings whose kernels pool partial bags, summed across ranks; TorchRec divides mean-pooled ones later.
-_PARTIAL_BAG_TYPES = {ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value}
-
-
 def divide_only_row_wise_bags(sharded: nn.Module, unsharded: nn.Module, sharding_types: dict[str, str]) -> None:
     """Make TorchRec's mean-pooling division leave alone the features of tables not sharded row-wise.
 
@@ -153,7 +150,8 @@ def divide_only_row_wise_bags(sharded: nn.Module, unsharded: nn.Module, sharding
     if undivided is None:
         return
     for config in embedding_configs(unsharded):
-        if sharding_types[config.name] not in _PARTIAL_BAG_TYPES:
+        # Row-split kernels sum partial bags; TorchRec divides those mean-pooled ones afterwards.
+        if sharding_types[config.name] not in ROW_SPLIT_TYPES:
             undivided.extend(f for f in config.feature_names if f not in undivided)
 
 

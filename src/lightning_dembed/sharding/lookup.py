@@ -37,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_dembed._private import tensor_version
 from lightning_dembed.sharding.hooks import FeatureCheck, pad_to_stride, then
+from lightning_dembed.sharding.types import ROW_SPLIT_TYPES
 
 __all__ = ["LookupPipeline", "ShardedLookup", "find_features"]
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 _MOST_AHEAD = 3
 
 # Sharding types whose pooled output is reduce-scattered across ranks.
-_REDUCE_SCATTER_TYPES = frozenset({"row_wise", "table_row_wise", "grid_shard"})
+_REDUCE_SCATTER_TYPES = frozenset({*ROW_SPLIT_TYPES, "grid_shard"})
 
 
 def find_features(batch: Any, depth: int = 4) -> list[KeyedJaggedTensor]:

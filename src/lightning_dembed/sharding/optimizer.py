@@ -145,13 +145,9 @@ class EmbeddingOptimizer:
 
     @property
     def keeps_state(self) -> bool:
-        """Whether the fused kernel keeps optimizer state for the table (all but SGD)."""
+        """Whether the fused kernel keeps optimizer state for the table: all but plain SGD, the one whose
+        updates with two gradients in turn equal one update with their sum."""
         return self.optimizer_class is not torch.optim.SGD
-
-    @property
-    def updates_add_up(self) -> bool:
-        """Whether updating with two gradients in turn equals one update with their sum (plain SGD)."""
-        return self.optimizer_class is torch.optim.SGD
 
     @property
     def state_factor(self) -> float:

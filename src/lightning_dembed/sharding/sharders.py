@@ -21,11 +21,10 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
-from lightning_dembed.sharding.types import OFFLOAD_KERNELS
+from lightning_dembed.sharding.types import OFFLOAD_KERNELS, ROW_SPLIT_TYPES
 
 __all__ = ["EmbeddingBagCollectionSharderWithCPURowWise", "EmbeddingCollectionSharderInGPU", "default_sharders"]
 
-_ROW_WISE_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 _IN_DEVICE_KERNELS = (EmbeddingComputeKernel.DENSE.value, EmbeddingComputeKernel.FUSED.value)
 
 
@@ -49,7 +48,7 @@ class EmbeddingBagCollectionSharderWithCPURowWise(_KernelsOnDevice, EmbeddingBag
     def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
         if compute_device_type == "cpu":
-            types += [t for t in _ROW_WISE_TYPES if t not in types]
+            types += [t for t in ROW_SPLIT_TYPES if t not in types]
         return types
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "PLACEMENTS",
     "Placement",
     "PlanSummary",
+    "ROW_SPLIT_TYPES",
     "SHARDING_TYPES",
     "TableDecision",
     "TableShardingInfo",
@@ -42,6 +43,9 @@ SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.TABLE_COLUMN_WISE.value,
     ShardingType.DATA_PARALLEL.value,
 )
+# The types that split a table's rows over ranks: each rank pools its part of a bag, and the parts
+# are summed across ranks (a reduce-scatter).
+ROW_SPLIT_TYPES: tuple[str, ...] = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 
 
 @dataclass(frozen=True)

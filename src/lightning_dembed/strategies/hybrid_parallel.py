@@ -468,9 +468,10 @@ class HybridParallelStrategy(DDPStrategy):
         for path, unsharded in embedding_modules.items():
             sharded = module.get_submodule(path)
             sharding_types = {table: ps.sharding_type for table, ps in plan.plan[path].items()}
-            # Replicated tables train under DDP and the dense optimizers: their gradients add up.
+            # Stateless (plain SGD) and unclipped, the fused updates add up; replicated tables train
+            # under DDP and the dense optimizers, where gradients add up anyway.
             updates_add_up = all(
-                not clipped and o.updates_add_up
+                not clipped and not o.keeps_state
                 for name, o in self._table_optimizers.items()
                 if name.startswith(f"{path}.") and sharding_types[_table_name(name)] != "data_parallel"
             )
@@ -856,6 +857,8 @@ class HybridParallelStrategy(DDPStrategy):
     def _load_table_optimizer_states(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
         """Each table's saved torch optimizer state (by parameter name) into its fused kernel's shards."""
         assert self._dmp is not None
+        if not saved:
+            return
         full: dict[str, torch.Tensor] = {}
         for name, state in saved.items():
             full.update(self._table_optimizers[name].fused_state_from(_table_name(name), state))
