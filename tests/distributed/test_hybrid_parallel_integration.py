@@ -137,6 +137,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def test_resume_with_stateless_tables_each_on_one_rank(tmp_path: Path) -> None:
+    # SGD keeps no table state: the checkpoint has none for tables that only one rank holds.
+    common = ("--steps", "2", "--policy", every_table("table_wise"))
+    run_worker(tmp_path / "half", *common, "--save", "half.ckpt")
+    run_worker(tmp_path / "resumed", *common, "--max-steps", "4", "--resume", str(tmp_path / "half" / "half.ckpt"),
+               "--save", "final.ckpt")
+    _, ref_state = reference_run(4, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=2)
+    assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)
+
+
 @pytest.mark.parametrize(
     ("saved", "devices"), [("half_on_2", 2), ("half_on_2", 1), ("half_on_1", 2)], ids=["2->2", "2->1", "1->2"]
 )

@@ -739,7 +739,11 @@ class HybridParallelStrategy(DDPStrategy):
     def _checkpoint_tensors(self, with_optimizer: bool) -> dict[str, Any]:
         tensors: dict[str, Any] = {"state_dict": self.lightning_module.state_dict()}
         if with_optimizer and self._dmp is not None:
-            tensors["embedding_optimizer"] = self._dmp.fused_optimizer.state_dict()
+            # Only the tables with optimizer state: DCP writes a container without tensors (SGD's empty
+            # state) from rank 0 alone, so one that only another rank holds would be missing at load.
+            stateful = {name: s for name, s in self._dmp.fused_optimizer.state_dict()["state"].items() if s}
+            if stateful:
+                tensors["embedding_optimizer"] = {"state": stateful}
         return tensors
 
     def table_state_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
@@ -784,8 +788,11 @@ class HybridParallelStrategy(DDPStrategy):
             return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
         tensors = self._checkpoint_tensors(with_optimizer=fitting)
         meta = load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
-        if fitting and self._dmp is not None:
-            self._dmp.fused_optimizer.load_state_dict(tensors["embedding_optimizer"])
+        if "embedding_optimizer" in tensors:
+            assert self._dmp is not None
+            fused = self._dmp.fused_optimizer.state_dict()
+            fused["state"].update(tensors["embedding_optimizer"]["state"])
+            self._dmp.fused_optimizer.load_state_dict(fused)
         return meta
 
     def _load_full_checkpoint(
