@@ -7,10 +7,12 @@ load-everything planner. What we subclass or call from them is imported here onl
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver as ChildProcessObserver
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers as init_optimizers_and_lr_schedulers
 from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization as AutomaticOptimization
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook as register_ddp_comm_hook
@@ -34,6 +36,7 @@ __all__ = [
     "EmptyStateDictLoadPlanner",  # DCP's planner that loads every (or the named) tensor of a checkpoint
     "MultiProcessingLauncher",
     "SubprocessScriptLauncher",  # start_method="popen": rank 0 is the launching process, the others re-run the script
+    "stand_down_child_process_observers",  # stops the thread of that launcher that SIGKILLs all once a rank fails
     "TunerExitException",  # how the LR finder leaves fit on every rank: Lightning's control flow, not a failure
     "WorkerOutput",
     "compute_local_shape_and_global_offset",  # a DTensor shard's place in the full tensor
@@ -108,6 +111,19 @@ def undivided_by_mean_pooling(module: Any) -> Optional[list[str]]:
 def pruned_modules(callback: "pl.callbacks.ModelPruning") -> list[nn.Module]:
     """The modules ``callback`` prunes; its ``setup`` (which runs before the strategy's) resolves them."""
     return [module for module, _ in callback._parameters_to_prune]
+
+
+def stand_down_child_process_observers() -> None:
+    """Stop the threads Lightning's script launcher starts in the launching process, without them killing anything.
+
+    Every 5 seconds such a thread checks the ranks the process started, and once one has exited
+    with an error it SIGKILLs them and the launching process, so that none hangs in a collective.
+    The launching process calls this when it is failing itself and ends those ranks on its own:
+    killed, it could not print its error. With no rank left to watch, a thread's next check ends it.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, ChildProcessObserver):
+            thread._child_processes = []
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

@@ -1,13 +1,15 @@
 """One rank raises mid-training, for the tests of how a failing rank is reported (test_recipes.py).
 
 As a script, the README's quickstart model on 2 processes with Lightning's script launcher
-(``start_method="popen"``, rank 0 being this process) and `FirstFailureScriptLauncher`:
+(``start_method="popen"``, rank 0 being this process) and `FirstFailureScriptLauncher`, rank 0
+taking longer to fail than the 5 seconds after which Lightning's child-process observer kills it:
 
     python failing_rank.py
 """
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +30,17 @@ class RaiseOnRank(Callback):
             raise RuntimeError(f"rank {self.rank} fails here on purpose, at step {self.step}")
 
 
+class SlowToFail(Callback):
+    """Rank 0's ``on_exception`` takes ``seconds``, as a logger uploading its last records would."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.global_rank == 0:
+            time.sleep(self.seconds)
+
+
 class ScriptLaunched(HybridParallelStrategy):
     """``hybrid_parallel`` with the script launcher that reports the rank that failed first.
 
@@ -46,5 +59,5 @@ if __name__ == "__main__":
     from quickstart import ClickModel, batches
 
     trainer = Trainer(strategy=ScriptLaunched(), accelerator="cpu", devices=2, max_epochs=1, logger=False,
-                      enable_checkpointing=False, callbacks=[RaiseOnRank(rank=1, step=2)])
+                      enable_checkpointing=False, callbacks=[RaiseOnRank(rank=1, step=2), SlowToFail(seconds=6)])
     trainer.fit(ClickModel(), torch.utils.data.DataLoader(list(batches()), batch_size=None))

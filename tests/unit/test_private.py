@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch.distributed import Reducer
 
 import lightning_dembed._private as private
@@ -21,12 +25,22 @@ def test_launcher_hook_exists_with_expected_signature() -> None:
 
 def test_script_launcher_pieces_exist() -> None:
     from lightning.pytorch.plugins.environments import LightningEnvironment
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     assert issubclass(FirstFailureScriptLauncher, _SubprocessScriptLauncher)
     params = list(inspect.signature(_SubprocessScriptLauncher.launch).parameters)
     assert params == ["self", "function", "args", "trainer", "kwargs"]
     assert "procs" in vars(_SubprocessScriptLauncher(LightningEnvironment(), 1, 1))  # the other ranks' Popen
+
+
+def test_child_process_observer_stands_down_quietly() -> None:
+    # The script launcher starts this thread (its call is what `stand_down_child_process_observers` relies on).
+    assert "_launch_process_observer(self.procs)" in inspect.getsource(_SubprocessScriptLauncher.launch)
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failed.wait()
+    observer = private.ChildProcessObserver(main_pid=os.getpid(), child_processes=[failed])
+    assert observer._child_processes == [failed]
+    observer._child_processes = []  # what stand_down_child_process_observers does
+    assert observer._run() is True  # done, without killing this process
 
 
 def test_manual_optimization_pieces_exist() -> None:

@@ -19,6 +19,7 @@ from lightning_dembed._private import (
     SubprocessScriptLauncher,
     TunerExitException,
     WorkerOutput,
+    stand_down_child_process_observers,
 )
 from lightning_dembed.checkpoint import gather_full_state_dict
 
@@ -82,8 +83,8 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
     error is the last thing on screen. Here every rank that raises writes its traceback to a file
     in a folder rank 0 creates (``LIGHTNING_DEMBED_RANK_ERRORS``, inherited by the ranks it starts),
     as torch elastic's ``@record`` does under ``torchrun``; rank 0, failing, waits a moment for the
-    other ranks to exit and, if another rank's file was written before its own, raises
-    `RankFailedFirst` with that rank's traceback, chained to its own error.
+    other ranks to exit, ends those that have not, and, if another rank's file was written before
+    its own, raises `RankFailedFirst` with that rank's traceback, chained to its own error.
     """
 
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
@@ -101,7 +102,12 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
             rank = self.cluster_environment.global_rank()
             Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "traceback": traceback.format_exc()}))
             if self.procs:  # this process started the others
+                # Lightning's observer would SIGKILL this process, maybe before its error is printed,
+                # once the failure reached a started rank; this process ends those ranks itself.
+                stand_down_child_process_observers()
                 first = self._first_failure(Path(error_dir), started_ns)
+                for proc in self.procs:
+                    proc.kill()  # those still there hang in a collective with this process (a no-op on the exited)
                 if first is not None and first["rank"] != rank:
                     raise RankFailedFirst(f"rank {first['rank']} failed first; its error:\n{first['traceback']}") from error
             raise
