@@ -416,8 +416,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--num-users", type=int, default=2000)
     parser.add_argument("--movielens", type=Path, default=None,
-                        help="an unzipped MovieLens directory (ml-100k, ml-1m): run the *_movielens configs "
-                        "on it instead of generated users (one level, named after the directory)")
+                        help="an unzipped MovieLens directory (ml-100k, ml-1m, ml-latest-small...): run the "
+                        "*_movielens configs on it instead of generated users (one level, named after the directory)")
     parser.add_argument("--finetune-grid", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])),
                         nargs="+", default=[(1, 0.1), (5, 0.1), (5, 0.5)],
                         help="inner_steps:inner_lr pairs tried for plain+ft on the validation users")

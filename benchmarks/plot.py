@@ -195,6 +195,11 @@ def plot_meta_orchestration(record: dict[str, Any]) -> Figure:
     return fig
 
 
+def _spread(values: list[Optional[float]]) -> list[float]:
+    """Error bars from (mean, std) pairs' stds: a single seed has none, drawn as no bar."""
+    return [float("nan") if std is None else std for std in values]
+
+
 def plot_meta_quality(record: dict[str, Any]) -> Figure:
     summary = record["summary"]
     methods = list(dict.fromkeys(r["method"] for r in summary))
@@ -207,10 +212,10 @@ def plot_meta_quality(record: dict[str, Any]) -> Figure:
         # Each method a little to the side, so that the seeds' error bars do not hide each other.
         levels = [names.index(r["heterogeneity"]) + 0.06 * (i - (len(methods) - 1) / 2) for r in rows]
         style = dict(color=_COLORS[i % len(_COLORS)], marker="o", capsize=3, label=method)
-        auc_ax.errorbar(levels, [r["auc"][0] for r in rows], yerr=[r["auc"][1] for r in rows], **style)
+        auc_ax.errorbar(levels, [r["auc"][0] for r in rows], yerr=_spread([r["auc"][1] for r in rows]), **style)
         if all("auc_gain" in r for r in rows):
             gain_ax.errorbar(
-                levels, [r["auc_gain"][0] for r in rows], yerr=[r["auc_gain"][1] for r in rows], **style
+                levels, [r["auc_gain"][0] for r in rows], yerr=_spread([r["auc_gain"][1] for r in rows]), **style
             )
     auc_ax.set_ylabel("cold-start query AUC (mean +- std over seeds)")
     auc_ax.legend(fontsize=7, ncols=2)

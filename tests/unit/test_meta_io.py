@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def build(table: pa.Table, out_dir=None, **kwargs) -> TaskStore:
     args = dict(
         task_key="user",
         categorical=["user", "item"],
-        num_embeddings={"user": 10**6, "item": 100},
+        num_embeddings={"user": 10**6, "item": 1024},
         dense=["row"],
         label_rule="rating >= 4",
         time_column="ts",
@@ -62,7 +63,8 @@ def task_rows(split, t: int) -> np.ndarray:
 def test_grouping_and_time_split() -> None:
     table = interactions()
     user, ts = table.column("user").to_numpy(), table.column("ts").to_numpy()
-    store = build(table, support_size=0.5, min_rows_per_task=2)
+    with pytest.warns(UserWarning, match="'item'"):  # 1000 items on 100 rows
+        store = build(table, support_size=0.5, min_rows_per_task=2, num_embeddings={"user": 10**6, "item": 100})
     split = store.train
     seen = []
     for t in range(split.num_tasks):
@@ -165,7 +167,7 @@ def test_string_keys_from_csv_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "interactions.csv"
     pyarrow.csv.write_csv(interactions(string_keys=True), path)
     store = build(
-        str(path), tmp_path / "store", min_rows_per_task=2, num_embeddings={"user": 1000, "item": 100}
+        str(path), tmp_path / "store", min_rows_per_task=2, num_embeddings={"user": 1000, "item": 1000}
     )
     stats = json.loads((tmp_path / "store" / "stats.json").read_text())
     assert stats["tasks"] == store.train.num_tasks == store.stats["tasks"]
@@ -499,3 +501,30 @@ def test_a_pass_resumes_at_a_saved_epoch_and_batch(num_workers: int) -> None:
         assert len(batches) == len(expected) > 0
         for got, want in zip(batches, expected):
             assert torch.equal(got.labels, want.labels) and torch.equal(got.dense_features, want.dense_features)
+
+
+def test_values_forced_into_one_row_are_counted_and_warned_about() -> None:
+    table = interactions(num_tasks=60)  # items 0..999
+    largest = max(table.column("item").to_pylist())
+    with pytest.warns(UserWarning, match=rf"'item'.*at least {largest + 1} \(its largest id \+ 1\)"):
+        undersized = build(table, num_embeddings={"user": 10**6, "item": 500})
+    counts = undersized.stats["categorical"]["item"]
+    distinct = len(set(table.column("item").to_pylist()))
+    assert counts["distinct_values"] == distinct
+    assert counts["values_sharing_a_row"] == distinct - len({i % 500 for i in table.column("item").to_pylist()})
+    assert undersized.stats["categorical"]["user"]["values_sharing_a_row"] == 0
+
+    # A hashed string column is warned about only when many of its values collide.
+    words = pa.table({"user": [1, 1, 1, 1, 2, 2, 2, 2], "word": list("abcdefgh"), "rating": [5, 1] * 4,
+                      "ts": list(range(8))})
+    args = dict(categorical=["word"], dense=[], min_rows_per_task=2)
+    with pytest.warns(UserWarning, match="'word'.*ten or more times its 8 distinct values"):
+        build(words, num_embeddings={"word": 2}, **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roomy = build(words, num_embeddings={"word": 10**6}, **args)
+        build(table, num_embeddings={"user": 10**6, "item": 1000})
+        build(table, num_embeddings={"user": 10**6, "item": largest + 2}, reserve_unseen_row=True)
+    with pytest.warns(UserWarning, match=rf"at least {largest + 2} \(its largest id \+ 1, \+ the reserved row\)"):
+        build(table, num_embeddings={"user": 10**6, "item": 500}, reserve_unseen_row=True)
+    assert roomy.stats["categorical"]["word"] == {"distinct_values": 8, "values_sharing_a_row": 0}

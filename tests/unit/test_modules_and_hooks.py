@@ -35,6 +35,22 @@ def test_distributed_embedding_on_meta_and_bad_layers() -> None:
         DistributedEmbedding([nn.EmbeddingBag(10, 4)])([torch.tensor([1, 2])])
 
 
+def test_plain_embedding_layers_beside_collections_are_found_and_named() -> None:
+    from lightning_dembed.modules.discovery import find_plain_embedding_layers
+    from lightning_dembed.strategies.hybrid_parallel import _warn_of_plain_embedding_layers
+
+    model = nn.Module()
+    model.tables = ebc()  # TorchRec's collections hold nn.EmbeddingBag layers inside: not plain ones
+    model.wrapped = DistributedEmbedding([nn.Embedding(50, 8)])
+    model.tower = nn.Sequential(nn.Embedding(1024, 32), nn.Linear(32, 1))
+    assert list(find_plain_embedding_layers(model)) == ["tower.0"]
+    with pytest.warns(UserWarning, match=r"tower.0 \(Embedding 1024x32, 0.1 MiB\) stay whole on every rank.*"
+                                         r"DistributedEmbedding"):
+        _warn_of_plain_embedding_layers(model)
+    del model.tower
+    assert find_plain_embedding_layers(model) == {}
+
+
 def ebc() -> EmbeddingBagCollection:
     return EmbeddingBagCollection(
         tables=[

@@ -1,4 +1,4 @@
-"""MovieLens (ml-100k, ml-1m) and interactions with side tables into the task store.
+"""MovieLens (ml-100k, ml-1m, ml-latest) and interactions with side tables into the task store.
 
 Rows, joins, labels, the store's settings check, and errors naming the file and line.
 """
@@ -47,12 +47,25 @@ ML1M = {
         "3::Ghost in the Shell: Kôkaku kidôtai (1995)::Animation|Sci-Fi\n"
     ),
 }
+# The CSV format of ml-latest-small, ml-25m, ml-32m: a header, half stars, a quoted title with a
+# comma, "Children" without 's, genres the older sets lack, no user file.
+ML_LATEST = {
+    "ratings.csv": "userId,movieId,rating,timestamp\n"
+    + "".join(f"{u},{i},{r - 0.5 * (t == 205)},{t}\n" for u, i, r, t in RATINGS),
+    "movies.csv": (
+        "movieId,title,genres\n"
+        "1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy\n"
+        '2,"Café au lait, The (1993)",Comedy|IMAX\n'
+        "3,Ghost in the Shell (Kôkaku kidôtai) (1995),(no genres listed)\n"
+    ),
+}
 
 
 def write(directory: Path, files: dict[str, str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    encoding = "utf-8" if "ratings.csv" in files else "latin-1"  # MovieLens' own encodings
     for name, text in files.items():
-        (directory / name).write_bytes(text.encode("latin-1"))  # MovieLens' own encoding
+        (directory / name).write_bytes(text.encode(encoding))
     return directory
 
 
@@ -82,6 +95,37 @@ def test_movielens_directory_reads_ratings_with_user_and_movie_features(
         assert sum(movie[3][genre_column(g)] for g in MOVIELENS_GENRES) == 0.0
     else:
         assert movie[3]["genre_sci_fi"] == 1.0
+
+
+def test_csv_movielens_directory_reads_half_stars_and_quoted_titles(tmp_path: Path) -> None:
+    directory = write(tmp_path / "ml-latest-small", ML_LATEST)
+    assert movielens_format(directory) == "ml-latest"
+    table = read_movielens(directory)
+    rows = table.to_pylist()
+    assert [(r["user_id"], r["item_id"], r["timestamp"]) for r in rows] == [(u, i, t) for u, i, _, t in RATINGS]
+    assert [r["rating"] for r in rows] == [r - 0.5 * (t == 205) for _, _, r, t in RATINGS]  # 2.5 stars
+    assert "gender" not in table.column_names  # no user file in this format
+    movie = {r["item_id"]: r for r in rows}
+    assert (movie[2]["title"], movie[2]["year"], movie[3]["year"]) == ("Café au lait, The (1993)", 1993, 1995)
+    assert movie[1]["genre_childrens"] == movie[1]["genre_fantasy"] == 1.0  # "Children" is "Children's"
+    assert sum(movie[2][genre_column(g)] for g in MOVIELENS_GENRES) == 1.0  # IMAX has no column
+    assert (movie[3]["genres"], sum(movie[3][genre_column(g)] for g in MOVIELENS_GENRES)) == (
+        "(no genres listed)", 0.0
+    )
+    # The made-up CSV data set reads the same way, and feeds a task store.
+    fake = write_fake_movielens(tmp_path / "fake", "ml-latest", num_users=40, num_items=30)
+    ratings = read_movielens(fake).column("rating").to_numpy()
+    assert set(np.unique(ratings * 2) % 1) == {0.0} and (ratings % 1 == 0.5).any()
+    store = build_task_store(
+        fake, None, task_key="user_id", categorical=["user_id", "item_id", "genres", "year"],
+        num_embeddings={c: 3000 for c in ("user_id", "item_id", "genres", "year")}, dense=["genre_drama"],
+        label_rule="rating >= 4", time_column="timestamp", support_size=10, holdout_fraction=0.0,
+    )
+    assert store.train.num_tasks == 40
+    with pytest.raises(ValueError, match=r"no column\(s\) \['gender'\].*Name only columns the data has"):
+        build_task_store(fake, None, task_key="user_id", categorical=["user_id", "gender"],
+                         num_embeddings={"user_id": 100, "gender": 4}, label_rule="rating >= 4",
+                         time_column="timestamp", support_size=10)
 
 
 def test_both_formats_give_the_same_table(tmp_path: Path) -> None:
@@ -136,7 +180,7 @@ def test_format_detection_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MovieLens directory .*nowhere does not exist"):
         read_movielens(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither u.data .ml-100k. nor ratings.dat .ml-1m."):
+    with pytest.raises(FileNotFoundError, match=r"none of u.data .ml-100k., ratings.dat .ml-1m. and ratings.csv"):
         read_movielens(tmp_path / "empty")
     write(tmp_path / "download" / "ml-1m", ML1M)
     with pytest.raises(FileNotFoundError, match=r"did you mean .*download/ml-1m\?"):
@@ -145,8 +189,11 @@ def test_format_detection_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"partial/users.dat is missing: an ml-1m directory has"):
         read_movielens(tmp_path / "partial")
     write(tmp_path / "both", {**ML1M, **ML100K})
-    with pytest.raises(ValueError, match="holds both u.data"):
+    with pytest.raises(ValueError, match=r"holds u.data \(ml-100k\) and ratings.dat \(ml-1m\)"):
         read_movielens(tmp_path / "both")
+    write(tmp_path / "ratings-only", {"ratings.csv": ML_LATEST["ratings.csv"]})
+    with pytest.raises(FileNotFoundError, match=r"movies.csv is missing: an ml-latest directory has"):
+        read_movielens(tmp_path / "ratings-only")
 
 
 def _replace_line(text: str, line: int, new: str) -> str:
@@ -170,10 +217,15 @@ def _replace_line(text: str, line: int, new: str) -> str:
         (ML100K, "u.user", 1, "x|24|M|technician|85711", r"field 1 \(user_id\) is 'x'"),
         (ML100K, "u.item", 3, "3|unknown||||1|0", r"expected 24 '\|'-separated fields, got 7"),
         (ML100K, "u.item", 2, "1|Copy (1995)|||x" + "|0" * 19, "item_id 1 appears more"),
+        (ML_LATEST, "ratings.csv", 3, "1,2,4.0", r"expected 4 comma-separated fields \(userId movieId "
+                                                 r"rating timestamp\), got 3: '1,2,4.0'"),
+        (ML_LATEST, "ratings.csv", 4, "2,1,one,201", r"field 3 \(rating\) is 'one', expected a number"),
+        (ML_LATEST, "ratings.csv", 1, "user_id,item_id,rating,timestamp", "the header is 'user_id,item_id,"),
+        (ML_LATEST, "movies.csv", 4, "1,Again (1990),Drama", "item_id 1 appears more than once"),
     ],
     ids=["ml1m-fields", "ml1m-rating", "ml1m-user-fields", "ml1m-duplicate-user", "ml1m-movie-fields",
          "ml100k-fields", "ml100k-spaces", "ml100k-empty-line", "ml100k-user-id", "ml100k-item-fields",
-         "ml100k-duplicate-item"],
+         "ml100k-duplicate-item", "csv-fields", "csv-rating", "csv-header", "csv-duplicate-item"],
 )
 def test_malformed_line_is_named_with_file_and_line(
     tmp_path: Path, files: dict[str, str], name: str, line: int, bad: str, message: str

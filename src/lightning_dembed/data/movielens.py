@@ -1,7 +1,8 @@
 """MovieLens as downloaded, and any interactions table with side-feature tables, as one Arrow table.
 
-`read_movielens` reads an unzipped ml-100k or ml-1m directory (the format is told from its files)
-into one row per rating, the user's and the movie's features joined on; `read_interactions` does
+`read_movielens` reads an unzipped MovieLens directory (the format is told from its files: ml-100k,
+ml-1m, or the CSV files of ml-latest-small, ml-latest, ml-20m, ml-25m and ml-32m) into one row per
+rating, the user's (where the data set has them) and the movie's features joined on; `read_interactions` does
 the same for a parquet/CSV interactions file with side tables joined by key. Both feed
 `build_task_store` (which calls `read_interactions` for a directory or ``side_tables``), e.g.
 users as tasks with ``label_rule="rating >= 4"`` and ``time_column="timestamp"``.
@@ -13,6 +14,7 @@ a missing file is named with the format that needs it.
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence, Union
@@ -33,7 +35,7 @@ __all__ = [
     "write_fake_movielens",
 ]
 
-MovieLensFormat = Literal["ml-100k", "ml-1m"]
+MovieLensFormat = Literal["ml-100k", "ml-1m", "ml-latest"]
 TableSource = Union[str, Path, pa.Table]
 
 # The genres both formats share (ml-100k also has "unknown"), in their documented order; each
@@ -58,6 +60,14 @@ _FILES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("movies.dat", "::", ("item_id", "title", "genres")),
     ),
 }
+# The CSV format GroupLens has shipped since ml-20m (ml-latest-small, ml-latest, ml-25m, ml-32m...):
+# UTF-8 with a header, quoted titles, half-star ratings, no user file. Columns as read, then named as above.
+_CSV_FILES: dict[str, dict[str, pa.DataType]] = {
+    "ratings.csv": {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()},
+    "movies.csv": {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
+}
+_CSV_NAMES = {"userId": "user_id", "movieId": "item_id"}
+_RATINGS_FILES = {**{fmt: files[0][0] for fmt, files in _FILES.items()}, "ml-latest": "ratings.csv"}
 _INTEGER_FIELDS = {"user_id", "item_id", "rating", "timestamp", "age", *_ML100K_GENRES}
 _ML1M_INTEGER_FIELDS = {"occupation"}  # ml-1m codes occupations 0-20; ml-100k names them
 
@@ -71,7 +81,8 @@ def genre_column(genre: str) -> str:
 
 
 def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
-    """The MovieLens format of a directory: ``"ml-100k"`` (has ``u.data``) or ``"ml-1m"`` (``ratings.dat``).
+    """The MovieLens format of a directory: ``"ml-100k"`` (has ``u.data``), ``"ml-1m"`` (``ratings.dat``)
+    or ``"ml-latest"`` (``ratings.csv``: ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m).
 
     Raises:
         FileNotFoundError: the directory does not exist, holds neither ratings file, or lacks a
@@ -80,27 +91,26 @@ def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"MovieLens directory {directory} does not exist")
-    found = [fmt for fmt, files in _FILES.items() if (directory / files[0][0]).is_file()]
+    found = [fmt for fmt, ratings in _RATINGS_FILES.items() if (directory / ratings).is_file()]
     if not found:
         # Unzipping ml-1m.zip makes an ml-1m/ folder: name it when the user points at its parent.
         nested = sorted(
             str(d) for d in directory.iterdir()
-            if d.is_dir() and any((d / files[0][0]).is_file() for files in _FILES.values())
+            if d.is_dir() and any((d / ratings).is_file() for ratings in _RATINGS_FILES.values())
         )
         hint = f"; did you mean {' or '.join(nested)}?" if nested else ""
         raise FileNotFoundError(
-            f"{directory} is not a MovieLens directory: it has neither u.data (ml-100k) nor ratings.dat "
-            f"(ml-1m){hint}"
+            f"{directory} is not a MovieLens directory: it has none of u.data (ml-100k), ratings.dat "
+            f"(ml-1m) and ratings.csv (ml-latest, ml-25m, ml-32m){hint}"
         )
     if len(found) > 1:
-        raise ValueError(
-            f"{directory} holds both u.data (ml-100k) and ratings.dat (ml-1m); point at one data set"
-        )
+        held = " and ".join(f"{_RATINGS_FILES[fmt]} ({fmt})" for fmt in found)
+        raise ValueError(f"{directory} holds {held}; point at one data set")
     fmt = found[0]
-    for name, _, _ in _FILES[fmt][1:]:
+    names = list(_CSV_FILES) if fmt == "ml-latest" else [f[0] for f in _FILES[fmt]]
+    for name in names[1:]:
         if not (directory / name).is_file():
-            expected = ", ".join(f[0] for f in _FILES[fmt])
-            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {expected}")
+            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {', '.join(names)}")
     return fmt  # type: ignore[return-value]
 
 
@@ -148,7 +158,47 @@ def _read_fields(path: Path, separator: str, names: Sequence[str], integers: set
     return pa.table(columns)
 
 
-def _unique_key(table: pa.Table, key: str, where: str, line_numbers: bool) -> None:
+def _read_csv(path: Path) -> pa.Table:
+    """A MovieLens CSV file (``_CSV_FILES``) with its header checked; the first bad line is an error."""
+    types = _CSV_FILES[path.name]
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    try:
+        table = pyarrow.csv.read_csv(path, convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+    except pa.ArrowInvalid as error:  # Arrow's message has the bad row but not its line: find it
+        raise ValueError(_first_bad_csv_line(path, types) or f"{path}: {error}") from error
+    if table.column_names != list(types):
+        raise ValueError(
+            f"{path}:1: the header is {','.join(table.column_names)!r}; a MovieLens {path.name} starts with "
+            f"{','.join(types)!r}"
+        )
+    return table.rename_columns([_CSV_NAMES.get(name, name) for name in table.column_names])
+
+
+def _first_bad_csv_line(path: Path, types: Mapping[str, pa.DataType]) -> Optional[str]:
+    """``path:line: why`` for the first line after the header Arrow cannot read as ``types``."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as lines:
+        rows = csv.reader(lines)
+        next(rows, None)
+        for row in rows:
+            if len(row) != len(types):
+                return (
+                    f"{path}:{rows.line_num}: malformed line: expected {len(types)} comma-separated fields "
+                    f"({' '.join(types)}), got {len(row)}: {','.join(row)!r}"
+                )
+            for j, ((name, kind), value) in enumerate(zip(types.items(), row)):
+                number = int if pa.types.is_integer(kind) else float if pa.types.is_floating(kind) else str
+                try:
+                    number(value)
+                except ValueError:
+                    return (
+                        f"{path}:{rows.line_num}: malformed line: field {j + 1} ({name}) is {value!r}, "
+                        f"expected {'an integer' if number is int else 'a number'}: {','.join(row)!r}"
+                    )
+    return None
+
+
+def _unique_key(table: pa.Table, key: str, where: str, first_line: Optional[int]) -> None:
     """A side table must hold each key once, or the join would repeat interactions."""
     keys = table.column(key).combine_chunks()
     if pc.count_distinct(keys).as_py() == len(keys):
@@ -157,22 +207,28 @@ def _unique_key(table: pa.Table, key: str, where: str, line_numbers: bool) -> No
     repeated = np.ones(len(keys), dtype=bool)
     repeated[np.unique(codes, return_index=True)[1]] = False
     i = int(np.flatnonzero(repeated)[0])
-    at = f"{where}:{i + 1}" if line_numbers else where
+    at = where if first_line is None else f"{where}:{first_line + i}"
     raise ValueError(
         f"{at}: {key} {keys[i].as_py()!r} appears more than once; a side table holds one row per {key}"
     )
 
 
 def read_movielens(directory: Union[str, Path]) -> pa.Table:
-    """One row per rating of an ml-100k or ml-1m directory, with the user's and the movie's features.
+    """One row per rating of a MovieLens directory, with the user's and the movie's features.
 
-    Columns (both formats): ``user_id``, ``item_id``, ``rating`` (1-5), ``timestamp`` (seconds),
-    int64; the user's ``gender`` (``"M"``/``"F"``), ``age`` (years in ml-100k, an age-group code
-    in ml-1m), ``occupation`` (a name in ml-100k, a code 0-20 in ml-1m), ``zip``; the movie's
-    ``title``, ``year`` (from the title, null when it has none), ``genres`` (``|``-joined names,
-    e.g. ``"Animation|Children's|Comedy"``) and one float32 0/1 column per genre of
-    `MOVIELENS_GENRES` (``genre_action`` ... ``genre_western``, see `genre_column`). Rows are in the
-    ratings file's order; a rating whose user or movie is missing from its file has nulls there.
+    Columns (every format): ``user_id``, ``item_id``, ``timestamp`` (seconds), int64, and
+    ``rating`` (1-5, int64; 0.5-5 in half stars, float64, in ``ml-latest``); the movie's ``title``,
+    ``year`` (from the title, null when it has none), ``genres`` (``|``-joined names, e.g.
+    ``"Animation|Children's|Comedy"``) and one float32 0/1 column per genre of `MOVIELENS_GENRES`
+    (``genre_action`` ... ``genre_western``, see `genre_column`; the genres only newer data sets
+    list, such as ``IMAX``, are in ``genres`` alone). ml-100k and ml-1m also have the user's
+    ``gender`` (``"M"``/``"F"``), ``age`` (years in ml-100k, an age-group code in ml-1m),
+    ``occupation`` (a name in ml-100k, a code 0-20 in ml-1m) and ``zip``, after ``timestamp``;
+    ``ml-latest`` has no user features. Rows are in the ratings file's order; a rating whose user
+    or movie is missing from its file has nulls there.
+
+    Movie ids of the newer data sets are sparse (up to 193609 in ml-latest-small): size the
+    ``item_id`` table above the largest one (`build_task_store` warns when ids share a row).
 
     Example::
 
@@ -181,13 +237,17 @@ def read_movielens(directory: Union[str, Path]) -> pa.Table:
     """
     directory = Path(directory)
     fmt = movielens_format(directory)
+    if fmt == "ml-latest":
+        ratings, items = (_read_csv(directory / name) for name in _CSV_FILES)
+        _unique_key(items, "item_id", str(directory / "movies.csv"), first_line=2)  # after the header
+        return _left_join(ratings, _item_features(items, items.column("genres")), "item_id")
     integers = _INTEGER_FIELDS | (_ML1M_INTEGER_FIELDS if fmt == "ml-1m" else set())
     _, (users_file, *_), (items_file, *_) = _FILES[fmt]
     ratings, users, items = (
         _read_fields(directory / name, separator, names, integers) for name, separator, names in _FILES[fmt]
     )
-    _unique_key(users, "user_id", str(directory / users_file), line_numbers=True)
-    _unique_key(items, "item_id", str(directory / items_file), line_numbers=True)
+    _unique_key(users, "user_id", str(directory / users_file), first_line=1)
+    _unique_key(items, "item_id", str(directory / items_file), first_line=1)
 
     if fmt == "ml-100k":
         flags = [items.column(g) for g in _ML100K_GENRES]
@@ -196,15 +256,21 @@ def read_movielens(directory: Union[str, Path]) -> pa.Table:
         genres = pa.array(["|".join(names[row]) for row in marked], pa.string())
     else:
         genres = items.column("genres")
+    user_features = users.select(["user_id", "gender", "age", "occupation", "zip"])
+    return _left_join(_left_join(ratings, user_features, "user_id"), _item_features(items, genres), "item_id")
+
+
+def _item_features(items: pa.Table, genres: pa.Array) -> pa.Table:
+    """``item_id``, ``title``, the ``year`` in the title, ``genres`` and a 0/1 column per known genre."""
     item_features = {"item_id": items.column("item_id"), "title": items.column("title")}
     year = pc.struct_field(pc.extract_regex(items.column("title"), r"\((?P<year>\d{4})\)\s*$"), "year")
     item_features["year"] = year.cast(pa.int64())
     item_features["genres"] = genres
     for genre in MOVIELENS_GENRES:
-        listed = pc.match_substring_regex(genres, rf"(^|\|){re.escape(genre)}(\||$)")
+        spelled = "Children('s)?" if genre == "Children's" else re.escape(genre)  # ml-latest: "Children"
+        listed = pc.match_substring_regex(genres, rf"(^|\|){spelled}(\||$)")
         item_features[genre_column(genre)] = listed.cast(pa.float32())
-    user_features = users.select(["user_id", "gender", "age", "occupation", "zip"])
-    return _left_join(_left_join(ratings, user_features, "user_id"), pa.table(item_features), "item_id")
+    return pa.table(item_features)
 
 
 def _left_join(table: pa.Table, side: pa.Table, key: str) -> pa.Table:
@@ -276,7 +342,7 @@ def read_interactions(
             side = side.set_column(side.column_names.index(key), key, side.column(key).cast(left))
         if side.column(key).null_count:
             raise ValueError(f"{where} has {side.column(key).null_count} missing {key!r} values")
-        _unique_key(side, key, where, line_numbers=False)
+        _unique_key(side, key, where, first_line=None)
         table = _left_join(table, side, key)
     return table
 
@@ -295,10 +361,11 @@ def write_fake_movielens(
     Users rate ``min_ratings..max_ratings`` movies each (at least 20, as in MovieLens), popular
     movies more often; a rating follows the user's own taste for the movie's genres plus the
     movie's quality, so adapting to a user's first ratings pays. Titles carry a year and some
-    latin-1 characters (``Café``), as the real ``u.item`` and ``movies.dat`` do.
+    latin-1 characters (``Café``), as the real ``u.item`` and ``movies.dat`` do; ``"ml-latest"``
+    writes UTF-8 CSV files with headers, half-star ratings and quoted titles that hold a comma.
     """
-    if format not in _FILES:
-        raise ValueError(f"format must be one of {list(_FILES)}, got {format!r}")
+    if format not in _RATINGS_FILES:
+        raise ValueError(f"format must be one of {list(_RATINGS_FILES)}, got {format!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -315,15 +382,31 @@ def write_fake_movielens(
         count = int(rng.integers(min_ratings, max_ratings + 1))
         items = rng.choice(num_items, size=min(count, num_items), replace=False, p=popularity)
         affinity = (item_genres[items] * taste[user]).sum(1) / item_genres[items].sum(1)
-        stars = np.clip(np.rint(3.2 + affinity + quality[items] + rng.normal(0, 0.5, items.size)), 1, 5)
+        liking = 3.2 + affinity + quality[items] + rng.normal(0, 0.5, items.size)
+        if format == "ml-latest":  # half stars
+            stars = [float(s) for s in np.clip(np.rint(liking * 2) / 2, 0.5, 5)]
+        else:
+            stars = [int(s) for s in np.clip(np.rint(liking), 1, 5)]
         times = 874_724_710 + user * 1000 + np.sort(rng.choice(10**6, items.size, replace=False))
-        ratings += [(user + 1, item + 1, int(s), int(t)) for item, s, t in zip(items, stars, times)]
+        ratings += [(user + 1, item + 1, s, int(t)) for item, s, t in zip(items, stars, times)]
     ratings = [ratings[i] for i in rng.permutation(len(ratings))]  # files are not sorted by user and time
 
     genders = rng.choice(["M", "F"], num_users)
     zips = [f"{z:05d}" for z in rng.integers(0, 100_000, num_users)]
     titles = [f"{'Café ' if i % 7 == 0 else ''}Movie {i + 1} ({1930 + i % 70})" for i in range(num_items)]
-    if format == "ml-100k":
+    encoding = "latin-1"  # the older formats' own; ml-latest is UTF-8, quotes titles with a comma
+    if format == "ml-latest":
+        encoding = "utf-8"
+        named = [f'"{t[:-7]}, The {t[-6:]}"' if i % 5 == 0 else t for i, t in enumerate(titles)]
+        genre_names = np.array([g.replace("Children's", "Children") for g in MOVIELENS_GENRES])
+        files = {
+            "ratings.csv": ["userId,movieId,rating,timestamp", *(f"{u},{i},{r},{t}" for u, i, r, t in ratings)],
+            "movies.csv": [
+                "movieId,title,genres",
+                *(f"{i + 1},{named[i]}," + "|".join(genre_names[item_genres[i]]) for i in range(num_items)),
+            ],
+        }
+    elif format == "ml-100k":
         occupations = rng.choice(["student", "engineer", "writer", "other", "technician"], num_users)
         ages = rng.integers(7, 74, num_users)
         files = {
@@ -351,5 +434,5 @@ def write_fake_movielens(
             ],
         }
     for name, lines in files.items():
-        (directory / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+        (directory / name).write_bytes(("\n".join(lines) + "\n").encode(encoding))
     return directory

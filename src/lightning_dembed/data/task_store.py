@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence, Union
@@ -122,6 +123,49 @@ def _ids(column: pa.ChunkedArray, size: int) -> np.ndarray:
     return (_string_codes(column)[1] % np.uint64(size)).astype(np.int64)
 
 
+def _shared_rows(
+    table: pa.Table, categorical: Sequence[str], num_embeddings: Mapping[str, int], reserved: int
+) -> dict[str, dict[str, int]]:
+    """Per categorical column: its distinct values, and how many of them share a table row with another.
+
+    Warns for a column whose values are forced together by an undersized table: integers that
+    collide at all (ids at or above the rows they have), strings when over a tenth of them collide
+    (a hashed column always risks a few: about ``n**2 / (2 * rows)`` of ``n`` values).
+    """
+    shared = {}
+    for c in categorical:
+        column = table.column(c)
+        values = pc.unique(column.combine_chunks().drop_null())
+        rows = int(num_embeddings[c]) - reserved
+        ids = _ids(pa.chunked_array([values]), rows)
+        sharing = int(len(ids) - np.unique(ids).size)  # values beyond the first of each row
+        shared[c] = {"distinct_values": len(values), "values_sharing_a_row": sharing}
+        if not sharing:
+            continue
+        if _is_integer(column):
+            needed = int(pc.max(values).as_py()) + 1 + reserved
+            fix = f"set num_embeddings for {c!r} to at least {needed} (its largest id + 1"
+            fix += ", + the reserved row)" if reserved else ")"
+        elif sharing > 0.1 * len(values):
+            # Hashing n values into m rows puts about n / (2 m) of them in a shared row.
+            fix = f"make num_embeddings for {c!r} ten or more times its {len(values)} distinct values"
+        else:
+            continue
+        warnings.warn(
+            f"categorical column {c!r}: {sharing} of its {len(values)} distinct values share a table row "
+            f"with another ({rows} rows for them), so the model cannot tell them apart; {fix}",
+            stacklevel=3,
+        )
+    return shared
+
+
+# MovieLens' CSV data sets (ml-latest, ml-32m) have no user features, which the shipped config lists.
+_MISSING_HINT = (
+    ". Name only columns the data has (categorical, dense, label, task_key, time_column), or join more "
+    "on with side_tables"
+)
+
+
 def _read(
     source: Union[str, Path, pa.Table],
     columns: list[str],
@@ -143,7 +187,7 @@ def _read(
             names = pq.read_schema(path).names
             missing = sorted(set(columns) - set(names))
             if missing:
-                raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}")
+                raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
             return pq.read_table(path, columns=columns, memory_map=True)
         if path.suffix == ".csv":
             table = pyarrow.csv.read_csv(path)
@@ -151,7 +195,9 @@ def _read(
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
     missing = sorted(set(columns) - set(table.column_names))
     if missing:
-        raise ValueError(f"interactions have no column(s) {missing}; their columns are {table.column_names}")
+        raise ValueError(
+            f"interactions have no column(s) {missing}; their columns are {table.column_names}{_MISSING_HINT}"
+        )
     return table.select(columns)
 
 
@@ -336,14 +382,16 @@ def build_task_store(
     task keys, chosen by a stable hash of the key, form the ``cold_start`` split.
 
     Categorical values become ids in ``[0, num_embeddings[column])``: integers modulo the size,
-    strings by a stable 64-bit hash modulo the size. Missing categorical and dense values count as
+    strings by a stable 64-bit hash modulo the size. Values that end up sharing a row are counted
+    per column in the store's ``stats["categorical"]``, and warned about when the table is too small
+    for them (any integers, over a tenth of the strings). Missing categorical and dense values count as
     0 (or the empty string). Labels come from ``label`` (a 0/1 column) or ``label_rule``
     (``"column op number"``, e.g. ``"rating >= 4"``).
 
     Args:
         source: a ``.parquet`` or ``.csv`` file, a `pyarrow.Table` (e.g. `generate_interactions`), or
-            an unzipped MovieLens ml-100k / ml-1m directory (`read_movielens`: ratings with the
-            user's and the movie's features).
+            an unzipped MovieLens directory, ml-100k, ml-1m or ml-latest (`read_movielens`: ratings
+            with the user's and the movie's features).
         out_dir: where to write the store, atomically (`lightning_dembed._atomic`: a link to a
             complete version beside it; a failed build leaves what was there); None keeps it in memory.
         task_key: the column whose values are the tasks (a user id, say).
@@ -480,6 +528,7 @@ def build_task_store(
         "rows": int(used[kept].sum()),
         "dropped_too_small": int((~kept).sum()),
         "single_class": int((single_class & kept).sum()),
+        "categorical": _shared_rows(table, categorical, num_embeddings, int(reserve_unseen_row)),
     }
     splits = {}
     # Training tasks trained as unseen ones (another hash than the holdout's), and the ids training saw.

@@ -11,7 +11,13 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-__all__ = ["EMBEDDING_MODULE_TYPES", "dense_parameters", "embedding_configs", "find_embedding_modules"]
+__all__ = [
+    "EMBEDDING_MODULE_TYPES",
+    "dense_parameters",
+    "embedding_configs",
+    "find_embedding_modules",
+    "find_plain_embedding_layers",
+]
 
 EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
 
@@ -29,6 +35,20 @@ def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
 
     visit(module, "")
     return found
+
+
+def find_plain_embedding_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Embedding`` / ``nn.EmbeddingBag`` outside TorchRec's collections, by its path.
+
+    These are not sharded: they train as dense parameters, a full copy on every rank. Wrapping
+    them in `lightning_dembed.DistributedEmbedding` makes them tables the strategy shards.
+    """
+    inside = {id(m) for collection in find_embedding_modules(module).values() for m in collection.modules()}
+    return {
+        path: m
+        for path, m in module.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and id(m) not in inside
+    }
 
 
 def embedding_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:

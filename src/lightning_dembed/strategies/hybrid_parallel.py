@@ -55,7 +55,7 @@ from lightning_dembed.sharding.optimizer import (
     split_saved_optimizer_state,
     table_param_groups,
 )
-from lightning_dembed.modules.discovery import find_embedding_modules
+from lightning_dembed.modules.discovery import find_embedding_modules, find_plain_embedding_layers
 from lightning_dembed.sharding.planner import default_memory_budget, plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
@@ -105,6 +105,23 @@ FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": 0.0})
 def _table_name(parameter_name: str) -> str:
     """The table of an embedding module's parameter (``<module path>.embedding_bags.<table>.weight``)."""
     return parameter_name.rpartition(".")[0].rpartition(".")[2]
+
+
+def _warn_of_plain_embedding_layers(module: nn.Module) -> None:
+    """Name the embedding layers this strategy leaves replicated: they are not what a user expects sharded."""
+    layers = find_plain_embedding_layers(module)
+    if not layers:
+        return
+    described = ", ".join(
+        f"{path} ({type(m).__name__} {m.num_embeddings}x{m.embedding_dim}, "
+        f"{m.weight.numel() * m.weight.element_size() / 2**20:.1f} MiB)"
+        for path, m in layers.items()
+    )
+    rank_zero_warn(
+        f"HybridParallelStrategy shards TorchRec embedding collections only; {described} stay whole on every "
+        "rank and train under DDP as dense parameters (correct, but not sharded). Wrap them in "
+        "lightning_dembed.DistributedEmbedding to shard them, or leave small ones as they are"
+    )
 
 
 def _clipping_fused_params(trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
@@ -452,6 +469,7 @@ class HybridParallelStrategy(DDPStrategy):
         self.sharding_plan, self.plan_summary = plan, summary
         self._refuse_frozen_replicated_tables(summary)
         rank_zero_info(f"HybridParallelStrategy sharding plan ({world_size} ranks):\n{summary}")
+        _warn_of_plain_embedding_layers(module)
 
         with torchrec_notices_silenced():
             dmp = DistributedModelParallel(
