@@ -384,14 +384,15 @@ def report(record: dict[str, Any]) -> str:
 
 
 def combined(paths: list[Path], command: str) -> dict[str, Any]:
-    """One record of the runs of several records made with the same settings but their levels."""
+    """One record of the runs of several records made with the same settings but their levels or seeds."""
     records = [json.loads(path.read_text()) for path in paths]
-    settings = {k: v for k, v in records[0]["settings"].items() if k != "heterogeneity"}
+    split_by = ("heterogeneity", "seeds")  # what parts run side by side may divide between them
+    settings = {k: v for k, v in records[0]["settings"].items() if k not in split_by}
     for path, record in zip(paths, records):
-        theirs = {k: v for k, v in record["settings"].items() if k != "heterogeneity"}
+        theirs = {k: v for k, v in record["settings"].items() if k not in split_by}
         if theirs != settings:
             raise ValueError(
-                f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels may differ"
+                f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels and seeds may differ"
             )
     runs = [run for record in records for run in record["runs"]]
     keys = [(run["heterogeneity"], run["seed"], run["method"]) for run in runs]
@@ -403,7 +404,11 @@ def combined(paths: list[Path], command: str) -> dict[str, Any]:
         "command": command,
         "parts": [record["command"] for record in records],
         "machine": records[0]["machine"],
-        "settings": {**settings, "heterogeneity": sorted({run["heterogeneity"] for run in runs})},
+        "settings": {
+            **settings,
+            "heterogeneity": sorted({run["heterogeneity"] for run in runs}),
+            "seeds": sorted({run["seed"] for run in runs}),
+        },
         "runs": runs,
         "summary": summarize(runs, methods),
     }
