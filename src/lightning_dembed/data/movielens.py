@@ -2,10 +2,10 @@
 
 `read_movielens` reads an unzipped MovieLens directory (the format is told from its files: ml-100k,
 ml-1m, or the CSV files of ml-latest-small, ml-latest, ml-20m, ml-25m and ml-32m) into one row per
-rating, the user's (where the data set has them) and the movie's features joined on; `read_interactions` does
-the same for a parquet/CSV interactions file with side tables joined by key. Both feed
-`build_task_store` (which calls `read_interactions` for a directory or ``side_tables``), e.g.
-users as tasks with ``label_rule="rating >= 4"`` and ``time_column="timestamp"``.
+rating, the user's (where the data set has them) and the movie's features joined on;
+`read_interactions` does the same for a parquet/CSV interactions file with side tables joined by
+key. Both feed `build_task_store` (which calls `read_interactions` for a directory or
+``side_tables``), e.g. users as tasks with ``label_rule="rating >= 4"`` and ``time_column="timestamp"``.
 
 A malformed line stops reading with the file and the 1-based line at fault
 (``ratings.dat:7: malformed line: expected 4 '::'-separated fields (...), got 3: '1::2::5'``);
@@ -63,7 +63,9 @@ _FILES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
 # The CSV format GroupLens has shipped since ml-20m (ml-latest-small, ml-latest, ml-25m, ml-32m...):
 # UTF-8 with a header, quoted titles, half-star ratings, no user file. Columns as read, then named as above.
 _CSV_FILES: dict[str, dict[str, pa.DataType]] = {
-    "ratings.csv": {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()},
+    "ratings.csv": {
+        "userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()
+    },
     "movies.csv": {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
 }
 _CSV_NAMES = {"userId": "user_id", "movieId": "item_id"}
@@ -110,7 +112,8 @@ def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
     names = list(_CSV_FILES) if fmt == "ml-latest" else [f[0] for f in _FILES[fmt]]
     for name in names[1:]:
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {', '.join(names)}")
+            expected = ", ".join(names)
+            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {expected}")
     return fmt  # type: ignore[return-value]
 
 
@@ -400,7 +403,9 @@ def write_fake_movielens(
         named = [f'"{t[:-7]}, The {t[-6:]}"' if i % 5 == 0 else t for i, t in enumerate(titles)]
         genre_names = np.array([g.replace("Children's", "Children") for g in MOVIELENS_GENRES])
         files = {
-            "ratings.csv": ["userId,movieId,rating,timestamp", *(f"{u},{i},{r},{t}" for u, i, r, t in ratings)],
+            "ratings.csv": [
+                "userId,movieId,rating,timestamp", *(f"{u},{i},{r},{t}" for u, i, r, t in ratings)
+            ],
             "movies.csv": [
                 "movieId,title,genres",
                 *(f"{i + 1},{named[i]}," + "|".join(genre_names[item_genres[i]]) for i in range(num_items)),

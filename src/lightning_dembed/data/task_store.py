@@ -383,9 +383,9 @@ def build_task_store(
 
     Categorical values become ids in ``[0, num_embeddings[column])``: integers modulo the size,
     strings by a stable 64-bit hash modulo the size. Values that end up sharing a row are counted
-    per column in the store's ``stats["categorical"]``, and warned about when the table is too small
-    for them (any integers, over a tenth of the strings). Missing categorical and dense values count as
-    0 (or the empty string). Labels come from ``label`` (a 0/1 column) or ``label_rule``
+    per column in the store's ``stats["categorical"]``, and warned about when the table is too
+    small for them (any integers, over a tenth of the strings). Missing categorical and dense values
+    count as 0 (or the empty string). Labels come from ``label`` (a 0/1 column) or ``label_rule``
     (``"column op number"``, e.g. ``"rating >= 4"``).
 
     Args:
