@@ -394,6 +394,10 @@ def combined(paths: list[Path], command: str) -> dict[str, Any]:
             raise ValueError(
                 f"{path}: settings {theirs} differ from {paths[0]}'s {settings}; only levels and seeds may differ"
             )
+    methods_of = [sorted({run["method"] for run in record["runs"]}) for record in records]
+    for path, methods in zip(paths, methods_of):
+        if methods != methods_of[0]:
+            raise ValueError(f"{path} ran methods {methods}, {paths[0]} ran {methods_of[0]}; combine like with like")
     runs = [run for record in records for run in record["runs"]]
     keys = [(run["heterogeneity"], run["seed"], run["method"]) for run in runs]
     repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)

@@ -222,16 +222,39 @@ def _replace_line(text: str, line: int, new: str) -> str:
         (ML_LATEST, "ratings.csv", 4, "2,1,one,201", r"field 3 \(rating\) is 'one', expected a number"),
         (ML_LATEST, "ratings.csv", 1, "user_id,item_id,rating,timestamp", "the header is 'user_id,item_id,"),
         (ML_LATEST, "movies.csv", 4, "1,Again (1990),Drama", "item_id 1 appears more than once"),
+        (ML_LATEST, "ratings.csv", 5, "2,3,,203", r"field 3 \(rating\) is '', expected a number"),
+        (ML_LATEST, "ratings.csv", 2, "NA,1,5.0,100", r"field 1 \(userId\) is 'NA', expected an integer"),
+        (ML_LATEST, "ratings.csv", 3, "1_0,2,4.0,110", r"field 1 \(userId\) is '1_0'"),
+        (ML_LATEST, "ratings.csv", 6, "1,3,nan,120", r"rating 'nan' is not within 0.5-5"),
+        (ML_LATEST, "ratings.csv", 4, "2,1,7.5,201", r"rating '7.5' is not within 0.5-5"),
     ],
     ids=["ml1m-fields", "ml1m-rating", "ml1m-user-fields", "ml1m-duplicate-user", "ml1m-movie-fields",
          "ml100k-fields", "ml100k-spaces", "ml100k-empty-line", "ml100k-user-id", "ml100k-item-fields",
-         "ml100k-duplicate-item", "csv-fields", "csv-rating", "csv-header", "csv-duplicate-item"],
+         "ml100k-duplicate-item", "csv-fields", "csv-rating", "csv-header", "csv-duplicate-item", "csv-empty",
+         "csv-na", "csv-underscore", "csv-nan", "csv-out-of-range"],
 )
 def test_malformed_line_is_named_with_file_and_line(
     tmp_path: Path, files: dict[str, str], name: str, line: int, bad: str, message: str
 ) -> None:
     directory = write(tmp_path / "ml", {**files, name: _replace_line(files[name], line, bad)})
     with pytest.raises(ValueError, match=rf"{directory / name}:{line}: .*{message}"):
+        read_movielens(directory)
+
+
+def test_csv_errors_count_lines_as_the_file_has_them(tmp_path: Path) -> None:
+    """Blank lines, a title over two lines and bytes that are not UTF-8 do not shift the line named."""
+    ratings = ML_LATEST["ratings.csv"].splitlines()
+    with_blanks = "\n".join([*ratings[:2], "", *ratings[2:4], "", "2,1,one,201", *ratings[5:]]) + "\n"
+    directory = write(tmp_path / "blank", {**ML_LATEST, "ratings.csv": with_blanks})
+    with pytest.raises(ValueError, match=r"ratings.csv:7: malformed line: field 3 \(rating\) is 'one'"):
+        read_movielens(directory)
+    movies = ML_LATEST["movies.csv"] + '4,"Two\nLines (2000)",Drama\n\n1,Again (1990),Drama\n'
+    directory = write(tmp_path / "duplicate", {**ML_LATEST, "movies.csv": movies})
+    with pytest.raises(ValueError, match=r"movies.csv:8: item_id 1 appears more than once"):
+        read_movielens(directory)
+    directory = write(tmp_path / "latin1", ML_LATEST)
+    (directory / "movies.csv").write_bytes(ML_LATEST["movies.csv"].encode("latin-1"))
+    with pytest.raises(ValueError, match=r"movies.csv:3: not UTF-8"):
         read_movielens(directory)
 
 

@@ -15,9 +15,10 @@ a missing file is named with the format that needs it.
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -166,8 +167,10 @@ def _read_csv(path: Path) -> pa.Table:
     types = _CSV_FILES[path.name]
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty")
+    # No null markers: an empty or "NA" field is an error, as it is in the older formats.
+    options = pyarrow.csv.ConvertOptions(column_types=types, null_values=[], strings_can_be_null=False)
     try:
-        table = pyarrow.csv.read_csv(path, convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+        table = pyarrow.csv.read_csv(path, convert_options=options)
     except pa.ArrowInvalid as error:  # Arrow's message has the bad row but not its line: find it
         raise ValueError(_first_bad_csv_line(path, types) or f"{path}: {error}") from error
     if table.column_names != list(types):
@@ -175,33 +178,59 @@ def _read_csv(path: Path) -> pa.Table:
             f"{path}:1: the header is {','.join(table.column_names)!r}; a MovieLens {path.name} starts with "
             f"{','.join(types)!r}"
         )
+    if "rating" in types:
+        rating = table.column("rating").to_numpy()
+        outside = np.flatnonzero(~((rating >= 0.5) & (rating <= 5.0)))  # NaN is outside too
+        if outside.size:
+            line, row = _csv_line(path, int(outside[0]))
+            raise ValueError(f"{path}:{line}: rating {row[2]!r} is not within 0.5-5: {','.join(row)!r}")
     return table.rename_columns([_CSV_NAMES.get(name, name) for name in table.column_names])
 
 
-def _first_bad_csv_line(path: Path, types: Mapping[str, pa.DataType]) -> Optional[str]:
-    """``path:line: why`` for the first line after the header Arrow cannot read as ``types``."""
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of each row after the header, blank lines skipped as Arrow skips them."""
     with path.open(newline="", encoding="utf-8", errors="replace") as lines:
         rows = csv.reader(lines)
         next(rows, None)
         for row in rows:
-            if len(row) != len(types):
+            if row:
+                yield rows.line_num, row
+
+
+def _csv_line(path: Path, index: int) -> tuple[int, list[str]]:
+    """The line and fields of the ``index``-th row (0-based, after the header) of a CSV file."""
+    return next(itertools.islice(_csv_rows(path), index, None))
+
+
+# What Arrow reads as an integer or a float64 (``nan`` and ``inf`` included).
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_FLOAT = re.compile(r"\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)\s*", re.IGNORECASE)
+
+
+def _first_bad_csv_line(path: Path, types: Mapping[str, pa.DataType]) -> Optional[str]:
+    """``path:line: why`` for the first line Arrow cannot read as ``types``: not UTF-8, or a bad field."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{path}:{number}: not UTF-8, which MovieLens' CSV files are: {raw!r}"
+    for line, row in _csv_rows(path):
+        if len(row) != len(types):
+            return (
+                f"{path}:{line}: malformed line: expected {len(types)} comma-separated fields "
+                f"({' '.join(types)}), got {len(row)}: {','.join(row)!r}"
+            )
+        for j, ((name, kind), value) in enumerate(zip(types.items(), row)):
+            pattern = _INTEGER if pa.types.is_integer(kind) else _FLOAT if pa.types.is_floating(kind) else None
+            if pattern is not None and not pattern.fullmatch(value):
                 return (
-                    f"{path}:{rows.line_num}: malformed line: expected {len(types)} comma-separated fields "
-                    f"({' '.join(types)}), got {len(row)}: {','.join(row)!r}"
+                    f"{path}:{line}: malformed line: field {j + 1} ({name}) is {value!r}, expected "
+                    f"{'an integer' if pattern is _INTEGER else 'a number'}: {','.join(row)!r}"
                 )
-            for j, ((name, kind), value) in enumerate(zip(types.items(), row)):
-                number = int if pa.types.is_integer(kind) else float if pa.types.is_floating(kind) else str
-                try:
-                    number(value)
-                except ValueError:
-                    return (
-                        f"{path}:{rows.line_num}: malformed line: field {j + 1} ({name}) is {value!r}, "
-                        f"expected {'an integer' if number is int else 'a number'}: {','.join(row)!r}"
-                    )
     return None
 
 
-def _unique_key(table: pa.Table, key: str, where: str, first_line: Optional[int]) -> None:
+def _unique_key(table: pa.Table, key: str, where: str, line_of: Optional[Callable[[int], int]]) -> None:
     """A side table must hold each key once, or the join would repeat interactions."""
     keys = table.column(key).combine_chunks()
     if pc.count_distinct(keys).as_py() == len(keys):
@@ -210,7 +239,7 @@ def _unique_key(table: pa.Table, key: str, where: str, first_line: Optional[int]
     repeated = np.ones(len(keys), dtype=bool)
     repeated[np.unique(codes, return_index=True)[1]] = False
     i = int(np.flatnonzero(repeated)[0])
-    at = where if first_line is None else f"{where}:{first_line + i}"
+    at = where if line_of is None else f"{where}:{line_of(i)}"
     raise ValueError(
         f"{at}: {key} {keys[i].as_py()!r} appears more than once; a side table holds one row per {key}"
     )
@@ -242,15 +271,16 @@ def read_movielens(directory: Union[str, Path]) -> pa.Table:
     fmt = movielens_format(directory)
     if fmt == "ml-latest":
         ratings, items = (_read_csv(directory / name) for name in _CSV_FILES)
-        _unique_key(items, "item_id", str(directory / "movies.csv"), first_line=2)  # after the header
+        movies = directory / "movies.csv"
+        _unique_key(items, "item_id", str(movies), line_of=lambda i: _csv_line(movies, i)[0])
         return _left_join(ratings, _item_features(items, items.column("genres")), "item_id")
     integers = _INTEGER_FIELDS | (_ML1M_INTEGER_FIELDS if fmt == "ml-1m" else set())
     _, (users_file, *_), (items_file, *_) = _FILES[fmt]
     ratings, users, items = (
         _read_fields(directory / name, separator, names, integers) for name, separator, names in _FILES[fmt]
     )
-    _unique_key(users, "user_id", str(directory / users_file), first_line=1)
-    _unique_key(items, "item_id", str(directory / items_file), first_line=1)
+    _unique_key(users, "user_id", str(directory / users_file), line_of=lambda i: i + 1)
+    _unique_key(items, "item_id", str(directory / items_file), line_of=lambda i: i + 1)
 
     if fmt == "ml-100k":
         flags = [items.column(g) for g in _ML100K_GENRES]
@@ -345,7 +375,7 @@ def read_interactions(
             side = side.set_column(side.column_names.index(key), key, side.column(key).cast(left))
         if side.column(key).null_count:
             raise ValueError(f"{where} has {side.column(key).null_count} missing {key!r} values")
-        _unique_key(side, key, where, first_line=None)
+        _unique_key(side, key, where, line_of=None)
         table = _left_join(table, side, key)
     return table
 

@@ -135,7 +135,9 @@ def _shared_rows(
     shared = {}
     for c in categorical:
         column = table.column(c)
-        values = pc.unique(column.combine_chunks().drop_null())
+        # Missing values are stored as 0 or "" (see _ids): they count as that value here.
+        filled = pc.fill_null(column.cast(pa.int64()), 0) if _is_integer(column) else pc.fill_null(column, "")
+        values = pc.unique(filled.combine_chunks())
         rows = int(num_embeddings[c]) - reserved
         ids = _ids(pa.chunked_array([values]), rows)
         sharing = int(len(ids) - np.unique(ids).size)  # values beyond the first of each row
@@ -143,8 +145,11 @@ def _shared_rows(
         if not sharing:
             continue
         if _is_integer(column):
-            needed = int(pc.max(values).as_py()) + 1 + reserved
-            fix = f"set num_embeddings for {c!r} to at least {needed} (its largest id + 1"
+            # Modulo a size of at least the span from min(smallest id, 0) to the largest keeps ids apart.
+            low, high = (int(v.as_py()) for v in (pc.min(values), pc.max(values)))
+            needed = high - min(low, 0) + 1 + reserved
+            span = f"its ids span {low}..{high}" if low < 0 else "its largest id + 1"
+            fix = f"set num_embeddings for {c!r} to at least {needed} ({span}"
             fix += ", + the reserved row)" if reserved else ")"
         elif sharing > 0.1 * len(values):
             # Hashing n values into m rows puts about n / (2 m) of them in a shared row.
