@@ -104,6 +104,7 @@ def _common_args(args: argparse.Namespace, heterogeneity: float, seed: int, stor
         *_data_args(args, heterogeneity),
         f"--data.init_args.store_dir={store}",
         "--data.init_args.num_workers=0",
+        *([f"--data.init_args.holdout_seed={seed}"] if args.vary_holdout else []),
         *args.override,
     ]
 
@@ -111,6 +112,7 @@ def _common_args(args: argparse.Namespace, heterogeneity: float, seed: int, stor
 def _scores(metrics: dict[str, float], kind: str) -> dict[str, float]:
     return {
         "auc": float(metrics[f"test/query_auc_{kind}"]),
+        "user_auc": float(metrics[f"test/query_user_auc_{kind}"]),
         "log_loss": float(metrics[f"test/query_loss_{kind}"]),
     }
 
@@ -335,11 +337,19 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
             row = {"heterogeneity": level, "method": method, "seeds": len(seeds),
                    "auc": _mean_std(aucs), "log_loss": _mean_std(losses),
                    "steps": _mean_or_none([score[method, s]["steps"] for s in seeds])}
+            # Per-user AUC: in runs since 2026-12-02, and not for the ceilings.
+            has_user_auc = all("user_auc" in score[method, s] for s in seeds)
+            if has_user_auc:
+                row["user_auc"] = _mean_std([score[method, s]["user_auc"] for s in seeds])
             if best_plain is not None and method not in plain:
                 row["vs_best_plain"] = best_plain
                 row["auc_gain"] = _mean_std(
                     [score[method, s]["auc"] - score[best_plain, s]["auc"] for s in seeds]
                 )
+                if has_user_auc and all("user_auc" in score[best_plain, s] for s in seeds):
+                    row["user_auc_gain"] = _mean_std(
+                        [score[method, s]["user_auc"] - score[best_plain, s]["user_auc"] for s in seeds]
+                    )
                 row["log_loss_change"] = _mean_std(
                     [score[method, s]["log_loss"] - score[best_plain, s]["log_loss"] for s in seeds]
                 )
@@ -358,12 +368,14 @@ def report(record: dict[str, Any]) -> str:
         [r["heterogeneity"], r["method"], _pm(r["auc"]), _pm(r["log_loss"]),
          _pm(r["auc_gain"], signed=True) if "auc_gain" in r else "",
          _pm(r["log_loss_change"], signed=True) if "log_loss_change" in r else "",
+         _pm(r["user_auc"]) if "user_auc" in r else "",
+         _pm(r["user_auc_gain"], signed=True) if "user_auc_gain" in r else "",
          "" if r["steps"] is None else f"{r['steps']:.0f}"]
         for r in record["summary"]
     ]
     table = markdown_table(
         ["heterogeneity", "method", "query AUC", "query log loss", "AUC vs best plain",
-         "log loss vs best plain", "steps trained"],
+         "log loss vs best plain", "per-user AUC", "per-user AUC vs best plain", "steps trained"],
         rows,
     )
     settings = record["settings"]
@@ -379,7 +391,8 @@ def report(record: dict[str, Any]) -> str:
         + ("\n" if record.get("parts") else "")
         + data
         + "; mean ± standard deviation over seeds; 'vs best plain': "
-        "per-seed difference to the better of plain and plain+ft at that level (mean AUC).\n\n" + table + "\n"
+        "per-seed difference to the better of plain and plain+ft at that level (mean AUC); 'per-user AUC': "
+        "each test user's own query AUC, averaged over users (every user weighs alike).\n\n" + table + "\n"
     )
 
 
@@ -430,6 +443,9 @@ def main() -> None:
     parser.add_argument("--finetune-grid", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])),
                         nargs="+", default=[(1, 0.1), (5, 0.1), (5, 0.5)],
                         help="inner_steps:inner_lr pairs tried for plain+ft on the validation users")
+    parser.add_argument("--vary-holdout", action="store_true",
+                        help="hold out other users with every seed (data.init_args.holdout_seed=SEED), so that "
+                        "the spread over seeds covers which users are scored, not only training")
     parser.add_argument("--override", action="append", default=[],
                         help="a LightningCLI override for every run (--meta.* ones for meta-DLRM only), e.g. "
                         "--override=--trainer.max_steps=200 (repeat for more)")
@@ -475,7 +491,8 @@ def main() -> None:
         "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds,
                      "num_users": None if args.movielens is not None else args.num_users,
                      "movielens": None if args.movielens is None else str(args.movielens),
-                     "finetune_grid": args.finetune_grid, "override": args.override},
+                     "finetune_grid": args.finetune_grid, "override": args.override,
+                     "vary_holdout": args.vary_holdout},
         "runs": runs,
         "summary": summarize(runs, args.methods),
     }

@@ -25,10 +25,32 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-__all__ = ["DEFAULT_AUC_BINS", "BinnedAUROC", "NormalizedEntropy"]
+__all__ = ["DEFAULT_AUC_BINS", "BinnedAUROC", "NormalizedEntropy", "grouped_auroc"]
 
 # Measured on 1M CTR-like predictions (docs/recipes.md#reading-the-wb-run): 1e-6 from the exact AUC.
 DEFAULT_AUC_BINS = 10_000
+
+
+def grouped_auroc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The ROC AUC of each group's rows (a user's, say), for the groups whose labels hold both classes.
+
+    Averaged over users, it weighs every user alike, where one AUC over all rows is swayed by the
+    users with the most rows. Groups with one class only have no AUC and are left out.
+
+    Example::
+
+        aucs = grouped_auroc(torch.sigmoid(logits), labels, task_of_row)  # [groups with both classes]
+        user_auc.update(aucs)                                              # a MeanMetric: the mean over users
+    """
+    from torchmetrics.functional.classification import binary_auroc
+
+    aucs = []
+    for group in torch.unique(groups):
+        rows = groups == group
+        positives = labels[rows].sum()
+        if 0 < positives < rows.sum():
+            aucs.append(binary_auroc(scores[rows], labels[rows].long()))
+    return torch.stack(aucs) if aucs else scores.new_zeros(0)
 
 
 class NormalizedEntropy(Metric):

@@ -139,6 +139,11 @@ def test_cold_start_holdout_is_disjoint_and_stable() -> None:
     # Held out by the key alone: another seed or a different slice of the data holds out the same users.
     again = build(table.slice(0, table.num_rows // 2), holdout_fraction=0.25, min_rows_per_task=2, seed=7)
     assert set(again.cold_start.keys) <= cold and set(again.train.keys) <= train
+    # A holdout seed draws another set of users per value, of the same share, the same every time.
+    drawn = {h: set(build(table, holdout_fraction=0.25, min_rows_per_task=2, holdout_seed=h).cold_start.keys)
+             for h in (0, 1)}
+    assert drawn[0] != drawn[1] and drawn[0] != cold and 0.15 < len(drawn[1]) / len(train | cold) < 0.35
+    assert drawn[1] == set(build(table, holdout_fraction=0.25, min_rows_per_task=2, holdout_seed=1).cold_start.keys)
 
 
 @pytest.mark.parametrize("unseen_task_fraction", [0.0, 0.3, 1.0])

@@ -66,18 +66,25 @@ def test_cold_start_evaluation_scores_a_plain_model_as_is_and_fine_tuned() -> No
     metrics = trainer([ColdStartEvaluation(inner_steps=3, inner_lr=0.5, adapt=["over_arch"],
                                            adapt_embeddings=["user"])]).validate(module, task_batches(),
                                                                                 verbose=False)[0]
-    assert set(metrics) == {f"val/query_{m}_{k}" for m in ("auc", "ne", "loss") for k in ("adapted", "unadapted")}
+    assert set(metrics) == {
+        f"val/query_{m}_{k}" for m in ("auc", "user_auc", "ne", "loss") for k in ("adapted", "unadapted")
+    }
     # "unadapted" is the model as it is, on exactly the query rows of every task.
-    scores, labels = [], []
+    scores, labels, user_aucs = [], [], []
     with torch.no_grad():
         for batch in task_batches():
             offsets, supports = batch.task_offsets, batch.support_sizes
-            query = torch.cat([torch.arange(int(offsets[t] + supports[t]), int(offsets[t + 1]))
-                               for t in range(len(supports))])
-            scores.append(torch.sigmoid(module(batch.dense_features, batch.sparse_features))[query])
-            labels.append(batch.labels[query])
+            queries = [torch.arange(int(offsets[t] + supports[t]), int(offsets[t + 1])) for t in range(len(supports))]
+            predicted = torch.sigmoid(module(batch.dense_features, batch.sparse_features))
+            scores.append(predicted[torch.cat(queries)])
+            labels.append(batch.labels[torch.cat(queries)])
+            # The per-user AUC: each task's own, over the tasks with both labels among their query rows.
+            user_aucs += [binary_auroc(predicted[q], batch.labels[q].long()) for q in queries
+                          if 0 < batch.labels[q].sum() < len(q)]
     want = binary_auroc(torch.cat(scores), torch.cat(labels).long())
     assert metrics["val/query_auc_unadapted"] == pytest.approx(float(want), abs=1e-6)
+    assert len(user_aucs) > 1
+    assert metrics["val/query_user_auc_unadapted"] == pytest.approx(float(torch.stack(user_aucs).mean()), abs=1e-6)
     all_labels = torch.cat(labels)
     ctr = all_labels.mean()
     log_loss = torch.nn.functional.binary_cross_entropy(torch.cat(scores), all_labels)

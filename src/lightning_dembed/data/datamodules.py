@@ -292,7 +292,8 @@ class TaskDataModule(SplitDataModule):
     (`ColdStartEvaluation`), on the same query rows.
 
     ``reserve_unseen_row`` and ``unseen_task_fraction`` give ids never seen in training (a new
-    user's) one shared, trained row instead of an untrained one; see `build_task_store`.
+    user's) one shared, trained row instead of an untrained one; ``holdout_seed`` holds out
+    another set of tasks per value (None: the same tasks for any ``seed``); see `build_task_store`.
 
     ``synthetic`` passes settings to `SyntheticTaskConfig` (``heterogeneity``, ``label_noise``...)
     when the interactions are generated.
@@ -320,6 +321,7 @@ class TaskDataModule(SplitDataModule):
         query_size: Optional[Union[int, float]] = None,
         min_rows_per_task: int = 4,
         holdout_fraction: float = 0.2,
+        holdout_seed: Optional[int] = None,
         reserve_unseen_row: bool = False,
         unseen_task_fraction: float = 0.0,
         num_embeddings: int = 8192,
@@ -378,7 +380,7 @@ class TaskDataModule(SplitDataModule):
             task_key=h.task_key, categorical=list(h.categorical), num_embeddings={c: h.num_embeddings for c in h.categorical},
             dense=list(h.dense), label=h.label, label_rule=h.label_rule, time_column=h.time_column, split=h.split,
             support_size=h.support_size, query_size=h.query_size, min_rows_per_task=h.min_rows_per_task,
-            holdout_fraction=h.holdout_fraction, seed=h.seed,
+            holdout_fraction=h.holdout_fraction, holdout_seed=h.holdout_seed, seed=h.seed,
             reserve_unseen_row=h.reserve_unseen_row, unseen_task_fraction=h.unseen_task_fraction,
             side_tables=dict(h.side_tables) if h.side_tables else None,
         )

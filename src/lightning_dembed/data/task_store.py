@@ -372,6 +372,7 @@ def build_task_store(
     seed: int = 0,
     reserve_unseen_row: bool = False,
     unseen_task_fraction: float = 0.0,
+    holdout_seed: Optional[int] = None,
     side_tables: Optional[Mapping[str, Union[str, Path, pa.Table]]] = None,
 ) -> TaskStore:
     """Group an interactions table by task into a `TaskStore` (on disk, or in memory).
@@ -411,6 +412,9 @@ def build_task_store(
         query_size: query rows per task (int), fraction (float), or None for the rest.
         min_rows_per_task: smaller tasks are dropped.
         holdout_fraction: share of task keys held out as ``cold_start``.
+        holdout_seed: None: which tasks are held out depends on their key alone, the same for any
+            ``seed``; an int draws another set per value (to see how much a cold-start score
+            depends on which tasks were held out).
         seed: seeds the random split.
         reserve_unseen_row: row 0 of every table is reserved for values never seen in training:
             training values take ids ``[1, num_embeddings)``, and cold-start values absent from the
@@ -518,7 +522,11 @@ def build_task_store(
     kept = (counts >= max(min_rows_per_task, 2)) & (query >= 1) & (support + query <= counts)
     used = support + query
     task_keys = key[order[starts]]
-    held_out = (_mix(task_keys) >> np.uint64(11)).astype(np.float64) * 2.0**-53 < holdout_fraction
+    salted = task_keys
+    if holdout_seed is not None:
+        with np.errstate(over="ignore"):
+            salted = task_keys.astype(np.uint64) + _mix(np.array([holdout_seed]))[0]
+    held_out = (_mix(salted) >> np.uint64(11)).astype(np.float64) * 2.0**-53 < holdout_fraction
 
     # Class balance over the rows stored (support + query), which may be fewer than the task's.
     position = np.arange(input_rows) - np.repeat(starts, counts)
@@ -584,6 +592,7 @@ def build_task_store(
         "holdout_fraction": holdout_fraction,
         "reserve_unseen_row": reserve_unseen_row,
         "unseen_task_fraction": unseen_task_fraction,
+        "holdout_seed": holdout_seed,
         "seed": seed,
         "source": str(source) if not isinstance(source, pa.Table) else "pyarrow.Table",
         "side_tables": {

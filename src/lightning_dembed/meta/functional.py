@@ -185,6 +185,7 @@ class AdaptResult:
         adapted_logits: ``[N]`` query-row logits after adapting on the task's support set.
         unadapted_logits: ``[N]`` the same rows scored by the shared parameters.
         labels: ``[N]`` their labels (row order: task by task).
+        tasks: ``[N]`` the task of each row, its position ``0..T-1`` in the meta-batch.
         adapted_loss: mean over tasks of the mean query BCE after adaptation.
         unadapted_loss: the same without adaptation.
     """
@@ -192,6 +193,7 @@ class AdaptResult:
     adapted_logits: Tensor
     unadapted_logits: Tensor
     labels: Tensor
+    tasks: Tensor
     adapted_loss: Tensor
     unadapted_loss: Tensor
 
@@ -476,6 +478,7 @@ def adapt_and_predict(
             adapted_logits=adapted[mask],
             unadapted_logits=unadapted[mask],
             labels=query_labels[mask],
+            tasks=torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask],
             adapted_loss=query_losses.mean(),
             unadapted_loss=_masked_bce(unadapted, query_labels, query_weights).mean(),
         )

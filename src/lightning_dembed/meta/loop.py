@@ -36,7 +36,7 @@ from lightning_dembed._private import AutomaticOptimization, swap_automatic_opti
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
 from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
-from lightning_dembed.metrics import NormalizedEntropy
+from lightning_dembed.metrics import NormalizedEntropy, grouped_auroc
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
 
 __all__ = ["ColdStartEvaluation", "MetaLearningLoop"]
@@ -70,6 +70,9 @@ class ColdStartEvaluation(Callback):
     meta-learning, ``adapted`` is the practitioners' baseline: plain training, then fine-tuning on
     each new user's first interactions. Logged per stage (``val``, ``test``):
     ``query_auc_adapted``, ``query_auc_unadapted`` (AUC over every query row of every rank),
+    ``query_user_auc_adapted``, ``query_user_auc_unadapted`` (each task's own query AUC, averaged
+    over the tasks whose query rows hold both labels: every user weighs alike, where the pooled AUC
+    leans on the users with the most rows),
     ``query_ne_adapted``, ``query_ne_unadapted`` (normalized entropy over the same rows: log loss
     over the entropy of their click rate), ``query_loss_adapted``, ``query_loss_unadapted`` (mean
     over tasks of the query log loss).
@@ -224,6 +227,9 @@ class ColdStartEvaluation(Callback):
             ("unadapted", result.unadapted_logits, result.unadapted_loss),
         ):
             scores[f"auc_{kind}"].update(torch.sigmoid(logits), result.labels.long())
+            user_aucs = grouped_auroc(torch.sigmoid(logits), result.labels, result.tasks)
+            if user_aucs.numel():
+                scores[f"user_auc_{kind}"].update(user_aucs)
             scores[f"ne_{kind}"].update(logits, result.labels)
             # A mean over this batch's tasks, weighted by their number: the epoch's is the mean over
             # every rank's tasks (Lightning's sync_dist would average the ranks' means instead).
@@ -263,7 +269,9 @@ class ColdStartEvaluation(Callback):
         if stage not in self._scores:
             self._scores[stage] = {
                 f"{name}_{kind}": make().to(device)
-                for name, make in (("auc", BinaryAUROC), ("ne", NormalizedEntropy), ("loss", MeanMetric))
+                for name, make in (
+                    ("auc", BinaryAUROC), ("user_auc", MeanMetric), ("ne", NormalizedEntropy), ("loss", MeanMetric)
+                )
                 for kind in ("adapted", "unadapted")
             }
         return self._scores[stage]
