@@ -183,7 +183,8 @@ def _read_csv(path: Path) -> pa.Table:
         outside = np.flatnonzero(~((rating >= 0.5) & (rating <= 5.0)))  # NaN is outside too
         if outside.size:
             line, row = _csv_line(path, int(outside[0]))
-            raise ValueError(f"{path}:{line}: rating {row[2]!r} is not within 0.5-5: {','.join(row)!r}")
+            rating_field = row[list(types).index("rating")]
+            raise ValueError(f"{path}:{line}: rating {rating_field!r} is not within 0.5-5: {','.join(row)!r}")
     return table.rename_columns([_CSV_NAMES.get(name, name) for name in table.column_names])
 
 

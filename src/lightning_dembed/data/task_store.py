@@ -105,13 +105,18 @@ def _is_string(column: pa.ChunkedArray) -> bool:
     return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
 
 
+def _filled(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A categorical column as stored: integers as int64, and a missing value as 0 (or "")."""
+    return pc.fill_null(column.cast(pa.int64()), 0) if _is_integer(column) else pc.fill_null(column, "")
+
+
 def _integers(column: pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(column.cast(pa.int64()), 0).to_numpy().astype(np.int64)
+    return _filled(column).to_numpy().astype(np.int64)
 
 
 def _string_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(dictionary position, stable hash)`` of each row's string; each distinct string hashed once."""
-    encoded = pc.dictionary_encode(pc.fill_null(column, "").combine_chunks())
+    encoded = pc.dictionary_encode(_filled(column).combine_chunks())
     codes = encoded.indices.to_numpy().astype(np.int64)
     return codes, _hash_strings(encoded.dictionary)[codes]
 
@@ -135,9 +140,7 @@ def _shared_rows(
     shared = {}
     for c in categorical:
         column = table.column(c)
-        # Missing values are stored as 0 or "" (see _ids): they count as that value here.
-        filled = pc.fill_null(column.cast(pa.int64()), 0) if _is_integer(column) else pc.fill_null(column, "")
-        values = pc.unique(filled.combine_chunks())
+        values = pc.unique(_filled(column).combine_chunks())  # a missing value counts as 0 (or "")
         rows = int(num_embeddings[c]) - reserved
         ids = _ids(pa.chunked_array([values]), rows)
         sharing = int(len(ids) - np.unique(ids).size)  # values beyond the first of each row

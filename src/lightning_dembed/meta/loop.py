@@ -226,8 +226,9 @@ class ColdStartEvaluation(Callback):
             ("adapted", result.adapted_logits, result.adapted_loss),
             ("unadapted", result.unadapted_logits, result.unadapted_loss),
         ):
-            scores[f"auc_{kind}"].update(torch.sigmoid(logits), result.labels.long())
-            user_aucs = grouped_auroc(torch.sigmoid(logits), result.labels, result.tasks)
+            probabilities = torch.sigmoid(logits)
+            scores[f"auc_{kind}"].update(probabilities, result.labels.long())
+            user_aucs = grouped_auroc(probabilities, result.labels, result.tasks)
             if user_aucs.numel():
                 scores[f"user_auc_{kind}"].update(user_aucs)
             scores[f"ne_{kind}"].update(logits, result.labels)
