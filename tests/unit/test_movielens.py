@@ -14,7 +14,7 @@ import pytest
 
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.data.datamodules import TaskDataModule
-from lightning_dembed.data.task_store import build_task_store
+from lightning_dembed.data.task_store import TaskStore, build_task_store
 from lightning_dembed.data.movielens import (
     MOVIELENS_GENRES,
     genre_column,
@@ -350,3 +350,19 @@ def test_task_datamodule_on_a_movielens_directory(tmp_path: Path) -> None:
     absent = {**settings, "interactions": str(tmp_path / "ml-1m"), "store_dir": str(tmp_path / "store2")}
     with pytest.raises(FileNotFoundError, match="ml-1m does not exist .* or a MovieLens directory"):
         TaskDataModule(**absent).prepare_data()  # the config's default path, not overridden
+
+
+def test_task_datamodule_sizes_each_table_by_name(tmp_path: Path) -> None:
+    directory = write_fake_movielens(tmp_path / "ml-latest", "ml-latest", num_users=40, num_items=30)
+    sizes = {"user_id": 64, "item_id": 5000, "genres": 512}
+    settings = dict(
+        store_dir=str(tmp_path / "store"), interactions=str(directory),
+        categorical=["user_id", "item_id", "genres"], dense=[], label=None, label_rule="rating >= 4",
+        support_size=5, holdout_fraction=0.2, tasks_per_batch=4, num_embeddings=sizes,
+    )
+    data = TaskDataModule(**settings)
+    assert {t.feature_names[0]: t.num_embeddings for t in data.tables()} == sizes
+    data.prepare_data()
+    assert TaskStore.load(tmp_path / "store").stats["config"]["num_embeddings"] == sizes
+    with pytest.raises(ValueError, match=r"missing \['genres'\], not categorical \['title'\]"):
+        TaskDataModule(**{**settings, "num_embeddings": {"user_id": 64, "item_id": 5000, "title": 9}})

@@ -271,6 +271,20 @@ class RecDataModule(SplitDataModule):
         )
 
 
+def _table_sizes(num_embeddings: Union[int, dict[str, int]], categorical: tuple[str, ...]) -> dict[str, int]:
+    """Rows of each categorical column's table: one size for all, or a size named per column."""
+    if not isinstance(num_embeddings, dict):
+        return dict.fromkeys(categorical, num_embeddings)
+    unsized = [c for c in categorical if c not in num_embeddings]
+    unknown = [c for c in num_embeddings if c not in categorical]
+    if unsized or unknown:
+        raise ValueError(
+            f"num_embeddings names a size per column, so it must name exactly the categorical columns "
+            f"{list(categorical)}: missing {unsized}, not categorical {unknown}. Or give one size for all"
+        )
+    return {c: num_embeddings[c] for c in categorical}
+
+
 class TaskDataModule(SplitDataModule):
     """Tasks (users, scenarios...) for meta-learning, built once into a task store (`build_task_store`).
 
@@ -294,6 +308,10 @@ class TaskDataModule(SplitDataModule):
     ``reserve_unseen_row`` and ``unseen_task_fraction`` give ids never seen in training (a new
     user's) one shared, trained row instead of an untrained one; ``holdout_seed`` holds out
     another set of tasks per value (None: the same tasks for any ``seed``); see `build_task_store`.
+
+    ``num_embeddings`` sizes the tables: one size for every categorical column, or a size per
+    column (``{"user_id": 1024, "item_id": 200000, ...}``, naming each of them), for data whose ids
+    span very different ranges (MovieLens' current sets: 610 users, movie ids up to 193,609).
 
     ``synthetic`` passes settings to `SyntheticTaskConfig` (``heterogeneity``, ``label_noise``...)
     when the interactions are generated.
@@ -324,7 +342,7 @@ class TaskDataModule(SplitDataModule):
         holdout_seed: Optional[int] = None,
         reserve_unseen_row: bool = False,
         unseen_task_fraction: float = 0.0,
-        num_embeddings: int = 8192,
+        num_embeddings: Union[int, dict[str, int]] = 8192,
         embedding_dim: int = 16,
         as_tasks: bool = True,
         eval_as_tasks: Optional[bool] = None,
@@ -337,11 +355,12 @@ class TaskDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.store_dir = Path(store_dir)
+        self.table_sizes = _table_sizes(num_embeddings, categorical)
         self._datasets: dict[str, IterableDataset] = {}
 
     def tables(self) -> list[EmbeddingBagConfig]:
         return [
-            EmbeddingBagConfig(name=f"t_{c}", num_embeddings=self.hparams.num_embeddings,
+            EmbeddingBagConfig(name=f"t_{c}", num_embeddings=self.table_sizes[c],
                                embedding_dim=self.hparams.embedding_dim, feature_names=[c])
             for c in self.hparams.categorical
         ]
@@ -377,7 +396,7 @@ class TaskDataModule(SplitDataModule):
         else:
             source = Path(h.interactions)
         build_args = dict(
-            task_key=h.task_key, categorical=list(h.categorical), num_embeddings={c: h.num_embeddings for c in h.categorical},
+            task_key=h.task_key, categorical=list(h.categorical), num_embeddings=self.table_sizes,
             dense=list(h.dense), label=h.label, label_rule=h.label_rule, time_column=h.time_column, split=h.split,
             support_size=h.support_size, query_size=h.query_size, min_rows_per_task=h.min_rows_per_task,
             holdout_fraction=h.holdout_fraction, holdout_seed=h.holdout_seed, seed=h.seed,
