@@ -177,7 +177,7 @@ class SizedGlobalBatches(GlobalBatches):
 
 
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
-                  split: list[int] | None = None, clip: float | None = None, scheduler: str = "none",
+                  split: list[int] | None = None, dense_clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
                   mean_pooling: bool = False, sequence: bool = False, lookups: int = 1, weighted: bool = False):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
@@ -202,8 +202,8 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
             parts = [module.loss(rank_slice(batch, r, len(split), split)) for r in range(len(split)) if split[r]]
             loss = sum(parts) / len(split)
         loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_value_(module.parameters(), clip)
+        if dense_clip is not None:
+            torch.nn.utils.clip_grad_value_(module.mlp.parameters(), dense_clip)
         opt.step()
         if sched is not None and (sched["interval"] == "step" or (step + 1) % steps_per_epoch == 0):
             scheduler = sched["scheduler"]

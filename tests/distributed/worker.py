@@ -140,9 +140,13 @@ class ManualTinyRecModule(TinyRecModule):
         optimizer.step()
 
 
-class OwnClippingTinyRecModule(TinyRecModule):
+class DenseClippingTinyRecModule(TinyRecModule):
+    """Clips its dense parameters by value in the hook, with no Trainer(gradient_clip_val=...)."""
+
+    dense_clip = 0.0  # set from --dense-clip
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        pass  # no clipping at all, whatever the Trainer says
+        self.clip_gradients(optimizer, gradient_clip_val=self.dense_clip, gradient_clip_algorithm="value")
 
 
 class TwoOptimizerTinyRecModule(TinyRecModule):
@@ -242,7 +246,8 @@ def main() -> None:
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
     p.add_argument("--accumulate-from-epoch-1", action="store_true", help="GradientAccumulationScheduler({1: 2})")
     p.add_argument("--prune", action="store_true", help="ModelPruning of every weight (tables included)")
-    p.add_argument("--own-clipping", action="store_true", help="configure_gradient_clipping overridden")
+    p.add_argument("--dense-clip", type=float, default=None,
+                   help="clip the dense parameters by value in configure_gradient_clipping")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--mean-pooling", action="store_true", help="every table mean-pooled")
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
@@ -268,13 +273,15 @@ def main() -> None:
     module_class = ManualTinyRecModule if args.manual or args.two_backwards else TinyRecModule
     if args.two_optimizers or args.schedule_before_backward:
         module_class = TwoOptimizerTinyRecModule
-    if args.own_clipping:
-        module_class = OwnClippingTinyRecModule
+    if args.dense_clip is not None:
+        module_class = DenseClippingTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table,
                           mean_pooling=args.mean_pooling, sequence=args.sequence, lookups=args.lookups,
                           weighted=args.weighted)
     module.nan_at = args.nan_at
+    if args.dense_clip is not None:
+        module.dense_clip = args.dense_clip
     if args.two_backwards:
         module.backwards_per_step = 2
     if args.schedule_before_backward:

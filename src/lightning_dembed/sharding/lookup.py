@@ -10,7 +10,7 @@ module of the strategy and keeps what the strategy adds around it in the same pl
   all-to-alls;
 - a second forward with gradients before the backward is refused where the tables' fused update
   is not linear in the gradient: FBGEMM updates the tables once per forward's gradient, in turn,
-  where DDP would step once on their sum (Adagrad's state or clipping differ; plain SGD does not);
+  where DDP would step once on their sum (Adagrad's state differs; plain SGD's does not);
 - `prefetch` runs the input stage on the next batch while the current one trains, as TorchRec's
   `TrainPipelineSparseDist` does; the forward then uses it when it is called with those very
   features (same tensors, unchanged since), and otherwise runs the input stage itself. A model
@@ -120,7 +120,7 @@ class ShardedLookup:
         check_ids: check every id before the lookup (one host sync), not only when FBGEMM fails.
         control_group: a gloo group of all ranks, for their small host-side agreements.
         updates_add_up: whether the tables' fused updates for two gradients, one after the other,
-            equal one update for their sum (plain SGD, unclipped): then the module may run forward
+            equal one update for their sum (plain SGD): then the module may run forward
             more than once per backward.
     """
 
@@ -210,8 +210,8 @@ class ShardedLookup:
         if self.forwards_since_backward > 1 and not self.updates_add_up:
             raise ValueError(
                 f"{self.check.module_path} ran forward again before the backward, but FBGEMM updates its tables "
-                "inside backward once per forward's gradient, which with their optimizer (not plain SGD, or with "
-                "gradient clipping) is not the one update of the summed gradient that DDP makes. Look up all ids "
+                "inside backward once per forward's gradient, which with their optimizer (not plain SGD) is not the "
+                "one update of the summed gradient that DDP makes. Look up all ids "
                 "in one call (concatenate the KeyedJaggedTensors, then split the output), or run the forward "
                 "whose output is not trained under torch.no_grad()"
             )

@@ -70,8 +70,8 @@ def default_sharders(
     """Sharders for every embedding module type the strategy shards.
 
     Args:
-        fused_params: FBGEMM kernel arguments for every table (e.g. ``{"gradient_clipping": True,
-            "max_gradient": 1.0}``); each table's optimizer hyper-parameters are added to them.
+        fused_params: FBGEMM kernel arguments for every table (e.g. ``{"output_dtype":
+            SparseType.BF16}``); each table's optimizer hyper-parameters are added to them.
             Ids are bounds-checked by the kernels and fail the step (``BoundsCheckMode.FATAL``),
             where FBGEMM's default would silently look up row 0 instead.
         offload: ``"uvm"`` or ``"uvm_caching"`` to also offer that kernel (`ShardingPolicy.offload`).
