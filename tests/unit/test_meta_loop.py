@@ -235,7 +235,7 @@ def test_vectorize_is_decided_once_per_run_and_said(
         with caplog.at_level(logging.INFO):
             fit.fit(module, task_batches())
         losses[vectorize] = fit.callback_metrics["train/query_loss"]
-    said = [r.getMessage() for r in caplog.records if "adapt" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "each meta-batch adapt" in r.getMessage()]
     assert len(said) == 2  # once per run
     how = "side by side under torch.func.vmap" if vmap_friendly else "one after another"
     assert all(how in message for message in said)
@@ -263,6 +263,17 @@ def test_adapt_embeddings_needs_the_module_to_name_its_features() -> None:
         trainer([ColdStartEvaluation(adapt_embeddings=["user"])]).validate(
             TinyModule(feature_names=None), task_batches(), verbose=False
         )
+
+
+def test_adapting_table_weights_is_refused_and_what_adapts_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    # The tables are looked up once, before the inner loop: adapting them would silently do nothing.
+    with pytest.raises(ValueError, match=r"matches embedding table weights \['model.ebc.embedding_bags.t_user.weight"):
+        trainer([MetaLearningLoop(adapt=["ebc"])], max_steps=1).fit(TinyModule(), task_batches())
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=1, limit_val_batches=0).fit(
+            TinyModule(), task_batches()
+        )
+    assert "4 parameters adapt in the inner loop: model.over_arch.0.weight, model.over_arch.0.bias" in caplog.text
 
 
 def test_cold_start_evaluation_refuses_plain_batches_by_name() -> None:

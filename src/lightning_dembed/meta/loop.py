@@ -159,6 +159,19 @@ class ColdStartEvaluation(Callback):
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
+        adapted = [n for n in names if self.config.adapts(n)]
+        tables = tuple(f"{path}." for path in find_embedding_modules(module) if path)
+        looked_up_once = [n for n in adapted if n.startswith(tables)]
+        if looked_up_once:
+            raise ValueError(
+                f"adapt {list(self.config.adapt)} matches embedding table weights {looked_up_once}: embed() "
+                "looks the tables up once per meta-batch, before the inner loop, so adapting them would change "
+                "nothing. Adapt what a task's looked-up vectors become with adapt_embeddings (a per-task offset "
+                "per feature), and name only dense layers in adapt"
+            )
+        # A prefix also matches after any dot ("head" adapts "user_tower.head.0.weight" too): say what adapts.
+        shown = ", ".join(adapted[:8]) + (f" and {len(adapted) - 8} more" if len(adapted) > 8 else "")
+        rank_zero_info(f"{type(self).__name__}: {len(adapted)} parameters adapt in the inner loop: {shown}")
 
     # -- the meta-batch --------------------------------------------------------------------------
 
