@@ -175,6 +175,8 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--clip", "1.0", "--clip-algorithm", "norm"), "Clip the dense parameters only"),
         (("--clip", "0.02"), "can only clip each lookup's gradient"),
         (("--precision", "bf16-true"), "Use precision='bf16-mixed'"),
+        (("--optimizer", "adamw-dense"), "are in no param group of configure_optimizers, so they train with the first "
+                                         "optimizer's first group (AdamW): AdamW has no fused FBGEMM equivalent"),
         (("--precision", "64-true"), "Use precision='bf16-mixed'"),
         (("--policy", '{"model_averaging_period": 4}'), "does not support model averaging"),
         (("--swa",), "StochasticWeightAveraging keeps an averaged copy"),
@@ -182,7 +184,7 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--prune",), "ModelPruning would prune embedding tables"),
         (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
     ],
-    ids=["norm-clipping", "value-clipping", "bf16-true", "64-true", "model-averaging", "swa", "accumulation-scheduler",
+    ids=["norm-clipping", "value-clipping", "bf16-true", "adamw-dense-only", "64-true", "model-averaging", "swa", "accumulation-scheduler",
          "pruning", "frozen-replicated"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

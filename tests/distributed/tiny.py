@@ -16,6 +16,8 @@ from torchrec import (
 )
 from torchrec.datasets.utils import Batch
 
+from lightning_dembed import dense_parameters
+
 TABLES = [
     # name, rows, dim: sizes differ so that every sharding type has something to split
     ("t0", 64, 8),
@@ -101,6 +103,8 @@ class TinyRecModule(LightningModule):
             else self.parameters()
         if h.optimizer == "adagrad":
             optimizer = torch.optim.Adagrad(params, lr=h.lr, eps=1e-8)
+        elif h.optimizer == "adamw-dense":  # the tables in no group: they follow its first group
+            optimizer = torch.optim.AdamW(dense_parameters(self), lr=h.lr)
         else:
             optimizer = torch.optim.SGD(params, lr=h.lr)
         if h.scheduler == "none":

@@ -59,7 +59,10 @@ class FeatureCheck:
         if unknown:
             raise ValueError(
                 f"{self.module_path}: feature(s) {unknown} are fed to the embedding module but no table consumes "
-                f"them; its features are {sorted(self.table_of)}"
+                f"them; its features are {sorted(self.table_of)}. Unsharded, TorchRec ignores such features; "
+                "sharded, every feature fed is sent to a table's shards. Feed the module only its own features: "
+                "split the KeyedJaggedTensor by key (KeyedJaggedTensor.split when each module's keys are "
+                "contiguous), or build one per module"
             )
         missing = [k for k in self.table_of if k not in keys]
         if missing:

@@ -543,12 +543,19 @@ class HybridParallelStrategy(DDPStrategy):
                 "one, or pass HybridParallelStrategy(embedding_optimizer=EmbeddingOptimizer(...))"
             )
         groups = {name: held.get(name, ParamGroupRef(0, 0)) for name in trainable}
-        chosen = {
-            name: EmbeddingOptimizer.from_param_group(
-                optimizers[ref.optimizer], optimizers[ref.optimizer].param_groups[ref.group]
-            )
-            for name, ref in groups.items()
-        }
+        chosen = {}
+        for name, ref in groups.items():
+            optimizer = optimizers[ref.optimizer]
+            try:
+                chosen[name] = EmbeddingOptimizer.from_param_group(optimizer, optimizer.param_groups[ref.group])
+            except ValueError as error:
+                if name in held:
+                    raise
+                unheld = sorted(set(trainable) - set(held))
+                raise ValueError(
+                    f"tables {unheld} are in no param group of configure_optimizers, so they train with the first "
+                    f"optimizer's first group ({type(optimizer).__name__}): {error}"
+                ) from error
         return groups, {**chosen, **frozen}
 
     def _dense_ddp(self) -> Optional[DistributedDataParallel]:
