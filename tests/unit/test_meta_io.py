@@ -211,6 +211,25 @@ def test_bad_input_names_the_column_or_file(tmp_path: Path) -> None:
         build(table, support_size=1.5)
 
 
+def test_values_that_would_silently_train_wrong_are_refused() -> None:
+    table = interactions()
+
+    def with_column(name: str, values: list) -> pa.Table:
+        column = pa.array(values + [values[-1]] * (table.num_rows - len(values)))
+        return table.set_column(table.schema.get_field_index(name), name, column)
+
+    ratings = [float("nan"), 5.0] + [4.0] * 3
+    with pytest.raises(ValueError, match=r"label column 'rating' has 1 missing values \(null or NaN\)"):
+        build(with_column("rating", ratings))  # NaN >= 4 is False: it would have been a negative
+    with pytest.raises(TypeError, match=r"time_column 'ts' has type string; .*'2024-1-10' before '2024-1-2'"):
+        build(with_column("ts", ["2024-1-10", "2024-1-2"]))
+    with pytest.raises(ValueError, match=r"time_column 'ts' has 2 missing values .*into the query set"):
+        build(with_column("ts", [None, float("nan"), 3.0]))
+    build(with_column("ts", [None, 2, 3]), split="random")  # times unused, at random
+    with pytest.raises(ValueError, match=r"dense column 'row' has 2 NaN or infinite values"):
+        build(with_column("row", [float("inf"), float("nan"), None, 1.0]))
+
+
 def collect(data, **loader_kwargs) -> list[TaskBatch]:
     return list(DataLoader(data, batch_size=None, **loader_kwargs))
 

@@ -128,6 +128,30 @@ def _ids(column: pa.ChunkedArray, size: int) -> np.ndarray:
     return (_string_codes(column)[1] % np.uint64(size)).astype(np.int64)
 
 
+def _count(flags: pa.ChunkedArray) -> int:
+    """How many of ``flags`` are true (nulls not counted)."""
+    return int(pc.sum(flags).as_py() or 0)
+
+
+def _nan_count(column: pa.ChunkedArray) -> int:
+    return _count(pc.is_nan(column)) if pa.types.is_floating(column.type) else 0
+
+
+def _check_times(times: pa.ChunkedArray, name: str) -> None:
+    """A time column orders each task's rows: numbers or timestamps, none missing."""
+    if not (_is_integer(times) or pa.types.is_floating(times.type) or pa.types.is_temporal(times.type)):
+        raise TypeError(
+            f"time_column {name!r} has type {times.type}; it must be numeric or a timestamp (text would sort "
+            "alphabetically: '2024-1-10' before '2024-1-2'). Parse it first"
+        )
+    missing = times.null_count + _nan_count(times)
+    if missing:
+        raise ValueError(
+            f"time_column {name!r} has {missing} missing values (null or NaN); they would sort last in their "
+            "task, into the query set. Drop or fill them"
+        )
+
+
 def _shared_rows(
     table: pa.Table, categorical: Sequence[str], num_embeddings: Mapping[str, int], reserved: int
 ) -> dict[str, dict[str, int]]:
@@ -395,7 +419,10 @@ def build_task_store(
     per column in the store's ``stats["categorical"]``, and warned about when the table is too
     small for them (any integers, over a tenth of the strings). Missing categorical and dense values
     count as 0 (or the empty string). Labels come from ``label`` (a 0/1 column) or ``label_rule``
-    (``"column op number"``, e.g. ``"rating >= 4"``).
+    (``"column op number"``, e.g. ``"rating >= 4"``). Refused, with the column named, because they
+    would train wrong without a word: missing (null or NaN) labels or ``label_rule`` values, NaN
+    or infinite dense values, and with ``split="time"`` a time column that is text (it would sort
+    alphabetically) or has missing values (they would sort into the query set).
 
     Args:
         source: a ``.parquet`` or ``.csv`` file, a `pyarrow.Table` (e.g. `generate_interactions`), or
@@ -485,10 +512,17 @@ def build_task_store(
     for c in dense:
         if not (_is_integer(table.column(c)) or pa.types.is_floating(table.column(c).type)):
             raise TypeError(f"dense column {c!r} has type {table.column(c).type}; it must be numeric")
+        # Missing values are stored as 0; NaN and infinities would poison every gradient they reach.
+        if pa.types.is_floating(table.column(c).type) and (bad := _count(pc.invert(pc.is_finite(table.column(c))))):
+            raise ValueError(f"dense column {c!r} has {bad} NaN or infinite values; drop or fill them")
+    if split == "time":
+        _check_times(table.column(time_column), time_column)
 
     label_column = table.column(label_source)
-    if label_column.null_count:
-        raise ValueError(f"label column {label_source!r} has {label_column.null_count} missing values")
+    missing_labels = label_column.null_count + _nan_count(label_column)
+    if missing_labels:
+        # A NaN compares false (or true, for !=) in a label_rule: it would silently become a label.
+        raise ValueError(f"label column {label_source!r} has {missing_labels} missing values (null or NaN)")
     if rule is None:
         labels = label_column.to_numpy(zero_copy_only=False).astype(np.float32)
         if not np.isin(labels, (0.0, 1.0)).all():
