@@ -230,6 +230,23 @@ def test_values_that_would_silently_train_wrong_are_refused() -> None:
         build(with_column("row", [float("inf"), float("nan"), None, 1.0]))
 
 
+def test_csv_ids_stay_as_written(tmp_path: Path) -> None:
+    rows = ["user,item,rating,ts,row"] + [f"{u},{i},5,{t},{t}" for t, (u, i) in enumerate(
+        [("007", "0042"), ("007", "42"), ("7", "42"), ("7", "0042")] * 2)]
+    (tmp_path / "padded.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match="writes some ids in another form") as said:
+        stats = build(tmp_path / "padded.csv", support_size=1)
+    assert [str(w.message).split(": ", 1)[1][:40] for w in said] == [
+        "column 'user' writes some ids in another", "column 'item' writes some ids in another"]
+    assert stats.stats["input_tasks"] == 2  # "007" and "7": Arrow alone would read both as 7
+    assert stats.stats["categorical"]["item"]["distinct_values"] == 2
+    plain = ["user,item,rating,ts,row"] + [f"{u},{u + 1},5,{t},{t}" for t, u in enumerate([3, 3, 8, 8])]
+    (tmp_path / "plain.csv").write_text("\n".join(plain) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ids written as their numbers stay integers, without a word
+        assert build(tmp_path / "plain.csv", support_size=1).stats["input_tasks"] == 2
+
+
 def collect(data, **loader_kwargs) -> list[TaskBatch]:
     return list(DataLoader(data, batch_size=None, **loader_kwargs))
 

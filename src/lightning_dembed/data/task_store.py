@@ -198,12 +198,38 @@ _MISSING_HINT = (
 )
 
 
+def _ids_as_written(path: Path, table: pa.Table, ids: Sequence[str]) -> pa.Table:
+    """``table`` read from CSV ``path``, its id columns kept as text where the file writes ids two ways.
+
+    Arrow reads "007" and "7" as the integer 7: two users would become one task. An id column Arrow
+    took for integers stays so only if every value reads back as the file wrote it.
+    """
+    guessed = [c for c in dict.fromkeys(ids) if c in table.column_names and pa.types.is_integer(table.column(c).type)]
+    if not guessed:
+        return table
+    options = pyarrow.csv.ConvertOptions(include_columns=guessed, column_types=dict.fromkeys(guessed, pa.string()))
+    written = pyarrow.csv.read_csv(path, convert_options=options)
+    for c in guessed:
+        differs = pc.not_equal(pc.cast(table.column(c), pa.string()), written.column(c))
+        if _count(differs):
+            example = written.column(c).filter(differs)[0].as_py()
+            warnings.warn(
+                f"{path}: column {c!r} writes some ids in another form than their number (e.g. {example!r}); "
+                "it is read as text, so ids such as '007' and '7' stay apart",
+                stacklevel=4,  # the caller of build_task_store
+            )
+            table = table.set_column(table.schema.get_field_index(c), c, written.column(c))
+    return table
+
+
 def _read(
     source: Union[str, Path, pa.Table],
     columns: list[str],
     side_tables: Optional[Mapping[str, Union[str, Path, pa.Table]]] = None,
+    ids: Sequence[str] = (),
 ) -> pa.Table:
-    """The needed columns of the interactions; errors name the missing file or columns."""
+    """The needed columns of the interactions (``ids``: its task key and categorical columns); errors
+    name the missing file or columns."""
     if side_tables or (not isinstance(source, pa.Table) and Path(source).is_dir()):
         # A MovieLens directory, or side tables to join on: the joined table, then its needed columns.
         source = read_interactions(source, side_tables)
@@ -222,7 +248,7 @@ def _read(
                 raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
             return pq.read_table(path, columns=columns, memory_map=True)
         if path.suffix == ".csv":
-            table = pyarrow.csv.read_csv(path)
+            table = _ids_as_written(path, pyarrow.csv.read_csv(path), ids)
         else:
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
     missing = sorted(set(columns) - set(table.column_names))
@@ -499,7 +525,7 @@ def build_task_store(
     needed = list(
         dict.fromkeys([task_key, *categorical, *dense, label_source, *([time_column] if time_column else [])])
     )
-    table = _read(source, needed, side_tables)
+    table = _read(source, needed, side_tables, ids=[task_key, *categorical])
     input_rows = table.num_rows
     if input_rows == 0:
         raise ValueError("the interactions table has no rows")
