@@ -209,6 +209,9 @@ def test_bad_input_names_the_column_or_file(tmp_path: Path) -> None:
         build(table, time_column=None)
     with pytest.raises(ValueError, match="support_size"):
         build(table, support_size=1.5)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv: Empty CSV file"):
+        build(tmp_path / "empty.csv")
 
 
 def test_values_that_would_silently_train_wrong_are_refused() -> None:
@@ -228,6 +231,8 @@ def test_values_that_would_silently_train_wrong_are_refused() -> None:
     build(with_column("ts", [None, 2, 3]), split="random")  # times unused, at random
     with pytest.raises(ValueError, match=r"dense column 'row' has 2 NaN or infinite values"):
         build(with_column("row", [float("inf"), float("nan"), None, 1.0]))
+    with pytest.raises(ValueError, match=r"label column 'liked' must hold 0/1 values: .*'yes'"):
+        build(table.append_column("liked", pa.array(["yes"] * table.num_rows)), label="liked", label_rule=None)
 
 
 def test_csv_ids_stay_as_written(tmp_path: Path) -> None:

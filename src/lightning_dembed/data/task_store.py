@@ -248,7 +248,11 @@ def _read(
                 raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
             return pq.read_table(path, columns=columns, memory_map=True)
         if path.suffix == ".csv":
-            table = _ids_as_written(path, pyarrow.csv.read_csv(path), ids)
+            try:
+                table = pyarrow.csv.read_csv(path)
+            except pa.ArrowInvalid as error:  # Arrow's message names the row, not the file
+                raise ValueError(f"{path}: {error}") from error
+            table = _ids_as_written(path, table, ids)
         else:
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
     missing = sorted(set(columns) - set(table.column_names))
@@ -550,7 +554,10 @@ def build_task_store(
         # A NaN compares false (or true, for !=) in a label_rule: it would silently become a label.
         raise ValueError(f"label column {label_source!r} has {missing_labels} missing values (null or NaN)")
     if rule is None:
-        labels = label_column.to_numpy(zero_copy_only=False).astype(np.float32)
+        try:
+            labels = label_column.to_numpy(zero_copy_only=False).astype(np.float32)
+        except ValueError as error:  # text that is not a number ("yes")
+            raise ValueError(f"label column {label!r} must hold 0/1 values: {error}") from error
         if not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError(f"label column {label!r} must hold 0/1 values; use label_rule to derive them")
     else:
