@@ -33,6 +33,7 @@ __all__ = [
     "movielens_format",
     "read_interactions",
     "read_movielens",
+    "read_table",
     "write_fake_movielens",
 ]
 
@@ -318,7 +319,8 @@ def _left_join(table: pa.Table, side: pa.Table, key: str) -> pa.Table:
     return joined.select([*table.column_names, *(c for c in side.column_names if c != key)])
 
 
-def _read_table(source: TableSource, what: str) -> pa.Table:
+def read_table(source: TableSource, what: str) -> pa.Table:
+    """A parquet or CSV file (or a table as is); errors name ``what`` and the file."""
     if isinstance(source, pa.Table):
         return source
     path = Path(source)
@@ -357,10 +359,10 @@ def read_interactions(
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         table = read_movielens(source)
     else:
-        table = _read_table(source, "interactions file")
+        table = read_table(source, "interactions file")
     for key, side_source in (side_tables or {}).items():
         where = "side table" if isinstance(side_source, pa.Table) else f"side table {side_source}"
-        side = _read_table(side_source, "side table")
+        side = read_table(side_source, "side table")
         for name, columns in (("the interactions", table.column_names), (where, side.column_names)):
             if key not in columns:
                 raise ValueError(f"no key column {key!r} to join on in {name}; its columns: {columns}")

@@ -27,7 +27,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from lightning_dembed._atomic import atomic_directory
-from lightning_dembed.data.movielens import read_interactions
+from lightning_dembed.data.movielens import read_interactions, read_table
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -248,11 +248,7 @@ def _read(
                 raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
             return pq.read_table(path, columns=columns, memory_map=True)
         if path.suffix == ".csv":
-            try:
-                table = pyarrow.csv.read_csv(path)
-            except pa.ArrowInvalid as error:  # Arrow's message names the row, not the file
-                raise ValueError(f"{path}: {error}") from error
-            table = _ids_as_written(path, table, ids)
+            table = _ids_as_written(path, read_table(path, "interactions file"), ids)
         else:
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
     missing = sorted(set(columns) - set(table.column_names))
