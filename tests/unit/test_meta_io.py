@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -573,11 +574,14 @@ def test_values_forced_into_one_row_are_counted_and_warned_about() -> None:
         build(table, num_embeddings={"user": 10**6, "item": largest + 2}, reserve_unseen_row=True)
     with pytest.warns(UserWarning, match=rf"at least {largest + 2} \(its largest id \+ 1, \+ the reserved row\)"):
         build(table, num_embeddings={"user": 10**6, "item": 500}, reserve_unseen_row=True)
-    assert roomy.stats["categorical"]["word"] == {"distinct_values": 8, "values_sharing_a_row": 0}
+    assert roomy.stats["categorical"]["word"] == {"distinct_values": 8, "values_sharing_a_row": 0, "missing": 0}
 
     # Negative ids need the span down to the smallest; a missing value is stored as 0 and counts as it.
     signed = pa.table({"user": [1] * 4 + [2] * 4, "item": pa.array([-5, 0, 1, 2, None, 10, 3, 4]),
                        "rating": [5, 1] * 4, "ts": list(range(8))})
-    with pytest.warns(UserWarning, match=r"'item'.*at least 16 \(its ids span -5..10\)"):
+    with pytest.warns(UserWarning) as said:
         counted = build(signed, categorical=["item"], num_embeddings={"item": 10}, dense=[], min_rows_per_task=2)
-    assert counted.stats["categorical"]["item"] == {"distinct_values": 7, "values_sharing_a_row": 1}  # 0 and 10
+    messages = [str(w.message) for w in said]
+    assert any("'item': its 1 missing values are stored as 0, which is also a real value" in m for m in messages)
+    assert any(re.search(r"'item'.*at least 16 \(its ids span -5..10\)", m) for m in messages)
+    assert counted.stats["categorical"]["item"] == {"distinct_values": 7, "values_sharing_a_row": 1, "missing": 1}

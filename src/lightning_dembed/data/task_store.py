@@ -155,7 +155,8 @@ def _check_times(times: pa.ChunkedArray, name: str) -> None:
 def _shared_rows(
     table: pa.Table, categorical: Sequence[str], num_embeddings: Mapping[str, int], reserved: int
 ) -> dict[str, dict[str, int]]:
-    """Per categorical column: its distinct values, and how many of them share a table row with another.
+    """Per categorical column: its distinct values, how many of them share a table row with another,
+    and its missing values (stored as 0 or "": warned about when that is also a real value).
 
     Warns for a column whose values are forced together by an undersized table: integers that
     collide at all (ids at or above the rows they have), strings when over a tenth of them collide
@@ -168,7 +169,15 @@ def _shared_rows(
         rows = int(num_embeddings[c]) - reserved
         ids = _ids(pa.chunked_array([values]), rows)
         sharing = int(len(ids) - np.unique(ids).size)  # values beyond the first of each row
-        shared[c] = {"distinct_values": len(values), "values_sharing_a_row": sharing}
+        shared[c] = {"distinct_values": len(values), "values_sharing_a_row": sharing, "missing": column.null_count}
+        stand_in = 0 if _is_integer(column) else ""
+        if column.null_count and _count(pc.equal(column.cast(pa.int64()) if _is_integer(column) else column, stand_in)):
+            warnings.warn(
+                f"categorical column {c!r}: its {column.null_count} missing values are stored as {stand_in!r}, "
+                f"which is also a real value of the column: the model cannot tell them apart. Fill them with a "
+                "value of their own first",
+                stacklevel=3,
+            )
         if not sharing:
             continue
         if _is_integer(column):
