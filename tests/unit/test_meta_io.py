@@ -246,6 +246,11 @@ def test_csv_ids_stay_as_written(tmp_path: Path) -> None:
         "column 'user' writes some ids in another", "column 'item' writes some ids in another"]
     assert stats.stats["input_tasks"] == 2  # "007" and "7": Arrow alone would read both as 7
     assert stats.stats["categorical"]["item"]["distinct_values"] == 2
+    (tmp_path / "items.csv").write_text("item,brand\n42,1\n")  # joined after the ids are read as written
+    with pytest.warns(UserWarning, match="writes some ids") as said:
+        with pytest.raises(TypeError, match="join key"):  # "0042" and 42: refused, not merged
+            build(tmp_path / "padded.csv", support_size=1, side_tables={"item": tmp_path / "items.csv"})
+    assert len(said) == 2
     plain = ["user,item,rating,ts,row"] + [f"{u},{u + 1},5,{t},{t}" for t, u in enumerate([3, 3, 8, 8])]
     (tmp_path / "plain.csv").write_text("\n".join(plain) + "\n")
     with warnings.catch_warnings():

@@ -105,9 +105,14 @@ def _is_string(column: pa.ChunkedArray) -> bool:
     return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
 
 
+def _missing_as(column: pa.ChunkedArray) -> Union[int, str]:
+    """What a missing categorical value is stored as: 0, or the empty string."""
+    return 0 if _is_integer(column) else ""
+
+
 def _filled(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A categorical column as stored: integers as int64, and a missing value as 0 (or "")."""
-    return pc.fill_null(column.cast(pa.int64()), 0) if _is_integer(column) else pc.fill_null(column, "")
+    """A categorical column as stored: integers as int64, and a missing value as `_missing_as`."""
+    return pc.fill_null(column.cast(pa.int64()) if _is_integer(column) else column, _missing_as(column))
 
 
 def _integers(column: pa.ChunkedArray) -> np.ndarray:
@@ -165,13 +170,14 @@ def _shared_rows(
     shared = {}
     for c in categorical:
         column = table.column(c)
-        values = pc.unique(_filled(column).combine_chunks())  # a missing value counts as 0 (or "")
+        filled = _filled(column)
+        values = pc.unique(filled.combine_chunks())  # a missing value counts as 0 (or "")
         rows = int(num_embeddings[c]) - reserved
         ids = _ids(pa.chunked_array([values]), rows)
         sharing = int(len(ids) - np.unique(ids).size)  # values beyond the first of each row
         shared[c] = {"distinct_values": len(values), "values_sharing_a_row": sharing, "missing": column.null_count}
-        stand_in = 0 if _is_integer(column) else ""
-        if column.null_count and _count(pc.equal(column.cast(pa.int64()) if _is_integer(column) else column, stand_in)):
+        stand_in = _missing_as(column)
+        if column.null_count and _count(pc.equal(filled, stand_in)) > column.null_count:  # also a real value
             warnings.warn(
                 f"categorical column {c!r}: its {column.null_count} missing values are stored as {stand_in!r}, "
                 f"which is also a real value of the column: the model cannot tell them apart. Fill them with a "
@@ -239,6 +245,9 @@ def _read(
 ) -> pa.Table:
     """The needed columns of the interactions (``ids``: its task key and categorical columns); errors
     name the missing file or columns."""
+    if not isinstance(source, pa.Table) and Path(source).suffix == ".csv" and Path(source).is_file():
+        # Before any join: the ids as the file writes them.
+        source = _ids_as_written(Path(source), read_table(source, "interactions file"), ids)
     if side_tables or (not isinstance(source, pa.Table) and Path(source).is_dir()):
         # A MovieLens directory, or side tables to join on: the joined table, then its needed columns.
         source = read_interactions(source, side_tables)
@@ -250,16 +259,13 @@ def _read(
             raise FileNotFoundError(
                 f"interactions file {path} does not exist (a .parquet or .csv file, or a MovieLens directory)"
             )
-        if path.suffix == ".parquet":
-            names = pq.read_schema(path).names
-            missing = sorted(set(columns) - set(names))
-            if missing:
-                raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
-            return pq.read_table(path, columns=columns, memory_map=True)
-        if path.suffix == ".csv":
-            table = _ids_as_written(path, read_table(path, "interactions file"), ids)
-        else:
+        if path.suffix != ".parquet":
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
+        names = pq.read_schema(path).names
+        missing = sorted(set(columns) - set(names))
+        if missing:
+            raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
+        return pq.read_table(path, columns=columns, memory_map=True)
     missing = sorted(set(columns) - set(table.column_names))
     if missing:
         raise ValueError(
