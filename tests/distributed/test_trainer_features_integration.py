@@ -183,9 +183,11 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--accumulate-from-epoch-1",), "or a GradientAccumulationScheduler that accumulates"),
         (("--prune",), "ModelPruning would prune embedding tables"),
         (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
+        (("--dense-clip", "0.5", "--clip-optimizer"), "configure_optimizers gave this optimizer the embedding tables"),
     ],
     ids=["norm-clipping", "value-clipping", "bf16-true", "adamw-dense-only", "64-true", "model-averaging", "swa", "accumulation-scheduler",
-         "pruning", "frozen-replicated"],
+         "pruning", "frozen-replicated",
+         "clip-gradients-of-tables"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

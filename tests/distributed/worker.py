@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import TABLES, GlobalBatches, SizedGlobalBatches, TinyRecModule  # noqa: E402
 
-from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint  # noqa: E402
+from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint, dense_parameters  # noqa: E402
 
 
 class Data(LightningDataModule):
@@ -146,7 +146,14 @@ class DenseClippingTinyRecModule(TinyRecModule):
     dense_clip = 0.0  # set from --dense-clip
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        self.clip_gradients(optimizer, gradient_clip_val=self.dense_clip, gradient_clip_algorithm="value")
+        torch.nn.utils.clip_grad_value_(dense_parameters(self), self.dense_clip)
+
+
+class OptimizerClippingTinyRecModule(DenseClippingTinyRecModule):
+    """Clips all its optimizer holds, tables included (refused)."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val=self.dense_clip, gradient_clip_algorithm="norm")
 
 
 class TwoOptimizerTinyRecModule(TinyRecModule):
@@ -248,6 +255,8 @@ def main() -> None:
     p.add_argument("--prune", action="store_true", help="ModelPruning of every weight (tables included)")
     p.add_argument("--dense-clip", type=float, default=None,
                    help="clip the dense parameters by value in configure_gradient_clipping")
+    p.add_argument("--clip-optimizer", action="store_true",
+                   help="with --dense-clip: clip_gradients on the optimizer, which holds the tables too")
     p.add_argument("--frozen-table", default=None, help="a table with requires_grad=False")
     p.add_argument("--mean-pooling", action="store_true", help="every table mean-pooled")
     p.add_argument("--sequence", action="store_true", help="the tables in an EmbeddingCollection")
@@ -274,7 +283,7 @@ def main() -> None:
     if args.two_optimizers or args.schedule_before_backward:
         module_class = TwoOptimizerTinyRecModule
     if args.dense_clip is not None:
-        module_class = DenseClippingTinyRecModule
+        module_class = OptimizerClippingTinyRecModule if args.clip_optimizer else DenseClippingTinyRecModule
     module = module_class(optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, groups=args.groups,
                           device="meta" if args.meta_tables else "cpu", frozen_table=args.frozen_table,
                           mean_pooling=args.mean_pooling, sequence=args.sequence, lookups=args.lookups,

@@ -14,10 +14,12 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -99,6 +101,12 @@ def _find_ddp(dmp: DistributedModelParallel) -> Optional[DistributedDataParallel
 
 WEIGHT_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
 FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": 0.0})
+CLIP_DENSE_ONLY = (
+    "Clip the dense parameters only, with code that trains the same under strategy='ddp': in configure_gradient_clipping (or a "
+    "manual training_step) call torch.nn.utils.clip_grad_norm_(lightning_dembed.dense_parameters(self), max_norm) "
+    "or clip_grad_value_ (or self.clip_gradients on an optimizer given dense_parameters(self)); the tables then "
+    "train unclipped"
+)
 
 
 def _table_name(parameter_name: str) -> str:
@@ -244,6 +252,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_optimizers: dict[str, EmbeddingOptimizer] = {}
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._configured_param_names: list[list[list[str]]] = []  # per optimizer and group, tables included
+        self._trained_tables_by_optimizer: dict[int, list[str]] = {}  # id(optimizer): its trainable tables
         self._backward_since_step = False  # FBGEMM updated the tables in a backward whose step has not run yet
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
@@ -360,11 +369,9 @@ class HybridParallelStrategy(DDPStrategy):
                 f"gradient_clip_val={trainer.gradient_clip_val} is not supported by HybridParallelStrategy: FBGEMM "
                 "updates the sharded embedding tables inside backward and can only clip each lookup's gradient, "
                 "where Lightning under DDP clips each row's summed gradient (by value) or all gradients at once "
-                "(by norm), so any row looked up more than once in a step would train differently. Clip the dense "
-                "parameters only: override LightningModule.configure_gradient_clipping and call "
-                "self.clip_gradients(optimizer, gradient_clip_val=..., gradient_clip_algorithm=...) there, without "
-                "Trainer(gradient_clip_val=...); the tables then train unclipped. Or use strategy='ddp' for a model "
-                "whose tables fit one device"
+                "(by norm), so any row looked up more than once in a step would train differently. " + CLIP_DENSE_ONLY
+                + ", without Trainer(gradient_clip_val=...). Or use strategy='ddp' for a model whose tables fit one "
+                "device"
             )
         # GradientAccumulationScheduler sets accumulate_grad_batches only as its epochs start.
         accumulating = trainer.accumulate_grad_batches > 1 or any(
@@ -723,7 +730,9 @@ class HybridParallelStrategy(DDPStrategy):
         self._configured_param_names = self._param_names_by_group()
         # Tables are stepped inside backward by FBGEMM; keep them out of the dense optimizers.
         dropped_bytes = 0
-        for optimizer in self.optimizers:
+        trainable = {name for name, o in self._table_optimizers.items() if o is not FROZEN_TABLE}
+        self._trained_tables_by_optimizer = {}
+        for optimizer, names in zip(self.optimizers, self._configured_param_names):
             for group in optimizer.param_groups:
                 dense = dict(in_backward_optimizer_filter((str(i), p) for i, p in enumerate(group["params"])))
                 for p in group["params"]:
@@ -731,6 +740,14 @@ class HybridParallelStrategy(DDPStrategy):
                         state = optimizer.state.pop(p, {})
                         dropped_bytes += sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor))
                 group["params"] = list(dense.values())
+            held = sorted({name for group in names for name in group if name in trainable})
+            if held:
+                self._trained_tables_by_optimizer[id(optimizer)] = held
+        if self._trained_tables_by_optimizer:
+            # Lightning's clip_gradients (configure_gradient_clipping, manual optimization) clips what
+            # the optimizer holds, which under DDP includes these tables: refuse it for them (teardown
+            # removes the check).
+            self.precision_plugin.clip_gradients = self._clip_gradients_of_dense_optimizers  # type: ignore[method-assign]
         if self._dmp is not None and self._table_groups:
             self._table_hyper_parameters = TableHyperParameters(
                 self._dmp.fused_optimizer, self._table_groups, self._table_optimizers
@@ -742,6 +759,27 @@ class HybridParallelStrategy(DDPStrategy):
                 "with their fused optimizer). Pass lightning_dembed.dense_parameters(self) instead of "
                 "self.parameters() to avoid the allocation."
             )
+
+    def _clip_gradients_of_dense_optimizers(
+        self,
+        optimizer: Any,
+        clip_val: Union[int, float] = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        """The precision plugin's ``clip_gradients``, refused for an optimizer configured with tables."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        tables = self._trained_tables_by_optimizer.get(id(optimizer), [])
+        if clip_val > 0 and tables:
+            # Under DDP these tables' gradients would be clipped too (or count in the norm), but FBGEMM
+            # has already applied them, unclipped, inside backward.
+            raise ValueError(
+                f"clip_gradients({type(optimizer).__name__}, {clip_val}, {gradient_clip_algorithm.value!r}): "
+                f"configure_optimizers gave this optimizer the embedding tables {tables}, whose gradients DDP would "
+                "clip with the rest, but FBGEMM updates them inside backward, before any clipping. "
+                + CLIP_DENSE_ONLY
+            )
+        type(self.precision_plugin).clip_gradients(self.precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -900,6 +938,7 @@ class HybridParallelStrategy(DDPStrategy):
         # The base teardown moves the module to CPU, which sharded (and meta) tables cannot do.
         self.model = self.lightning_module
         assert self.accelerator is not None
+        vars(self.precision_plugin).pop("clip_gradients", None)  # setup_optimizers' check
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
