@@ -246,11 +246,15 @@ def test_csv_ids_stay_as_written(tmp_path: Path) -> None:
         "column 'user' writes some ids in another", "column 'item' writes some ids in another"]
     assert stats.stats["input_tasks"] == 2  # "007" and "7": Arrow alone would read both as 7
     assert stats.stats["categorical"]["item"]["distinct_values"] == 2
-    (tmp_path / "items.csv").write_text("item,brand\n42,1\n")  # joined after the ids are read as written
-    with pytest.warns(UserWarning, match="writes some ids") as said:
-        with pytest.raises(TypeError, match="join key"):  # "0042" and 42: refused, not merged
-            build(tmp_path / "padded.csv", support_size=1, side_tables={"item": tmp_path / "items.csv"})
-    assert len(said) == 2
+    # Joined after the ids are read as written, the side table's keys read as written too: "0042"
+    # has no row there (counted), "42" has brand 1.
+    (tmp_path / "items.csv").write_text("item,brand\n42,1\n")
+    with pytest.warns(UserWarning) as said:
+        joined = build(tmp_path / "padded.csv", support_size=1, side_tables={"item": tmp_path / "items.csv"},
+                       categorical=["user", "item", "brand"], num_embeddings={"user": 10**6, "item": 1024, "brand": 8})
+    assert [str(w.message).split(": ", 1)[1][:20] for w in said] == [
+        "column 'user' writes", "column 'item' writes", "4 of 8 interaction r"]
+    assert joined.stats["categorical"]["brand"] == {"distinct_values": 2, "values_sharing_a_row": 0, "missing": 4}
     plain = ["user,item,rating,ts,row"] + [f"{u},{u + 1},5,{t},{t}" for t, u in enumerate([3, 3, 8, 8])]
     (tmp_path / "plain.csv").write_text("\n".join(plain) + "\n")
     with warnings.catch_warnings():
@@ -590,3 +594,9 @@ def test_values_forced_into_one_row_are_counted_and_warned_about() -> None:
     assert any("'item': its 1 missing values are stored as 0, which is also a real value" in m for m in messages)
     assert any(re.search(r"'item'.*at least 16 \(its ids span -5..10\)", m) for m in messages)
     assert counted.stats["categorical"]["item"] == {"distinct_values": 7, "values_sharing_a_row": 1, "missing": 1}
+
+    # Sparse ids (hashes): numbering them first, not a table of 2**40 rows, is the fix to name first.
+    hashed = pa.table({"user": [1] * 4 + [2] * 4, "item": [2**40 + 7 * i for i in range(8)], "rating": [5, 1] * 4,
+                       "ts": list(range(8))})
+    with pytest.warns(UserWarning, match=r"its 8 ids are sparse \(up to 1099511627825\): number them 0..7 first"):
+        build(hashed, categorical=["item"], num_embeddings={"item": 7}, dense=[], min_rows_per_task=2)

@@ -5,6 +5,7 @@ Rows, joins, labels, the store's settings check, and errors naming the file and 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,19 +282,21 @@ def side_table_fixture(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_parquet_interactions_with_side_tables(tmp_path: Path) -> None:
     clicks, users, items = side_table_fixture(tmp_path)
-    table = read_interactions(clicks, {"user_id": users, "item_id": items})
+    with pytest.warns(UserWarning, match=r"users.csv: 2 of 8 interaction rows \(1 user_id values, e.g. 9\) have no row"):
+        table = read_interactions(clicks, {"user_id": users, "item_id": items})
     assert table.column_names == ["user_id", "item_id", "clicked", "ts", "country", "age", "brand", "price"]
     assert table.select(["user_id", "item_id", "clicked", "ts"]).equals(pq.read_table(clicks))  # order kept
     assert table.column("country").to_pylist() == ["fr", "jp", "fr", None, "jp", "fr", "jp", None]
     assert table.column("price").to_pylist() == [1.5, 2.0, 9.0, 1.5, 1.5, 2.0, 9.0, 2.0]
 
-    store = build_task_store(
+    with pytest.warns(UserWarning, match="have no row in it"):
+        store = build_task_store(
         clicks, tmp_path / "store", task_key="user_id",
         categorical=["user_id", "item_id", "country", "brand"],
         dense=["age", "price"], num_embeddings=dict.fromkeys(["user_id", "item_id", "country", "brand"], 10),
         label="clicked", time_column="ts", support_size=1, min_rows_per_task=2, holdout_fraction=0.0,
         side_tables={"user_id": str(users), "item_id": items},
-    )
+        )
     assert store.stats["config"]["side_tables"] == {"user_id": str(users), "item_id": str(items)}
     assert (store.train.num_tasks, store.train.num_rows) == (3, 8)
     # user 1's clicks by time: c (ts 1), b (ts 2), a (ts 3); user 9 has no users row: age 0.
@@ -315,14 +318,41 @@ def test_side_table_errors(tmp_path: Path) -> None:
         read_interactions(clicks, {"item_id": tmp_path / "dup.parquet"})
     with pytest.raises(ValueError, match=r"both have column\(s\) \['clicked'\]"):
         read_interactions(clicks, {"user_id": pa.table({"user_id": [1], "clicked": [0]})})
-    with pytest.raises(TypeError, match="join key 'user_id' is int64 in the interactions but string"):
+    with pytest.raises(TypeError, match="join key 'user_id' is int64 in the interactions but string .*convert one"):
         read_interactions(clicks, {"user_id": pa.table({"user_id": ["1"], "x": [0]})})
     narrow = pa.table({"user_id": pa.array([1], pa.int32()), "x": [7]})
-    joined = read_interactions(clicks, {"user_id": narrow})
+    with pytest.warns(UserWarning, match=r"side table: 5 of 8 interaction rows \(2 user_id values, e.g. 2\) have no"):
+        joined = read_interactions(clicks, {"user_id": narrow})
     assert joined.column("x").to_pylist()[:2] == [7, None]  # integer keys of other widths match
     (tmp_path / "bad.csv").write_text("user_id,country\n1,fr\n2,jp,extra\n")
     with pytest.raises(ValueError, match=r"bad.csv: .*Expected 2 columns, got 3"):
         read_interactions(clicks, {"user_id": tmp_path / "bad.csv"})
+
+
+def test_side_tables_as_users_write_them(tmp_path: Path) -> None:
+    # Keys written as text ("007") match a CSV side table's keys as written; a pandas Categorical
+    # (dictionary) column, large_string keys and upper-case suffixes are read as their values.
+    clicks = pa.table({"user": ["007", "7", "007"], "item": pa.array(["a", "b", "a"], pa.large_string()),
+                       "kind": pa.array(["x", "y", "x"]).dictionary_encode()})
+    (tmp_path / "users.CSV").write_text("user,age\n007,30\n7,40\n")
+    pq.write_table(pa.table({"item": ["a", "b"], "price": [1.0, 2.0]}), tmp_path / "items.Parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key matches
+        joined = read_interactions(clicks, {"user": tmp_path / "users.CSV", "item": tmp_path / "items.Parquet"})
+    assert joined.column("age").to_pylist() == [30, 40, 30]
+    assert joined.column("price").to_pylist() == [1.0, 2.0, 1.0]
+    store = build_task_store(
+        joined.append_column("clicked", pa.array([1, 0, 1])).append_column("ts", pa.array([1, 2, 3])),
+        tmp_path / "store", task_key="user", categorical=["user", "item", "kind"], dense=["age", "price"],
+        num_embeddings=dict.fromkeys(["user", "item", "kind"], 16), label="clicked", time_column="ts",
+        support_size=1, min_rows_per_task=1,
+        holdout_fraction=0.0,
+    )
+    assert store.stats["categorical"]["kind"]["distinct_values"] == 2
+    floats = pa.table({"user": [1.0, None, 2.0], "clicked": [1, 0, 1], "ts": [1, 2, 3]})
+    with pytest.raises(TypeError, match=r"column 'user' has type double.*\.astype\('Int64'\)"):
+        build_task_store(floats, None, task_key="user", categorical=["user"], num_embeddings={"user": 16}, label="clicked",
+                         time_column="ts", support_size=1, min_rows_per_task=1, holdout_fraction=0.0)
 
 
 def test_task_datamodule_on_a_movielens_directory(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
@@ -319,21 +320,58 @@ def _left_join(table: pa.Table, side: pa.Table, key: str) -> pa.Table:
     return joined.select([*table.column_names, *(c for c in side.column_names if c != key)])
 
 
-def read_table(source: TableSource, what: str) -> pa.Table:
-    """A parquet or CSV file (or a table as is); errors name ``what`` and the file."""
+def is_csv(source: TableSource) -> bool:
+    """Whether ``source`` names a CSV file (by its suffix, in any case)."""
+    return not isinstance(source, pa.Table) and Path(source).suffix.lower() == ".csv"
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with its dictionary-encoded columns (pandas' Categorical) as their values."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
+
+
+def read_table(source: TableSource, what: str, text_columns: Sequence[str] = ()) -> pa.Table:
+    """A parquet or CSV file (or a table as is), dictionary columns decoded; errors name ``what`` and the file.
+
+    ``text_columns`` of a CSV file are read as written ("007" stays "007"), not as numbers.
+    """
     if isinstance(source, pa.Table):
-        return source
+        return decode_dictionaries(source)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".parquet":
+        return decode_dictionaries(pq.read_table(path))
+    if is_csv(path):
+        options = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string()))
         try:
-            return pyarrow.csv.read_csv(path)
+            return pyarrow.csv.read_csv(path, convert_options=options)
         except pa.ArrowInvalid as error:  # Arrow's message has the bad row, not the file
             raise ValueError(f"{path}: {error}") from error
     raise ValueError(f"{what} {path} must be a .parquet or .csv file (or a pyarrow.Table)")
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _warn_of_unmatched_keys(table: pa.Table, side: pa.Table, key: str, where: str) -> None:
+    """Rows whose key the side table lacks get its columns missing: say how many."""
+    unmatched = pc.invert(pc.is_in(table.column(key), value_set=side.column(key).combine_chunks()))
+    rows = int(pc.sum(unmatched).as_py() or 0)
+    if not rows:
+        return
+    keys = pc.unique(table.column(key).filter(unmatched).combine_chunks())
+    columns = [c for c in side.column_names if c != key]
+    warnings.warn(
+        f"{where}: {rows} of {table.num_rows} interaction rows ({len(keys)} {key} values, e.g. "
+        f"{keys[0].as_py()!r}) have no row in it, so their {columns} are missing (a task store reads them "
+        "as 0 or '')",
+        stacklevel=3,
+    )
 
 
 def read_interactions(
@@ -362,7 +400,9 @@ def read_interactions(
         table = read_table(source, "interactions file")
     for key, side_source in (side_tables or {}).items():
         where = "side table" if isinstance(side_source, pa.Table) else f"side table {side_source}"
-        side = read_table(side_source, "side table")
+        # Text keys in the interactions (ids such as "007"): a CSV side table's keys as written too.
+        text_key = key in table.column_names and _is_text(table.column(key).type)
+        side = read_table(side_source, "side table", text_columns=[key] if text_key else ())
         for name, columns in (("the interactions", table.column_names), (where, side.column_names)):
             if key not in columns:
                 raise ValueError(f"no key column {key!r} to join on in {name}; its columns: {columns}")
@@ -373,12 +413,16 @@ def read_interactions(
             )
         left, right = table.column(key).type, side.column(key).type
         if left != right:
-            if not (pa.types.is_integer(left) and pa.types.is_integer(right)):
-                raise TypeError(f"join key {key!r} is {left} in the interactions but {right} in {where}")
+            if not (pa.types.is_integer(left) and pa.types.is_integer(right)) and not (_is_text(left) and _is_text(right)):
+                raise TypeError(
+                    f"join key {key!r} is {left} in the interactions but {right} in {where}: convert one to the "
+                    "other's type first (ids written as text, such as '007', match only text)"
+                )
             side = side.set_column(side.column_names.index(key), key, side.column(key).cast(left))
         if side.column(key).null_count:
             raise ValueError(f"{where} has {side.column(key).null_count} missing {key!r} values")
         _unique_key(side, key, where, line_of=None)
+        _warn_of_unmatched_keys(table, side, key, where)
         table = _left_join(table, side, key)
     return table
 

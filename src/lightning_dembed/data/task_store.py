@@ -27,7 +27,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from lightning_dembed._atomic import atomic_directory
-from lightning_dembed.data.movielens import read_interactions, read_table
+from lightning_dembed.data.movielens import decode_dictionaries, is_csv, read_interactions, read_table
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -193,6 +193,9 @@ def _shared_rows(
             span = f"its ids span {low}..{high}" if low < 0 else "its largest id + 1"
             fix = f"set num_embeddings for {c!r} to at least {needed} ({span}"
             fix += ", + the reserved row)" if reserved else ")"
+            if needed > 100 * len(values):  # sparse ids (hashes, timestamps): a table that size is mostly unused
+                fix = (f"its {len(values)} ids are sparse (up to {high}): number them 0..{len(values) - 1} "
+                       f"first, or {fix}")
         elif sharing > 0.1 * len(values):
             # Hashing n values into m rows puts about n / (2 m) of them in a shared row.
             fix = f"make num_embeddings for {c!r} ten or more times its {len(values)} distinct values"
@@ -245,7 +248,7 @@ def _read(
 ) -> pa.Table:
     """The needed columns of the interactions (``ids``: its task key and categorical columns); errors
     name the missing file or columns."""
-    if not isinstance(source, pa.Table) and Path(source).suffix == ".csv" and Path(source).is_file():
+    if is_csv(source) and Path(source).is_file():
         # Before any join: the ids as the file writes them.
         source = _ids_as_written(Path(source), read_table(source, "interactions file"), ids)
     if side_tables or (not isinstance(source, pa.Table) and Path(source).is_dir()):
@@ -259,19 +262,19 @@ def _read(
             raise FileNotFoundError(
                 f"interactions file {path} does not exist (a .parquet or .csv file, or a MovieLens directory)"
             )
-        if path.suffix != ".parquet":
+        if path.suffix.lower() != ".parquet":
             raise ValueError(f"{path}: interactions must be a .parquet or .csv file (or a pyarrow.Table)")
         names = pq.read_schema(path).names
         missing = sorted(set(columns) - set(names))
         if missing:
             raise ValueError(f"{path} has no column(s) {missing}; its columns are {names}{_MISSING_HINT}")
-        return pq.read_table(path, columns=columns, memory_map=True)
+        return decode_dictionaries(pq.read_table(path, columns=columns, memory_map=True))
     missing = sorted(set(columns) - set(table.column_names))
     if missing:
         raise ValueError(
             f"interactions have no column(s) {missing}; their columns are {table.column_names}{_MISSING_HINT}"
         )
-    return table.select(columns)
+    return decode_dictionaries(table.select(columns))
 
 
 def _check_size(size: Union[int, float, None], name: str) -> None:
@@ -546,11 +549,16 @@ def build_task_store(
         raise ValueError("the interactions table has no rows")
     for c in [task_key, *categorical]:
         if not (_is_integer(table.column(c)) or _is_string(table.column(c))):
+            floats = pa.types.is_floating(table.column(c).type)
             raise TypeError(
                 f"column {c!r} has type {table.column(c).type}; task keys and categorical values must be "
                 "integers or strings"
+                + (" (pandas stores an integer column with missing values as floats: convert it with "
+                   ".astype('Int64') first)" if floats else "")
             )
     for c in dense:
+        if pa.types.is_decimal(table.column(c).type):  # a number all the same; dense values are float32
+            table = table.set_column(table.schema.get_field_index(c), c, table.column(c).cast(pa.float64()))
         if not (_is_integer(table.column(c)) or pa.types.is_floating(table.column(c).type)):
             raise TypeError(f"dense column {c!r} has type {table.column(c).type}; it must be numeric")
         # Missing values are stored as 0; NaN and infinities would poison every gradient they reach.
