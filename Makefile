@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICES ?= 2
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test lint docs clean
 
 # Where torch's CPU build comes from. Empty: the configured index (a mirror with the CPU wheels);
 # outside one, `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (PyPI's torch is the CUDA build).
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/pip install -q -e '.[lint]'
+	$(BIN)/ruff check src tests benchmarks examples
 
 # The site, built strictly; tests/unit/test_docs.py also checks every mermaid diagram became one
 # and every benchmark figure is the plot of a results file.
