@@ -257,7 +257,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._batch_check: Optional[_BatchCountCheck] = None
-        self._batches_per_rank_agree: Optional[bool] = None
+        self._lengths_agree_in_epoch: Optional[tuple[int, bool]] = None  # (epoch, whether they agree)
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
         self.sharding_plan: Optional[ShardingPlan] = None
@@ -330,7 +330,7 @@ class HybridParallelStrategy(DDPStrategy):
             # Small host-side agreements between ranks, off the queue of the model's collectives
             # (see _check_every_rank_has_this_batch).
             self._control_group = torch.distributed.new_group(backend="gloo")
-        self._batch_check, self._batches_per_rank_agree = None, None
+        self._batch_check, self._lengths_agree_in_epoch = None, None
         super().setup(trainer)
 
     def _refuse_unsupported(self, trainer: "pl.Trainer", fitting: bool) -> None:
@@ -599,9 +599,7 @@ class HybridParallelStrategy(DDPStrategy):
         """
         trainer = self.lightning_module.trainer
         loop = trainer.fit_loop.epoch_loop
-        if loop.batch_idx == 0 or self._batches_per_rank_agree is None:
-            self._batches_per_rank_agree = self._compare_epoch_lengths(trainer)
-        if self._batches_per_rank_agree:
+        if self._epoch_lengths_agree(trainer):
             return
         if self._batch_check is not None:
             self._batch_check.verify()
@@ -614,6 +612,13 @@ class HybridParallelStrategy(DDPStrategy):
         self._batch_check = None if ends else check
         if ends:
             check.verify()
+
+    def _epoch_lengths_agree(self, trainer: "pl.Trainer") -> bool:
+        """`_compare_epoch_lengths`, once per epoch (the pipelined loader asks first, as the epoch starts)."""
+        epoch = trainer.current_epoch
+        if self._lengths_agree_in_epoch is None or self._lengths_agree_in_epoch[0] != epoch:
+            self._lengths_agree_in_epoch = (epoch, self._compare_epoch_lengths(trainer))
+        return self._lengths_agree_in_epoch[1]
 
     def _compare_epoch_lengths(self, trainer: "pl.Trainer") -> bool:
         """Whether every rank's train dataloader has the same known length (else check every step)."""
@@ -655,7 +660,7 @@ class HybridParallelStrategy(DDPStrategy):
                 rank_zero_info("HybridParallelStrategy: batch transfer hooks are overridden; training unpipelined")
                 return dataloader
             to_device = lambda batch: move_data_to_device(batch, self.root_device)  # noqa: E731
-        return PipelinedLoader(dataloader, self._pipeline, to_device, lambda: self._compare_epoch_lengths(trainer))
+        return PipelinedLoader(dataloader, self._pipeline, to_device, lambda: self._epoch_lengths_agree(trainer))
 
     @override
     def on_train_end(self) -> None:
