@@ -383,6 +383,27 @@ def test_adapt_prefixes_match_at_module_boundaries() -> None:
     assert MetaLearningConfig(adapt=["dlrm.over_arch"]).adapt == ("dlrm.over_arch",)
 
 
+
+def test_a_shared_layer_adapts_under_any_of_its_names() -> None:
+    # named_parameters() names a shared layer once, after the first module that holds it: a prefix
+    # naming the second holder adapts it too (before, only the first holder's name counted).
+    torch.manual_seed(0)
+    model = TinyDLRM()
+    model.towers = nn.ModuleDict({"item": nn.Sequential(model.over_arch)})
+    by_second_name = MetaLearningConfig(adapt=("towers.item",), inner_steps=2, inner_lr=0.3)
+    by_first_name = MetaLearningConfig(adapt=("over_arch",), inner_steps=2, inner_lr=0.3)
+    assert by_second_name.adapted_names(model) == by_first_name.adapted_names(model) == [
+        "over_arch.0.weight", "over_arch.0.bias", "over_arch.2.weight", "over_arch.2.bias"]
+    dense, kjt, labels, offsets, supports = meta_batch()
+    embedded = model.embed(kjt)
+    losses = [
+        meta_step(model, dict(model.named_parameters()), dense, embedded, labels, offsets, supports, config,
+                  FEATURES).query_loss
+        for config in (by_second_name, by_first_name)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("config", "match"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
@@ -282,3 +283,59 @@ def test_cold_start_evaluation_refuses_plain_batches_by_name() -> None:
         trainer([ColdStartEvaluation(adapt=["over_arch"])]).validate(
             TinyModule(), DataLoader([Batch(dense, kjt, labels)], batch_size=None), verbose=False
         )
+
+
+class RowMixingModule(TinyModule):
+    """Scores each row against the mean of its batch: the padding of other tasks would leak in."""
+
+    def forward(self, dense, sparse):
+        logits = self.model(dense, sparse)
+        return logits - logits.mean()
+
+
+class TwoLogitModule(TinyModule):
+    def forward(self, dense, sparse):
+        return torch.stack([self.model(dense, sparse)] * 2, dim=-1)
+
+
+class BatchNormModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model.over_arch.insert(1, nn.BatchNorm1d(8))
+
+
+class DropoutModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model.over_arch.insert(1, nn.Dropout(0.5))
+
+
+@pytest.mark.parametrize(
+    ("module", "labels_times", "error"),
+    [
+        (TinyModule, 5.0, r"labels range over \[0, 5\], but the meta loss is binary cross-entropy"),
+        (RowMixingModule, 1.0, r"RowMixingModule.forward scores a row differently depending on the other rows"),
+        (TwoLogitModule, 1.0, r"TwoLogitModule.forward returned shape \[\d+, 2\] for \d+ rows"),
+        (BatchNormModule, 1.0, r"cannot train BatchNormModule's BatchNorm layers \['model.over_arch.1'\]"),
+    ],
+    ids=["ratings-as-labels", "rows-mixed", "two-logits", "batch-norm"],
+)
+def test_what_the_meta_loss_and_padding_assume_is_refused_before_the_first_step(module, labels_times, error) -> None:
+    # Each of these trained silently (or failed inside torch) before: checked on the first meta-batch.
+    batches = [dataclasses.replace(b, labels=b.labels * labels_times) for b in task_batches()]
+    model = module()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=error):
+        trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=1).fit(model, DataLoader(batches, batch_size=None))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())  # the probe's eval() undone
+
+
+def test_dropout_adapts_under_vmap_with_a_draw_per_task(caplog: pytest.LogCaptureFixture) -> None:
+    # The decision is taken on the sanity check's eval-mode batch; training then draws dropout masks
+    # under vmap, each task its own.
+    with caplog.at_level(logging.INFO):
+        trainer([MetaLearningLoop(adapt=["over_arch"])], max_steps=2, num_sanity_val_steps=1).fit(
+            DropoutModule(), task_batches(), task_batches(1)
+        )
+    assert any("side by side under torch.func.vmap" in r.getMessage() for r in caplog.records)

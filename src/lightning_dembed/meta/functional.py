@@ -12,7 +12,7 @@ reaches the (possibly sharded) tables through their one lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -118,8 +118,9 @@ class InnerLearningRates(nn.Module):
     ) -> None:
         super().__init__()
         rates = {}
+        adapted = set(config.adapted_names(module))
         for name, p in module.named_parameters():
-            if not config.adapts(name):
+            if name not in adapted:
                 continue
             if p.is_meta:
                 raise ValueError(
@@ -198,6 +199,12 @@ class AdaptResult:
     unadapted_loss: Tensor
 
 
+def _vmap_tasks(task: Callable) -> Callable:
+    """``task`` over the leading (task) dimension; random ops (dropout) draw for each task apart,
+    as they do when the tasks run one after another."""
+    return vmap(task, randomness="different")
+
+
 def _masked_bce(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """Mean BCE over the rows where ``mask`` is set (along the last dimension)."""
     losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -230,7 +237,8 @@ class _MetaBatch:
                 f"{list(embedded.shape)}, {list(dense.shape)}, {list(labels.shape)}"
             )
         self.module, self.config = module, config
-        adapted = {n: p for n, p in params.items() if config.adapts(n)}
+        adapting = set(config.adapted_names(module))
+        adapted = {n: p for n, p in params.items() if n in adapting}
         if config.adapt and not adapted:
             raise ValueError(
                 f"adapt prefixes {list(config.adapt)} match none of the parameters given to the meta-step "
@@ -325,7 +333,7 @@ class _MetaBatch:
         # Chosen by the config (the loops probe it once, with `vmap_refusal`), never by catching
         # errors here: a failure (an out-of-memory included) is raised as it is.
         if self.config.vectorize:
-            return vmap(self.task)(self.support, self.query)
+            return _vmap_tasks(self.task)(self.support, self.query)
         return self._loop()
 
     def _loop(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -530,7 +538,7 @@ def vmap_refusal(
             inner_lrs,
         )
         try:
-            vmap(batch.task)(batch.support, batch.query)
+            _vmap_tasks(batch.task)(batch.support, batch.query)
         except RuntimeError as error:
             if not str(error).startswith(VMAP_REFUSAL_PREFIX):
                 raise

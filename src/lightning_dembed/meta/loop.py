@@ -41,6 +41,11 @@ from lightning_dembed.modules.discovery import embedding_configs, find_embedding
 
 __all__ = ["ColdStartEvaluation", "MetaLearningLoop"]
 
+_BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)
+
 
 @contextmanager
 def _step_bound(module: nn.Module, name: str, step: Callable) -> Iterator[None]:
@@ -152,14 +157,14 @@ class ColdStartEvaluation(Callback):
         self.teardown(trainer, pl_module, trainer.state.fn or "")
 
     def _prepare_adaptation(self, module: LightningModule) -> None:
-        names = [n for n, _ in module.named_parameters()]
+        names = [n for n, _ in module.named_parameters(remove_duplicate=False)]  # a shared one under each name
         for prefix in self.config.adapt:
             if not any(MetaLearningConfig(adapt=(prefix,)).adapts(n) for n in names):
                 raise ValueError(
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
-        adapted = [n for n in names if self.config.adapts(n)]
+        adapted = self.config.adapted_names(module)
         tables = tuple(f"{path}." for path in find_embedding_modules(module) if path)
         looked_up_once = [n for n in adapted if n.startswith(tables)]
         if looked_up_once:
@@ -179,10 +184,11 @@ class ColdStartEvaluation(Callback):
         """The one lookup of the meta-batch, then ``function`` (meta_step or adapt_and_predict) on it."""
         module = self._module
         assert module is not None
+        adapted = set(self.config.adapted_names(module))
         inputs = (
             module,
             # Only what adapts is passed: the module's own parameters stand in for the rest.
-            {n: p for n, p in module.named_parameters() if self.config.adapts(n)},
+            {n: p for n, p in module.named_parameters() if n in adapted},
             batch.dense_features,
             # Sharded lookups pad ranks' row counts themselves where an exchange needs them equal.
             module.embed(batch.sparse_features),
@@ -202,6 +208,7 @@ class ColdStartEvaluation(Callback):
         """The config with ``vectorize`` decided: once per run, before the first meta-step."""
         if self._run_config is not None:
             return self._run_config
+        _check_first_meta_batch(*inputs)
         module = type(inputs[0]).__name__
         if self.vectorize is None:
             vectorized = dataclasses.replace(self.config, vectorize=True)
@@ -405,6 +412,16 @@ class MetaLearningLoop(ColdStartEvaluation):
                 f"{type(self).__name__} returns the meta loss to Lightning's automatic optimization; "
                 f"{type(pl_module).__name__}.automatic_optimization is False: set it to True"
             )
+        batch_norms = [name for name, m in pl_module.named_modules() if isinstance(m, _BATCH_NORMS)]
+        if batch_norms:
+            # In training, BatchNorm normalises over the rows it is given: every task's padded rows,
+            # or all tasks' rows, never one task's alone (and its running statistics are written in
+            # place, which torch.func's inner loop cannot differentiate through).
+            raise ValueError(
+                f"{type(self).__name__} cannot train {type(pl_module).__name__}'s BatchNorm layers {batch_norms}: "
+                "meta-batches pad each task to the longest and score rows of several tasks together, so batch "
+                "statistics would mix tasks. Use LayerNorm (it normalises each row on its own)"
+            )
         self._lightning_optimization = swap_automatic_optimization(
             trainer, _MetaOptimization(trainer, self._training_step)
         )
@@ -462,6 +479,46 @@ class MetaLearningLoop(ColdStartEvaluation):
         # This rank's tasks; summing over ranks would cost an all-reduce every meta-batch.
         module.log("train/tasks_per_rank", float(tasks), batch_size=tasks)
         return out.loss
+
+
+def _check_first_meta_batch(
+    module: nn.Module, params: Any, dense: torch.Tensor, embedded: torch.Tensor, labels: torch.Tensor,
+    task_offsets: torch.Tensor, support_sizes: torch.Tensor,
+) -> None:
+    """What the loss and the task layout assume of the labels and the module, checked on a run's
+    first meta-batch: labels in [0, 1], one logit per row, and rows scored independently."""
+    low, high = float(labels.min()), float(labels.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"the meta-batch's labels range over [{low:g}, {high:g}], but the meta loss is binary cross-entropy "
+            "on labels in [0, 1]; derive click labels first (TaskDataModule(label_rule='rating >= 4'), say)"
+        )
+    rows = int(task_offsets[1])  # the first task's
+    half = rows // 2  # >= 1: a task has a support and a query row
+    training = {m: m.training for m in module.modules()}
+    module.eval()  # no dropout: the two forwards must be comparable
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            whole = module(dense[:rows].clone(), embedded[:rows].clone())
+            first_half = module(dense[:half].clone(), embedded[:half].clone())
+    finally:
+        for m, was_training in training.items():
+            m.training = was_training
+    name = type(module).__name__
+    if whole.shape != (rows,):
+        raise ValueError(
+            f"{name}.forward returned shape {list(whole.shape)} for {rows} rows; the meta loss needs one logit per "
+            f"row ([{rows}])"
+        )
+    if not torch.allclose(whole[:half], first_half, rtol=1e-4, atol=1e-5):
+        # Tasks are padded to the longest and scored together, so such a forward would see other rows.
+        raise ValueError(
+            f"{name}.forward scores a row differently depending on the other rows of its batch (up to "
+            f"{float((whole[:half] - first_half).abs().max()):.3g} apart on the first task's rows: a mean "
+            "over rows, or BatchNorm without running statistics), but meta-batches pad each task to the "
+            "longest and score rows of several tasks together. Make forward score each row on its own "
+            "(LayerNorm in place of BatchNorm)"
+        )
 
 
 def _check_vectorize(vectorize: Optional[bool]) -> bool:
