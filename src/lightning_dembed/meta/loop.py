@@ -498,7 +498,8 @@ def _check_first_meta_batch(
     training = {m: m.training for m in module.modules()}
     module.eval()  # no dropout: the two forwards must be comparable
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        # In float32 (no bf16-mixed autocast), whose rounding does not hide a mixed row.
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(dense.device.type, enabled=False):
             whole = module(dense[:rows].clone(), embedded[:rows].clone())
             first_half = module(dense[:half].clone(), embedded[:half].clone())
     finally:
