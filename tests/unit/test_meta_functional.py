@@ -22,7 +22,7 @@ from lightning_dembed.meta import (
     task_index,
     vmap_refusal,
 )
-from lightning_dembed.meta.functional import VMAP_REFUSAL_PREFIX
+from lightning_dembed.meta.functional import VMAP_REFUSAL_PREFIX, adapted_names
 
 FEATURES = ["user", "item", "category"]
 DIM, NUM_DENSE, IDS = 4, 3, 20
@@ -392,7 +392,7 @@ def test_a_shared_layer_adapts_under_any_of_its_names() -> None:
     model.towers = nn.ModuleDict({"item": nn.Sequential(model.over_arch)})
     by_second_name = MetaLearningConfig(adapt=("towers.item",), inner_steps=2, inner_lr=0.3)
     by_first_name = MetaLearningConfig(adapt=("over_arch",), inner_steps=2, inner_lr=0.3)
-    assert by_second_name.adapted_names(model) == by_first_name.adapted_names(model) == [
+    assert adapted_names(by_second_name, model) == adapted_names(by_first_name, model) == [
         "over_arch.0.weight", "over_arch.0.bias", "over_arch.2.weight", "over_arch.2.bias"]
     dense, kjt, labels, offsets, supports = meta_batch()
     embedded = model.embed(kjt)

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
 
 __all__ = ["MetaLearningConfig"]
 
@@ -112,12 +111,3 @@ class MetaLearningConfig:
         """Whether a parameter, by its ``named_parameters()`` name, adapts in the inner loop."""
         dotted = "." + parameter_name + "."
         return any("." + prefix + "." in dotted for prefix in self.adapt)
-
-    def adapted_names(self, module: nn.Module) -> list[str]:
-        """The ``named_parameters()`` names of ``module``'s parameters that adapt.
-
-        A parameter that two submodules share has a name under each, and ``named_parameters()``
-        gives only the first: it adapts when any of its names matches ``adapt``.
-        """
-        matching = {id(p) for name, p in module.named_parameters(remove_duplicate=False) if self.adapts(name)}
-        return [name for name, p in module.named_parameters() if id(p) in matching]

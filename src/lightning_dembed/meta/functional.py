@@ -83,6 +83,16 @@ def task_index(task_offsets: Tensor, support_sizes: Tensor) -> TaskIndex:
     return TaskIndex(support_index, support_mask, query_index, query_mask)
 
 
+def adapted_names(config: MetaLearningConfig, module: nn.Module) -> list[str]:
+    """The ``named_parameters()`` names of ``module``'s parameters that ``config`` adapts.
+
+    A parameter that two submodules share has a name under each, and ``named_parameters()``
+    gives only the first: it adapts when any of its names matches ``config.adapt``.
+    """
+    matching = {id(p) for name, p in module.named_parameters(remove_duplicate=False) if config.adapts(name)}
+    return [name for name, p in module.named_parameters() if id(p) in matching]
+
+
 def _key(name: str) -> str:
     # ParameterDict keys cannot hold ".".
     return name.replace(".", "/")
@@ -118,7 +128,7 @@ class InnerLearningRates(nn.Module):
     ) -> None:
         super().__init__()
         rates = {}
-        adapted = set(config.adapted_names(module))
+        adapted = set(adapted_names(config, module))
         for name, p in module.named_parameters():
             if name not in adapted:
                 continue
@@ -237,7 +247,7 @@ class _MetaBatch:
                 f"{list(embedded.shape)}, {list(dense.shape)}, {list(labels.shape)}"
             )
         self.module, self.config = module, config
-        adapting = set(config.adapted_names(module))
+        adapting = set(adapted_names(config, module))
         adapted = {n: p for n, p in params.items() if n in adapting}
         if config.adapt and not adapted:
             raise ValueError(

@@ -35,7 +35,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lightning_dembed._private import AutomaticOptimization, swap_automatic_optimization
 from lightning_dembed.data.batch import TaskBatch
 from lightning_dembed.meta.config import MetaLearningConfig
-from lightning_dembed.meta.functional import InnerLearningRates, adapt_and_predict, meta_step, vmap_refusal
+from lightning_dembed.meta.functional import (
+    InnerLearningRates, adapt_and_predict, adapted_names, meta_step, vmap_refusal,
+)
 from lightning_dembed.metrics import NormalizedEntropy, grouped_auroc
 from lightning_dembed.modules.discovery import embedding_configs, find_embedding_modules
 
@@ -164,7 +166,7 @@ class ColdStartEvaluation(Callback):
                     f"adapt prefix {prefix!r} matches no parameter of {type(module).__name__}; "
                     f"top-level parameter groups are {sorted({n.split('.')[0] for n in names})}"
                 )
-        adapted = self.config.adapted_names(module)
+        adapted = adapted_names(self.config, module)
         tables = tuple(f"{path}." for path in find_embedding_modules(module) if path)
         looked_up_once = [n for n in adapted if n.startswith(tables)]
         if looked_up_once:
@@ -184,7 +186,7 @@ class ColdStartEvaluation(Callback):
         """The one lookup of the meta-batch, then ``function`` (meta_step or adapt_and_predict) on it."""
         module = self._module
         assert module is not None
-        adapted = set(self.config.adapted_names(module))
+        adapted = set(adapted_names(self.config, module))
         inputs = (
             module,
             # Only what adapts is passed: the module's own parameters stand in for the rest.
