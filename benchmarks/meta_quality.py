@@ -418,6 +418,7 @@ def combined(paths: list[Path], command: str) -> dict[str, Any]:
         raise ValueError(f"runs (level, seed, method) {repeated} are in more than one of {paths}")
     methods = list(dict.fromkeys(run["method"] for run in runs))
     return {
+        "benchmark": "meta_quality",
         "command": command,
         "parts": [record["command"] for record in records],
         "machine": records[0]["machine"],
@@ -486,6 +487,7 @@ def main() -> None:
                 runs.append(run)
                 print(f"h={heterogeneity} seed={seed} {method}: {results[method]}", flush=True)
     record = {
+        "benchmark": "meta_quality",
         "command": command_line(),
         "machine": machine_info(ROOT),
         "settings": {"heterogeneity": args.heterogeneity, "seeds": args.seeds,
