@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
@@ -104,7 +105,10 @@ def save_sharded_checkpoint(
     """
     path = Path(path)
     version = Path(_on_rank_zero(lambda: str(_atomic.new_version(path)), is_global_zero, broadcast))
-    dcp.save(tensors, checkpoint_id=version)  # raises on every rank if any rank fails
+    # A tensor every rank holds (the dense part) is written from rank 0, as under strategy="ddp"; by
+    # default DCP picks any rank, and per-rank buffers (BatchNorm's statistics) would differ.
+    planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+    dcp.save(tensors, checkpoint_id=version, planner=planner)  # raises on every rank if any rank fails
     _on_rank_zero(lambda: _commit(path, version, meta), is_global_zero, broadcast)
 
 

@@ -65,6 +65,20 @@ def test_a_frozen_table_stays_as_it_was(tmp_path: Path, sharding: str) -> None:
     run_and_compare(tmp_path, "--frozen-table", "t1", frozen_table="t1", sharding=sharding)
 
 
+def test_batch_norm_statistics_are_rank_zeros_as_under_ddp(tmp_path: Path) -> None:
+    # DDP broadcasts rank 0's buffers as each training forward starts, and a checkpoint holds rank
+    # 0's; TorchRec's DDP broadcast none, and DCP wrote the dense part from any rank.
+    run_worker(tmp_path, "--steps", str(STEPS), "--batch-norm", "--policy", every_table("row_wise"),
+               "--save", "final.ckpt")
+    rank0, rank1 = (torch.load(tmp_path / f"batch_norm{rank}.pt") for rank in range(2))
+    assert len(rank0["seen"]) == len(rank1["seen"]) == STEPS
+    for step, (seen0, seen1) in enumerate(zip(rank0["seen"], rank1["seen"])):
+        torch.testing.assert_close(seen1, seen0, rtol=0, atol=0, msg=f"step {step}")
+    assert not torch.equal(rank0["final"], rank1["final"])  # each rank's last batch, as under DDP
+    saved = full_state(tmp_path / "final.ckpt.full.pt")["mlp.1.running_mean"]
+    torch.testing.assert_close(saved, rank0["final"], rtol=0, atol=0)
+
+
 def test_tables_follow_the_optimizer_that_holds_them(tmp_path: Path) -> None:
     # Two optimizer steps per batch: Lightning's global_step counts both.
     run_worker(tmp_path, "--steps", str(STEPS), "--max-steps", str(2 * STEPS), "--two-optimizers",

@@ -78,6 +78,18 @@ class Dump(Callback):
                 consolidate_checkpoint(self.out / self.save, self.out / f"{self.save}.full.pt")
 
 
+class BatchNormStatistics(Callback):
+    """Each rank's BatchNorm running mean as every training forward starts, and after fit."""
+
+    def __init__(self, out: Path, norm: torch.nn.BatchNorm1d) -> None:
+        self.out, self.norm, self.seen = out, norm, []
+        norm.register_forward_pre_hook(lambda m, args: self.seen.append(m.running_mean.clone()) if m.training else None)
+
+    def on_fit_end(self, trainer: Trainer, module: TinyRecModule) -> None:
+        torch.save({"seen": self.seen, "final": self.norm.running_mean.clone()},
+                   self.out / f"batch_norm{trainer.global_rank}.pt")
+
+
 class SavePredictions(Callback):
     """Rank 0's predictions (Lightning returns none from spawned or forked workers)."""
 
@@ -269,6 +281,7 @@ def main() -> None:
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
     p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
+    p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
     if args.kill:
@@ -307,6 +320,9 @@ def main() -> None:
         policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)
     callbacks = [Dump(out, args.save)]
+    if args.batch_norm:
+        module.mlp.insert(1, torch.nn.BatchNorm1d(8))
+        callbacks.append(BatchNormStatistics(out, module.mlp[1]))
     if args.checkpoint_dir and args.checkpoint_every_epoch:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True, save_on_train_epoch_end=True))
     elif args.checkpoint_dir:

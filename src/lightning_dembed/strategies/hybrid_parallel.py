@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardedModule, ShardingEnv, ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
@@ -81,12 +81,49 @@ def parse_bytes(value: Union[int, str, None]) -> Optional[int]:
     raise ValueError(f"memory_budget_per_rank must be bytes (int) or a string like '4GiB', got {value!r}")
 
 
+class _DenseDataParallelWrapper(DefaultDataParallelWrapper):
+    """TorchRec's DDP wrapping of the dense part, with DDP's buffer broadcast on, as under strategy="ddp".
+
+    TorchRec turns ``broadcast_buffers`` off. A BatchNorm in the dense part would then keep each
+    rank's own running statistics, and evaluation and checkpoints would see another rank's than
+    rank 0's. The sharded modules' buffers (the tables' kernels and their optimizer state) differ
+    per rank by design and stay out of the broadcast.
+    """
+
+    def _ddp_wrap(
+        self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device, ddp_ignore_param_names: set[str]
+    ) -> None:
+        wrapped = dmp._dmp_wrapped_module
+        if not set(dict(wrapped.named_parameters())) - ddp_ignore_param_names:
+            return  # nothing dense to train, as TorchRec's own wrapper decides
+        sharded_buffers = {
+            f"{path}.{name}"
+            for path, module in wrapped.named_modules()
+            if isinstance(module, ShardedModule)
+            for name, _ in module.named_buffers()
+        }
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module=wrapped, params_and_buffers_to_ignore=ddp_ignore_param_names | sharded_buffers
+        )
+        dmp._dmp_wrapped_module = DistributedDataParallel(
+            module=wrapped.to(device),
+            device_ids=None if device.type == "cpu" else [device],
+            process_group=env.process_group,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=True,
+            static_graph=self._static_graph,
+            find_unused_parameters=self._find_unused_parameters,
+            bucket_cap_mb=self._bucket_cap_mb,
+            **self._ddp_kwargs,
+        )
+
+
 def _data_parallel_wrapper(ddp_kwargs: Mapping[str, Any]) -> DefaultDataParallelWrapper:
     kwargs = dict(ddp_kwargs)
     fixed = sorted({"device_ids", "process_group", "gradient_as_bucket_view", "broadcast_buffers"} & kwargs.keys())
     if fixed:
-        raise ValueError(f"HybridParallelStrategy sets DDP's {fixed} itself (as TorchRec does); remove them")
-    return DefaultDataParallelWrapper(
+        raise ValueError(f"HybridParallelStrategy sets DDP's {fixed} itself; remove them")
+    return _DenseDataParallelWrapper(
         # TorchRec's default, unlike Lightning's: the dense graph of a recommender does not change.
         static_graph=kwargs.pop("static_graph", True),
         find_unused_parameters=kwargs.pop("find_unused_parameters", False),
