@@ -60,9 +60,13 @@ def test_tables_take_their_param_groups_values_and_schedule(tmp_path: Path) -> N
                     sharding="table_wise")
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
-def test_a_frozen_table_stays_as_it_was(tmp_path: Path, sharding: str) -> None:
-    run_and_compare(tmp_path, "--frozen-table", "t1", frozen_table="t1", sharding=sharding)
+@pytest.mark.parametrize(("sharding", "scheduler"), [("row_wise", "none"), ("table_wise", "none"),
+                                                    ("row_wise", "warmup0")])
+def test_a_frozen_table_stays_as_it_was(tmp_path: Path, sharding: str, scheduler: str) -> None:
+    # warmup0: the other tables' group starts at learning rate 0, as the frozen table's kernel did
+    # (TorchRec then built one kernel for all, and the warm-up trained the frozen table).
+    run_and_compare(tmp_path, "--frozen-table", "t1", "--scheduler", scheduler, frozen_table="t1",
+                    scheduler=scheduler, sharding=sharding)
 
 
 def test_batch_norm_statistics_are_rank_zeros_as_under_ddp(tmp_path: Path) -> None:
@@ -198,10 +202,11 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--prune",), "ModelPruning would prune embedding tables"),
         (("--frozen-table", "t1", "--policy", every_table("data_parallel")), "are frozen (requires_grad=False)"),
         (("--dense-clip", "0.5", "--clip-optimizer"), "configure_optimizers gave this optimizer the embedding tables"),
+        (("--weighted", "--trainable-weights"), "the ids' weights require grad"),
     ],
     ids=["norm-clipping", "value-clipping", "bf16-true", "adamw-dense-only", "64-true", "model-averaging", "swa", "accumulation-scheduler",
          "pruning", "frozen-replicated",
-         "clip-gradients-of-tables"],
+         "clip-gradients-of-tables", "trainable-id-weights"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

@@ -118,6 +118,7 @@ SCHEDULERS = {
     "step": lambda opt: ("step", torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)),
     "epoch": lambda opt: ("epoch", torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.3)),
     "warmup": lambda opt: ("step", torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 4)),
+    "warmup0": lambda opt: ("step", torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 4)),  # from lr 0
     "onecycle": lambda opt: ("step", torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[0.5 * g["lr"] for g in opt.param_groups], total_steps=12, cycle_momentum=False)),
     # mode="max" on a loss: the lr halves whenever the loss does not rise (most steps).

@@ -26,6 +26,7 @@ from lightning.pytorch.tuner import Tuner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from tiny import TABLES, GlobalBatches, SizedGlobalBatches, TinyRecModule  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint, dense_parameters  # noqa: E402
@@ -281,6 +282,7 @@ def main() -> None:
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
     p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
+    p.add_argument("--trainable-weights", action="store_true", help="--weighted, ids' weights times a parameter")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
@@ -313,6 +315,17 @@ def main() -> None:
 
         def training_step(batch, batch_idx):
             batch.sparse_features.values().add_(0)  # same ids, but edited: the pipeline must not trust them
+            return step(batch, batch_idx)
+
+        module.training_step = training_step
+    if args.trainable_weights:
+        module.weight_scale = torch.nn.Parameter(torch.ones(()))
+        step = module.training_step
+
+        def training_step(batch, batch_idx):
+            kjt = batch.sparse_features
+            batch.sparse_features = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                                      weights=kjt.weights() * module.weight_scale)
             return step(batch, batch_idx)
 
         module.training_step = training_step

@@ -53,8 +53,15 @@ def test_unsupported_hyper_parameter_value() -> None:
         (torch.optim.SGD(PARAMS, lr=0.1, maximize=True), r"SGD\(maximize=True\) cannot be fused"),
         (trec_optim.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, weight_decay=1e-4),
          r"RowWiseAdagrad\(weight_decay=0.0001\)"),
+        (trec_optim.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, lr_decay=0.5),
+         r"RowWiseAdagrad\(lr_decay=0.5\)"),
+        (trec_optim.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, initial_accumulator_value=1.0),
+         r"RowWiseAdagrad\(initial_accumulator_value=1.0\)"),
+        (trec_optim.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, maximize=True),
+         r"RowWiseAdagrad\(maximize=True\)"),
     ],
-    ids=["sgd-decay", "adagrad-decay", "maximize", "rowwise-decay"],
+    ids=["sgd-decay", "adagrad-decay", "maximize", "rowwise-decay", "rowwise-lr-decay", "rowwise-initial-sum",
+         "rowwise-maximize"],
 )
 def test_what_the_fused_update_cannot_do_is_refused(optimizer: torch.optim.Optimizer, message: str) -> None:
     # The fused kernels would silently skip it: decay of every row at every step, ascent.

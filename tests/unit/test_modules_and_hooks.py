@@ -31,8 +31,18 @@ def test_distributed_embedding_on_meta_and_bad_layers() -> None:
         DistributedEmbedding([nn.Embedding(10, 4, padding_idx=0)])
     with pytest.raises(ValueError, match="mode='max'"):
         DistributedEmbedding([nn.EmbeddingBag(10, 4, mode="max")])
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):  # FBGEMM's kernels would ignore it
+        DistributedEmbedding([nn.Embedding(10, 4, scale_grad_by_freq=True)])
     with pytest.raises(ValueError, match=r"input for nn.EmbeddingBag 'table_0' must be \[batch, ids per bag\]"):
         DistributedEmbedding([nn.EmbeddingBag(10, 4)])([torch.tensor([1, 2])])
+
+
+def test_distributed_embedding_keeps_a_frozen_layer_frozen() -> None:
+    pretrained = nn.Embedding.from_pretrained(torch.randn(10, 4), freeze=True)
+    embedding = DistributedEmbedding([pretrained, nn.Embedding(10, 4)], names=["frozen", "trained"])
+    tables = embedding.sequences.embeddings
+    assert not tables["frozen"].weight.requires_grad and tables["trained"].weight.requires_grad
+    torch.testing.assert_close(tables["frozen"].weight, pretrained.weight)
 
 
 def test_plain_embedding_layers_beside_collections_are_found_and_named() -> None:

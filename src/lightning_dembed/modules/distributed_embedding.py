@@ -30,6 +30,7 @@ def _check_layer(index: int, layer: nn.Module) -> None:
         "padding_idx": layer.padding_idx is not None,
         "max_norm": layer.max_norm is not None,
         "sparse": layer.sparse,
+        "scale_grad_by_freq": layer.scale_grad_by_freq,
         "include_last_offset": isinstance(layer, nn.EmbeddingBag) and layer.include_last_offset,
         "mode='max'": isinstance(layer, nn.EmbeddingBag) and layer.mode not in _POOLING,
     }
@@ -91,10 +92,13 @@ class DistributedEmbedding(nn.Module):
     @torch.no_grad()
     def _copy_weights(self, layers: Sequence[EmbeddingLayer]) -> None:
         for name, layer, is_bag in zip(self.table_names, layers, self._is_bag):
-            if layer.weight.is_meta:
-                continue
             tables = self.bags.embedding_bags if is_bag else self.sequences.embeddings  # type: ignore[union-attr]
+            if layer.weight.is_meta:
+                tables[name].weight.requires_grad_(layer.weight.requires_grad)
+                continue
             tables[name].weight.copy_(layer.weight)
+            # A frozen layer (nn.Embedding.from_pretrained(freeze=True)) stays frozen.
+            tables[name].weight.requires_grad_(layer.weight.requires_grad)
 
     def _keyed(self, names: list[str], ids: list[torch.Tensor], batch: int) -> KeyedJaggedTensor:
         per_row = [x.numel() // batch for x in ids]

@@ -216,12 +216,24 @@ class ShardedLookup:
                 "whose output is not trained under torch.no_grad()"
             )
 
+    def _refuse_trainable_id_weights(self, features: KeyedJaggedTensor) -> None:
+        weights = features.weights_or_none()
+        if weights is not None and weights.requires_grad:
+            raise ValueError(
+                f"{self.check.module_path}: the ids' weights require grad (computed from trainable parameters, as "
+                "TorchRec's PositionWeightedModule or a learned per-feature scale computes them); the input "
+                "exchange of sharded tables passes no gradient back to them, so they would stay as they are, where "
+                "strategy='ddp' trains them. Give the weights without gradient (detach them, or keep them in a "
+                "buffer), or train that model with strategy='ddp'"
+            )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         features = args[0] if args else kwargs.get("features")
         if len(args) + len(kwargs) != 1 or not isinstance(features, KeyedJaggedTensor):
             return type(self.module).forward(self.module, *args, **kwargs)
         if torch.is_grad_enabled() and self.module.training:  # evaluation may adapt with gradients, not train
             self._count_trained_forward()
+            self._refuse_trainable_id_weights(features)
         started = self._take(features)
         if started is None:
             started = self.start(features)

@@ -39,7 +39,9 @@ _FUSED: dict[type, tuple[tuple[str, ...], dict[str, Any], float]] = {
     torch.optim.Adam: (
         ("lr", "betas", "eps"), {"amsgrad": False, "decoupled_weight_decay": False, **_NO_DECAY}, 2.0
     ),
-    trec_optim.RowWiseAdagrad: (("lr", "eps"), {"weight_decay": 0}, 0.0),
+    trec_optim.RowWiseAdagrad: (
+        ("lr", "eps"), {"lr_decay": 0, "initial_accumulator_value": 0, "weight_decay": 0, "maximize": False}, 0.0
+    ),
 }
 _GPU_ONLY = {torch.optim.Adam}
 # FBGEMM's Adam moves only the rows a batch looks up (lazily, as torch.optim.SparseAdam); the

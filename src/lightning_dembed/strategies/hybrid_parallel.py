@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -137,7 +138,10 @@ def _find_ddp(dmp: DistributedModelParallel) -> Optional[DistributedDataParallel
 
 
 WEIGHT_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
-FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": 0.0})
+# A frozen table trains with the smallest positive learning rate, which FBGEMM's kernels (float32)
+# read as 0: never a group's own rate, so TorchRec never puts it in one kernel with a trainable
+# table whose group starts at 0 (a warm-up from 0), whose rate every step then sets.
+FROZEN_TABLE = EmbeddingOptimizer(torch.optim.SGD, {"lr": math.ulp(0.0)})
 CLIP_DENSE_ONLY = (
     "Clip the dense parameters only, with code that trains the same under strategy='ddp': in configure_gradient_clipping (or a "
     "manual training_step) call torch.nn.utils.clip_grad_norm_(lightning_dembed.dense_parameters(self), max_norm) "
