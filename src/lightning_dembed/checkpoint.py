@@ -44,6 +44,8 @@ __all__ = [
     "gather_full_state_dict",
     "is_sharded_checkpoint",
     "load_sharded_checkpoint",
+    "read_sharded_checkpoint",
+    "refuse_mismatched_keys",
     "mark_for_assignment",
     "remove_sharded_checkpoint",
     "save_sharded_checkpoint",
@@ -117,8 +119,12 @@ def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
     _atomic.remove(path)
 
 
-def _check_files(path: Path) -> None:
-    """Name a missing or truncated file before DCP fails on it with a message that does not."""
+def _check_files(path: Path) -> set[str]:
+    """Name a missing or truncated file before DCP fails on it with a message that does not.
+
+    Returns the keys of what the checkpoint holds, flattened as DCP writes them
+    (``"state_dict.<parameter>"``).
+    """
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(
             f"{path} is not a sharded checkpoint directory (no {META_FILE} or DCP {_DCP_METADATA} in it); "
@@ -139,6 +145,7 @@ def _check_files(path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path}: shard file {file} is truncated ({file.stat().st_size} of {size} bytes)"
             )
+    return set(metadata.state_dict_metadata)
 
 
 def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
@@ -148,19 +155,41 @@ def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
         raise CheckpointError(f"{path / META_FILE} is truncated or corrupt ({err})") from err
 
 
-def load_sharded_checkpoint(
-    path: Union[str, Path], tensors: dict[str, Any], weights_only: Optional[bool] = None
-) -> dict[str, Any]:
-    """Load a checkpoint into ``tensors`` in place (resharding as needed); returns its ``meta``.
+def read_sharded_checkpoint(path: Union[str, Path], weights_only: Optional[bool] = None) -> tuple[dict[str, Any], set[str]]:
+    """A checkpoint's ``meta`` and the names of the model state it holds, its files checked first.
 
     ``weights_only`` is passed to ``torch.load`` for ``meta.pt``, as Lightning does for a
     checkpoint file.
     """
     path = Path(path)
-    _check_files(path)
-    meta = _load_meta(path, weights_only)
+    saved = _check_files(path)
+    prefix = "state_dict."
+    return _load_meta(path, weights_only), {key[len(prefix):] for key in saved if key.startswith(prefix)}
+
+
+def load_sharded_checkpoint(
+    path: Union[str, Path], tensors: dict[str, Any], weights_only: Optional[bool] = None
+) -> dict[str, Any]:
+    """Load a checkpoint into ``tensors`` in place (resharding as needed); returns its ``meta``."""
+    meta, _ = read_sharded_checkpoint(path, weights_only)
     dcp.load(tensors, checkpoint_id=path)
     return meta
+
+
+def refuse_mismatched_keys(
+    module_name: str, missing: Iterable[str], unexpected: Iterable[str], source: Union[str, Path, None] = None
+) -> None:
+    """Raise as ``Module.load_state_dict(strict=True)`` does when the keys of a state dict and a module differ."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if not missing and not unexpected:
+        return
+    lines = [f"Error(s) in loading state_dict for {module_name}" + (f" from {source}" if source else "") + ":"]
+    if missing:
+        lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{key}"' for key in missing) + ".")
+    if unexpected:
+        lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{key}"' for key in unexpected) + ".")
+    lines.append("Set strict_loading = False on the LightningModule to load the keys both have.")
+    raise RuntimeError("\n\t".join(lines))
 
 
 def mark_for_assignment(state: dict[str, torch.Tensor], keys: Iterable[str]) -> OrderedDict:
@@ -222,8 +251,12 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
     """
     for key, target in sharded_state.items():
         source = full_state.get(key)
-        if source is None:
-            continue
+        if source is None or _same_local_tensors(target, source):
+            continue  # loaded in place already (DCP loads into the module's own state dict)
+        if isinstance(source, (ShardedTensor, DTensor)):
+            raise TypeError(
+                f"{key}: a sharded tensor other than the one loaded; give a full tensor to load into the shards"
+            )
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
                 index = tuple(
@@ -238,6 +271,24 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
             local.copy_(source[index])
         elif isinstance(target, torch.Tensor):
             target.copy_(source)
+
+
+def _local_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, ShardedTensor):
+        return [shard.tensor for shard in value.local_shards()]
+    if isinstance(value, DTensor):
+        return [value.to_local()]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def _same_local_tensors(target: Any, source: Any) -> bool:
+    """Whether ``source`` holds this rank's part of ``target`` in the very same memory."""
+    if source is target:
+        return True
+    mine, theirs = _local_tensors(target), _local_tensors(source)
+    return bool(mine) and len(mine) == len(theirs) and all(
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip(mine, theirs)
+    )
 
 
 def gather_full_state_dict(

@@ -159,6 +159,18 @@ def test_resume_equals_continuous_training(checkpoints: dict[str, Path], saved: 
     assert_same_state(full_state(out / "final.ckpt.full.pt"), full_state(checkpoints["continuous"]))
 
 
+def test_resume_into_a_plan_that_replicates_a_sharded_table_is_refused(checkpoints: dict[str, Path]) -> None:
+    # A replicated table's Adagrad state lives in the dense optimizer, a sharded one's in its fused
+    # kernel: a plan that moves a table between them (another world size can) has no place for it.
+    policy = json.dumps({"sharding_types": {name: "data_parallel" if name == "t1" else "row_wise" for name, _, _ in
+                                            TABLES}})
+    proc = run_worker(checkpoints["root"] / "replicated", "--steps", str(STEPS), "--optimizer", "adagrad", "--policy",
+                      policy, "--max-steps", str(2 * STEPS), "--resume", str(checkpoints["half_on_2"]),
+                      expect_ok=False)
+    assert "tables ['t1'] keep optimizer state and were planned data_parallel now but not when saved" in proc.stderr
+    assert "sharding_types={'t1': 'row_wise'}" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_out_of_range_id_names_feature_and_table(tmp_path: Path) -> None:
     proc = run_worker(tmp_path, "--steps", "1", "--bad-id", "--policy", every_table("table_wise"), expect_ok=False)
     assert proc.returncode != 0

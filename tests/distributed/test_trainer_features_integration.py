@@ -305,6 +305,19 @@ def test_model_checkpoint_top_k_and_resume_from_last(tmp_path: Path) -> None:
     _, ref_state = reference_run(STEPS + 2, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=STEPS)
     assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)
 
+    # As under DDP, the checkpoint hooks see the whole state dict, and what on_load_checkpoint
+    # leaves in it is what loads; keys that do not match the module are refused (strict_loading).
+    run_worker(tmp_path / "edited", *common, "--max-steps", str(STEPS + 2), "--resume", "last", "--checkpoint-hooks",
+               "--save", "final.ckpt")
+    assert torch.load(tmp_path / "edited" / "saved_keys0.pt") == sorted(ref_state)
+    edited = full_state(tmp_path / "edited" / "final.ckpt.full.pt")
+    assert edited["mlp.2.bias"].eq(0).all()
+    assert_same_state({k: v for k, v in edited.items() if k != "mlp.2.bias"},
+                      {k: v for k, v in ref_state.items() if k != "mlp.2.bias"})
+    proc = run_worker(tmp_path / "extra", *common, "--max-steps", str(STEPS + 2), "--resume", "last", "--extra-layer",
+                      expect_ok=False)
+    assert 'Missing key(s) in state_dict: "extra.bias", "extra.weight"' in proc.stderr, proc.stderr[-3000:]
+
 
 def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
     # SGD has no state, so restarting its optimizer loses nothing: the result is the continuous run's.

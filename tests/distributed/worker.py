@@ -283,6 +283,9 @@ def main() -> None:
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
     p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
     p.add_argument("--trainable-weights", action="store_true", help="--weighted, ids' weights times a parameter")
+    p.add_argument("--checkpoint-hooks", action="store_true",
+                   help="on_save_checkpoint records the state keys it sees; on_load_checkpoint zeroes mlp.2.bias")
+    p.add_argument("--extra-layer", action="store_true", help="a layer the checkpoints being loaded lack")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
@@ -318,6 +321,16 @@ def main() -> None:
             return step(batch, batch_idx)
 
         module.training_step = training_step
+    if args.checkpoint_hooks:
+        def on_save_checkpoint(checkpoint):
+            torch.save(sorted(checkpoint["state_dict"]), out / f"saved_keys{module.global_rank}.pt")
+
+        def on_load_checkpoint(checkpoint):
+            checkpoint["state_dict"]["mlp.2.bias"] = torch.zeros(1)
+
+        module.on_save_checkpoint, module.on_load_checkpoint = on_save_checkpoint, on_load_checkpoint
+    if args.extra_layer:
+        module.extra = torch.nn.Linear(2, 2)
     if args.trainable_weights:
         module.weight_scale = torch.nn.Parameter(torch.ones(()))
         step = module.training_step

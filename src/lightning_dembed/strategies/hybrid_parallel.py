@@ -43,6 +43,8 @@ from lightning_dembed.checkpoint import (
     CheckpointError,
     copy_full_into_sharded,
     load_sharded_checkpoint,
+    read_sharded_checkpoint,
+    refuse_mismatched_keys,
     remove_sharded_checkpoint,
     save_sharded_checkpoint,
 )
@@ -829,15 +831,13 @@ class HybridParallelStrategy(DDPStrategy):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _checkpoint_tensors(self, with_optimizer: bool) -> dict[str, Any]:
-        tensors: dict[str, Any] = {"state_dict": self.lightning_module.state_dict()}
-        if with_optimizer and self._dmp is not None:
-            # Only the tables with optimizer state: DCP writes a container without tensors (SGD's empty
-            # state) from rank 0 alone, so one that only another rank holds would be missing at load.
-            stateful = {name: s for name, s in self._dmp.fused_optimizer.state_dict()["state"].items() if s}
-            if stateful:
-                tensors["embedding_optimizer"] = {"state": stateful}
-        return tensors
+    def _embedding_optimizer_state(self) -> dict[str, Any]:
+        """The tables' fused optimizer state, as DCP saves and loads it (empty when no table keeps any)."""
+        assert self._dmp is not None
+        # Only the tables with optimizer state: DCP writes a container without tensors (SGD's empty
+        # state) from rank 0 alone, so one that only another rank holds would be missing at load.
+        stateful = {name: s for name, s in self._dmp.fused_optimizer.state_dict()["state"].items() if s}
+        return {"embedding_optimizer": {"state": stateful}} if stateful else {}
 
     def table_state_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
         """The keys of ``state_dict`` (the module's) that belong to the embedding tables (after setup)."""
@@ -845,8 +845,10 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # Saved by save_checkpoint through DCP; the sharded tensors never pass through torch.save.
-        return {}
+        # The module's own state dict, its tables as sharded tensors (views of the shards): the
+        # on_save_checkpoint hooks see and may edit it as under DDP, and save_checkpoint writes it
+        # with DCP; sharded tensors never pass through torch.save.
+        return self.lightning_module.state_dict()
 
     @override
     def save_checkpoint(
@@ -863,13 +865,20 @@ class HybridParallelStrategy(DDPStrategy):
                 "parameters not; a resume would run that step again and update the tables twice. The checkpoints "
                 "saved before are kept"
             )
-        tensors = self._checkpoint_tensors(with_optimizer="optimizer_states" in checkpoint)
+        state = checkpoint["state_dict"]
+        meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
         # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
-        checkpoint["lightning_dembed"] = {"table_keys": self.table_state_keys(tensors["state_dict"])}
+        meta["lightning_dembed"] = {
+            "table_keys": self.table_state_keys(state),
+            "replicated_tables": self._stateful_replicated_tables(),
+        }
+        tensors = {"state_dict": state}
+        if "optimizer_states" in checkpoint:
+            tensors.update(self._embedding_optimizer_state())
         save_sharded_checkpoint(
             filepath,
             tensors,
-            checkpoint,
+            meta,
             is_global_zero=self.is_global_zero,
             broadcast=lambda obj, src: self.broadcast(obj, src=src),
         )
@@ -879,27 +888,57 @@ class HybridParallelStrategy(DDPStrategy):
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if Path(checkpoint_path).is_file():
             return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
-        tensors = self._checkpoint_tensors(with_optimizer=fitting)
-        meta = load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
+        meta, saved = read_sharded_checkpoint(checkpoint_path, weights_only)
+        module = self.lightning_module
+        state = module.state_dict()
+        if module.strict_loading:  # else, as Module.load_state_dict(strict=False), the keys both have
+            refuse_mismatched_keys(type(module).__name__, state.keys() - saved, saved - state.keys(), checkpoint_path)
+        # Loaded in place into the shards; load_model_state_dict then takes what the hooks left.
+        tensors: dict[str, Any] = {"state_dict": {key: value for key, value in state.items() if key in saved}}
+        if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
+            self._refuse_moved_optimizer_state(meta, checkpoint_path)
+            tensors.update(self._embedding_optimizer_state())
+        load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
         if "embedding_optimizer" in tensors:
             assert self._dmp is not None
             fused = self._dmp.fused_optimizer.state_dict()
             fused["state"].update(tensors["embedding_optimizer"]["state"])
             self._dmp.fused_optimizer.load_state_dict(fused)
+        meta["state_dict"] = tensors["state_dict"]
         return meta
+
+    def _stateful_replicated_tables(self) -> list[str]:
+        """The tables planned data_parallel whose optimizer keeps state (it sits in the dense optimizers)."""
+        assert self.plan_summary is not None
+        replicated = {table.name for table in self.plan_summary.tables if table.sharding_type == "data_parallel"}
+        return sorted(
+            _table_name(name) for name, optimizer in self._table_optimizers.items()
+            if optimizer.keeps_state and _table_name(name) in replicated
+        )
+
+    def _refuse_moved_optimizer_state(self, meta: Mapping[str, Any], checkpoint_path: Union[str, Path]) -> None:
+        # A replicated table's optimizer state lives in the dense optimizers, a sharded one's in its
+        # fused kernel; a plan that moves a table between the two (another world size can) has no
+        # place to put the saved state.
+        info = meta.get("lightning_dembed", {})
+        if "replicated_tables" not in info:
+            return  # written before lightning-dembed recorded them
+        saved, now = set(info["replicated_tables"]), set(self._stateful_replicated_tables())
+        if saved != now:
+            pinned = {name: "data_parallel" if name in saved else "row_wise" for name in sorted(saved ^ now)}
+            raise CheckpointError(
+                f"{checkpoint_path}: tables {sorted(saved ^ now)} keep optimizer state and were planned "
+                f"data_parallel {'when saved' if saved - now else 'now'} but not "
+                f"{'now' if saved - now else 'when saved'}; their saved state has no place in this plan. Pin them "
+                f"as saved (HybridParallelStrategy(sharding_types={pinned})), or warm start from "
+                "consolidate_checkpoint's file, where their optimizer state starts fresh"
+            )
 
     def _load_full_checkpoint(
         self, checkpoint_path: Union[str, Path], weights_only: Optional[bool], fitting: bool
     ) -> dict[str, Any]:
         """Warm start from one file: a consolidated checkpoint, or one written under strategy="ddp"."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint["state_dict"]
-        target = self.lightning_module.state_dict()
-        missing = sorted(target.keys() - state.keys())
-        if missing:
-            raise KeyError(f"{checkpoint_path} has no {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                           f"it was written for another model")
-        copy_full_into_sharded(target, state)
         if fitting:
             self._fill_optimizer_states(checkpoint, checkpoint_path)
         return checkpoint
@@ -969,8 +1008,15 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        # load_checkpoint already loaded the weights into the shards in place.
-        pass
+        # What on_load_checkpoint left: a sharded checkpoint's weights are in the shards already
+        # (copying them onto themselves is skipped); full tensors, a hook's edits included, are copied
+        # into each rank's slices.
+        state = checkpoint["state_dict"]
+        module = self.lightning_module
+        target = module.state_dict()
+        if strict:
+            refuse_mismatched_keys(type(module).__name__, target.keys() - state.keys(), state.keys() - target.keys())
+        copy_full_into_sharded(target, state)
 
     @override
     def remove_checkpoint(self, filepath: Union[str, Path]) -> None:
