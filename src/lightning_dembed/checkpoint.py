@@ -43,6 +43,7 @@ __all__ = [
     "copy_full_into_sharded",
     "gather_full_state_dict",
     "is_sharded_checkpoint",
+    "local_tensors",
     "load_sharded_checkpoint",
     "read_sharded_checkpoint",
     "refuse_mismatched_keys",
@@ -273,7 +274,8 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
             target.copy_(source)
 
 
-def _local_tensors(value: Any) -> list[torch.Tensor]:
+def local_tensors(value: Any) -> list[torch.Tensor]:
+    """This rank's tensors of ``value``: a sharded tensor's local shards, a DTensor's local part, or itself."""
     if isinstance(value, ShardedTensor):
         return [shard.tensor for shard in value.local_shards()]
     if isinstance(value, DTensor):
@@ -285,7 +287,7 @@ def _same_local_tensors(target: Any, source: Any) -> bool:
     """Whether ``source`` holds this rank's part of ``target`` in the very same memory."""
     if source is target:
         return True
-    mine, theirs = _local_tensors(target), _local_tensors(source)
+    mine, theirs = local_tensors(target), local_tensors(source)
     return bool(mine) and len(mine) == len(theirs) and all(
         a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip(mine, theirs)
     )

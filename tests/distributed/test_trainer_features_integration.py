@@ -83,6 +83,22 @@ def test_batch_norm_statistics_are_rank_zeros_as_under_ddp(tmp_path: Path) -> No
     torch.testing.assert_close(saved, rank0["final"], rtol=0, atol=0)
 
 
+def test_a_second_fit_on_one_trainer_starts_the_table_optimizers_afresh(tmp_path: Path) -> None:
+    # As under DDP, where configure_optimizers runs again: Adagrad's sums of the first fit are gone
+    # for the tables too (their fused kernels kept them).
+    run_worker(tmp_path, "--steps", str(STEPS), "--optimizer", "adagrad", "--fit-twice", "--start-method", "popen",
+               "--policy", every_table("row_wise"), "--save", "final.ckpt")
+    ref_losses, ref_state = reference_run(2 * STEPS, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=STEPS,
+                                          new_optimizer_at=STEPS)
+    torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
+def test_a_new_trainer_on_a_module_sharded_by_another_is_refused(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--steps", "2", "--start-method", "popen", "--second-trainer", expect_ok=False)
+    assert "were sharded by another Trainer's HybridParallelStrategy" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_tables_follow_the_optimizer_that_holds_them(tmp_path: Path) -> None:
     # Two optimizer steps per batch: Lightning's global_step counts both.
     run_worker(tmp_path, "--steps", str(STEPS), "--max-steps", str(2 * STEPS), "--two-optimizers",

@@ -184,9 +184,12 @@ class SizedGlobalBatches(GlobalBatches):
 def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed: int = 0, init_seed: int = 0,
                   split: list[int] | None = None, dense_clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
-                  mean_pooling: bool = False, sequence: bool = False, lookups: int = 1, weighted: bool = False):
+                  mean_pooling: bool = False, sequence: bool = False, lookups: int = 1, weighted: bool = False,
+                  new_optimizer_at: int | None = None):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
+    With ``new_optimizer_at`` the optimizer is built anew (fresh state) before that step, as a second
+    ``fit`` does.
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
     averages gradients over ranks, whatever their row counts; an empty rank contributes zeros).
     """
@@ -198,6 +201,8 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
         else (configured, None)
     losses = []
     for step in range(steps):
+        if step == new_optimizer_at:
+            opt = module.configure_optimizers()
         opt.zero_grad()
         # Every epoch replays the same ``steps_per_epoch`` batches, as GlobalBatches does.
         batch = make_batch(seed + (step % steps_per_epoch if steps_per_epoch else step), global_size, weighted)

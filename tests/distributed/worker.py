@@ -286,6 +286,8 @@ def main() -> None:
     p.add_argument("--checkpoint-hooks", action="store_true",
                    help="on_save_checkpoint records the state keys it sees; on_load_checkpoint zeroes mlp.2.bias")
     p.add_argument("--extra-layer", action="store_true", help="a layer the checkpoints being loaded lack")
+    p.add_argument("--second-trainer", action="store_true", help="after fit, validate with a new Trainer")
+    p.add_argument("--fit-twice", action="store_true", help="a second fit on the same Trainer, to 2x max steps")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
@@ -396,6 +398,12 @@ def main() -> None:
                                update_attr=False)
         module.losses.clear()
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    if args.second_trainer:
+        Trainer(strategy=HybridParallelStrategy(start_method=args.start_method), accelerator=args.accelerator,
+                devices=args.devices, logger=False).validate(module, datamodule=data)
+    if args.fit_twice:
+        trainer.fit_loop.epoch_loop.max_steps = 2 * trainer.max_steps
+        trainer.fit(module, datamodule=data)
     torch.save({name: p.is_meta for name, p in module.named_parameters()}, out / "launcher_params_meta.pt")
     if args.predict:
         # Under fork the launching process got the trained full tables back; predict shards them again.

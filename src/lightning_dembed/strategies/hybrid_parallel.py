@@ -41,6 +41,7 @@ from lightning_dembed._private import (
 )
 from lightning_dembed.checkpoint import (
     CheckpointError,
+    local_tensors,
     copy_full_into_sharded,
     load_sharded_checkpoint,
     read_sharded_checkpoint,
@@ -464,6 +465,14 @@ class HybridParallelStrategy(DDPStrategy):
     def _shard(self, module: "pl.LightningModule") -> DistributedModelParallel:
         if self._dmp is not None and self._dmp.module is module:
             return self._dmp
+        sharded = sorted(name for name, m in module.named_modules() if isinstance(m, ShardedModule))
+        if sharded:
+            raise RuntimeError(
+                f"{type(module).__name__}'s embedding modules {sharded} were sharded by another Trainer's "
+                "HybridParallelStrategy, whose process group they are bound to. Go on with that Trainer "
+                "(trainer.fit / validate / test / predict), or load a checkpoint into a new instance of the module "
+                "(trainer.fit(new_module, ckpt_path=...), or consolidate_checkpoint and load_from_checkpoint)"
+            )
         embedding_modules = find_embedding_modules(module)
         if not embedding_modules:
             raise TypeError(
@@ -796,6 +805,8 @@ class HybridParallelStrategy(DDPStrategy):
             # the optimizer holds, which under DDP includes these tables: refuse it for them (teardown
             # removes the check).
             self.precision_plugin.clip_gradients = self._clip_gradients_of_dense_optimizers  # type: ignore[method-assign]
+        if self._dmp is not None:
+            self._start_table_optimizer_state_afresh(self._dmp.fused_optimizer)
         if self._dmp is not None and self._table_groups:
             self._table_hyper_parameters = TableHyperParameters(
                 self._dmp.fused_optimizer, self._table_groups, self._table_optimizers
@@ -807,6 +818,18 @@ class HybridParallelStrategy(DDPStrategy):
                 "with their fused optimizer). Pass lightning_dembed.dense_parameters(self) instead of "
                 "self.parameters() to avoid the allocation."
             )
+
+    @staticmethod
+    @torch.no_grad()
+    def _start_table_optimizer_state_afresh(fused_optimizer: Any) -> None:
+        # Every fit starts from new optimizers under DDP (configure_optimizers runs again), while the
+        # fused kernels of an already sharded module (a second fit on one Trainer) kept their state.
+        # Zero is where FBGEMM starts it (initial accumulators other than 0 are refused); a resume
+        # loads the saved state after this.
+        for state in fused_optimizer.state.values():
+            for value in state.values():
+                for local in local_tensors(value):
+                    local.zero_()
 
     def _clip_gradients_of_dense_optimizers(
         self,
