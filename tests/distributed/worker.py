@@ -176,6 +176,7 @@ class TwoOptimizerTinyRecModule(TinyRecModule):
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.schedule_before_backward = False
+        self.alternate_steps = False  # dense optimizer on even batches, the tables' on odd ones: refused
 
     def configure_optimizers(self):
         dense = torch.optim.SGD(self.mlp.parameters(), lr=self.hparams.lr)
@@ -191,8 +192,10 @@ class TwoOptimizerTinyRecModule(TinyRecModule):
         if self.schedule_before_backward:  # the tables' lr changes between their forward and backward: refused
             self.lr_schedulers().step()
         self.manual_backward(loss)
-        dense.step()
-        tables.step()
+        if not self.alternate_steps or batch_idx % 2 == 0:
+            dense.step()
+        if not self.alternate_steps or batch_idx % 2 == 1:
+            tables.step()
         if not self.schedule_before_backward:
             self.lr_schedulers().step()
 
@@ -286,6 +289,9 @@ def main() -> None:
     p.add_argument("--checkpoint-hooks", action="store_true",
                    help="on_save_checkpoint records the state keys it sees; on_load_checkpoint zeroes mlp.2.bias")
     p.add_argument("--extra-layer", action="store_true", help="a layer the checkpoints being loaded lack")
+    p.add_argument("--alternate-steps", action="store_true", help="--two-optimizers, stepped on alternate batches")
+    p.add_argument("--skip-odd-steps", action="store_true", help="optimizer_step runs odd batches' closure, no step")
+    p.add_argument("--lr-after-backward", action="store_true", help="on_before_optimizer_step halves the lr")
     p.add_argument("--second-trainer", action="store_true", help="after fit, validate with a new Trainer")
     p.add_argument("--fit-twice", action="store_true", help="a second fit on the same Trainer, to 2x max steps")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
@@ -300,7 +306,7 @@ def main() -> None:
         policy["sharding_types"] = {name: args.sharding for name, _, _ in TABLES}
     seed_everything(0, workers=True)
     module_class = ManualTinyRecModule if args.manual or args.two_backwards else TinyRecModule
-    if args.two_optimizers or args.schedule_before_backward:
+    if args.two_optimizers or args.schedule_before_backward or args.alternate_steps:
         module_class = TwoOptimizerTinyRecModule
     if args.dense_clip is not None:
         module_class = OptimizerClippingTinyRecModule if args.clip_optimizer else DenseClippingTinyRecModule
@@ -315,6 +321,22 @@ def main() -> None:
         module.backwards_per_step = 2
     if args.schedule_before_backward:
         module.schedule_before_backward = True
+    if args.alternate_steps:
+        module.alternate_steps = True
+    if args.lr_after_backward:
+        def on_before_optimizer_step(optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] /= 2
+
+        module.on_before_optimizer_step = on_before_optimizer_step
+    if args.skip_odd_steps:
+        def optimizer_step(epoch, batch_idx, optimizer, optimizer_closure):
+            if batch_idx % 2:
+                optimizer_closure()  # the forward and backward, no step (Lightning's docs' alternating example)
+            else:
+                optimizer.step(closure=optimizer_closure)
+
+        module.optimizer_step = optimizer_step
     if args.touch_ids:
         step = module.training_step
 

@@ -301,8 +301,10 @@ class TableHyperParameters:
                 # TorchRec's fused optimizers push param_groups' lr into the kernel here (step() would too).
                 kernel.zero_grad()
 
-    def check_learning_rates_kept(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Refuse a table group's learning rate changed between the forward and the backward.
+    def check_learning_rates_kept(
+        self, optimizers: Sequence[torch.optim.Optimizer], between: str = "the forward and the backward"
+    ) -> None:
+        """Refuse a table group's learning rate changed since the forward (``between`` says when it was seen).
 
         The fused kernels update the tables inside backward with the learning rate `sync` gave them
         before the forward; the dense parameters would take the new one at their optimizer step.
@@ -314,9 +316,10 @@ class TableHyperParameters:
                 if now != used:
                     raise ValueError(
                         f"param group {ref.group} of optimizer {ref.optimizer} changed its learning rate from "
-                        f"{used!r} to {now!r} between the forward and the backward of one training step, but it "
-                        f"holds table {table!r}, which FBGEMM updates inside backward with the learning rate of "
-                        "the forward. Step LR schedulers after optimizer.step() (or before the forward)"
+                        f"{used!r} to {now!r} between {between} of one training step, but it holds table "
+                        f"{table!r}, which FBGEMM updates inside backward with the learning rate of the forward, "
+                        "where the dense parameters would take the new one. Step LR schedulers (and set learning "
+                        "rates) after optimizer.step() or before the forward, never in on_before_optimizer_step"
                     )
 
     def _check_unchanged(self, name: str, ref: ParamGroupRef, group: dict[str, Any]) -> None:

@@ -731,33 +731,51 @@ class HybridParallelStrategy(DDPStrategy):
                 "its backward and update are skipped on every rank (skip_nonfinite_loss=True)"
             )
             return closure_loss
-        if not self.lightning_module.automatic_optimization:
-            self._refuse_second_backward_before_a_step()
+        self._refuse_second_backward_before_a_step()
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.check_learning_rates_kept(self.optimizers)
-        self._backward_since_step = True
+        # (Frozen tables are not updated: nothing to wait for.)
+        self._backward_since_step = any(o is not FROZEN_TABLE for o in self._table_optimizers.values())
         loss = super().backward(closure_loss, optimizer, *args, **kwargs)
         if self._pipeline is not None:
             self._pipeline.forget_forwards()
         return loss
 
     def _refuse_second_backward_before_a_step(self) -> None:
-        # Under DDP, two backwards add up their gradients for one step; here FBGEMM has already
-        # applied the first one to the tables (for Adagrad, or with clipping, not the same update).
+        # Under DDP, two backwards add up their gradients for one step of the optimizer that holds the
+        # tables, and a backward whose step never comes leaves them as they are; here FBGEMM applied
+        # the first backward to the tables already.
         if self._backward_since_step:
+            tables = sorted({table for held in self._trained_tables_by_optimizer.values() for table in held})
             raise ValueError(
-                "manual optimization: manual_backward was called again before an optimizer step, but FBGEMM "
-                "updated the embedding tables inside the first backward already, so their gradients cannot "
-                "accumulate across backwards. Sum the losses and call manual_backward once per optimizer step "
-                "(step between the backwards for updates of their own)"
+                "a backward ran again before the optimizer that holds the embedding tables"
+                f"{' ' + str(tables) if tables else ''} stepped (manual_backward twice, optimizers stepped on "
+                "alternate batches, or an optimizer_step override that skips optimizer.step), but FBGEMM updated "
+                "the tables inside the first backward already: under strategy='ddp' their gradients would have "
+                "added up, or waited for that optimizer's step. Step the optimizer that holds the tables after "
+                "every backward that reaches them (sum the losses and backward once per step), or keep the "
+                "tables out of the losses whose step is skipped (detach the embeddings there)"
             )
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         # Under automatic optimization the backward runs inside this call (in the closure).
         result = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self._backward_since_step = False
+        if self._steps_tables(optimizer):
+            if self._backward_since_step and self._table_hyper_parameters is not None:
+                # A rate set after the backward (on_before_optimizer_step, a scheduler stepped before
+                # optimizer.step) moved the dense parameters only.
+                self._table_hyper_parameters.check_learning_rates_kept(
+                    self.optimizers, between="the backward and the optimizer step"
+                )
+            self._backward_since_step = False
         return result
+
+    def _steps_tables(self, optimizer: Any) -> bool:
+        """Whether stepping ``optimizer`` is the step of the tables' updates (tables in no optimizer follow the first)."""
+        if self._trained_tables_by_optimizer:
+            return id(optimizer) in self._trained_tables_by_optimizer
+        return optimizer is self.optimizers[0]
 
     def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
