@@ -45,6 +45,17 @@ def test_distributed_embedding_keeps_a_frozen_layer_frozen() -> None:
     torch.testing.assert_close(tables["frozen"].weight, pretrained.weight)
 
 
+def test_one_collection_at_two_paths_is_refused() -> None:
+    from lightning_dembed.modules.discovery import find_embedding_modules
+
+    model = nn.Module()
+    model.ebc = ebc()
+    model.tower = nn.Module()
+    model.tower.ebc = model.ebc  # sharding would replace it under one path and leave the other unsharded
+    with pytest.raises(ValueError, match="the same EmbeddingBagCollection is both 'ebc' and 'tower.ebc'"):
+        find_embedding_modules(model)
+
+
 def test_plain_embedding_layers_beside_collections_are_found_and_named() -> None:
     from lightning_dembed.modules.discovery import find_plain_embedding_layers
     from lightning_dembed.strategies.hybrid_parallel import _warn_of_plain_embedding_layers

@@ -23,11 +23,22 @@ EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
 
 
 def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Every TorchRec embedding collection in ``module``, by its path (not looking inside one)."""
+    """Every TorchRec embedding collection in ``module``, by its path (not looking inside one).
+
+    One collection reachable at two paths (``self.ebc`` also held by a submodule) is refused: it
+    would be sharded under one path and left as it is under the other.
+    """
     found: dict[str, nn.Module] = {}
 
     def visit(mod: nn.Module, path: str) -> None:
         if isinstance(mod, EMBEDDING_MODULE_TYPES):
+            first = next((p for p, m in found.items() if m is mod), None)
+            if first is not None:
+                raise ValueError(
+                    f"the same {type(mod).__name__} is both {first!r} and {path!r} of {type(module).__name__}; "
+                    "sharding replaces it under one path only. Hold it in one place (pass the other module a "
+                    "reference that is not an attribute, e.g. a property or a function argument)"
+                )
             found[path] = mod
             return
         for name, child in mod.named_children():

@@ -48,6 +48,8 @@ _GPU_ONLY = {torch.optim.Adam}
 # torch.optim.Adam of configure_optimizers moves every row whose moments are not zero, every step.
 _LAZY = {torch.optim.Adam}
 _WHY = {
+    "momentum": "give the tables a param group with momentum=0 (FBGEMM's fused SGD has none); a scheduler that "
+    "cycles momentum sets it too: OneCycleLR or CyclicLR(..., cycle_momentum=False)",
     "weight_decay": "give the tables a param group with weight_decay=0 (FBGEMM's fused update touches only "
     "the rows a batch looks up, so it cannot decay every row as torch does)",
 }

@@ -128,8 +128,9 @@ def _data_parallel_wrapper(ddp_kwargs: Mapping[str, Any]) -> DefaultDataParallel
     if fixed:
         raise ValueError(f"HybridParallelStrategy sets DDP's {fixed} itself; remove them")
     return _DenseDataParallelWrapper(
-        # TorchRec's default, unlike Lightning's: the dense graph of a recommender does not change.
-        static_graph=kwargs.pop("static_graph", True),
+        # TorchRec's default, unlike Lightning's: the dense graph of a recommender does not change;
+        # but one that asks DDP to find unused parameters says it does.
+        static_graph=kwargs.pop("static_graph", not kwargs.get("find_unused_parameters", False)),
         find_unused_parameters=kwargs.pop("find_unused_parameters", False),
         bucket_cap_mb=kwargs.pop("bucket_cap_mb", 25),
         ddp_kwargs=kwargs,
