@@ -220,11 +220,12 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--dense-clip", "0.5", "--clip-optimizer"), "configure_optimizers gave this optimizer the embedding tables"),
         (("--weighted", "--trainable-weights"), "the ids' weights require grad"),
         (("--lr-after-backward",), "between the backward and the optimizer step of one training step"),
+        (("--table-penalty",), "other than through their lookup (a penalty over self.parameters()"),
     ],
     ids=["norm-clipping", "value-clipping", "bf16-true", "adamw-dense-only", "64-true", "model-averaging", "swa", "accumulation-scheduler",
          "pruning", "frozen-replicated",
          "clip-gradients-of-tables", "trainable-id-weights",
-         "lr-set-after-backward"],
+         "lr-set-after-backward", "penalty-over-table-weights"],
 )
 def test_unsupported_features_are_refused_before_training(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     proc = run_worker(tmp_path, "--steps", "2", *args, expect_ok=False)

@@ -292,6 +292,7 @@ def main() -> None:
     p.add_argument("--alternate-steps", action="store_true", help="--two-optimizers, stepped on alternate batches")
     p.add_argument("--skip-odd-steps", action="store_true", help="optimizer_step runs odd batches' closure, no step")
     p.add_argument("--lr-after-backward", action="store_true", help="on_before_optimizer_step halves the lr")
+    p.add_argument("--table-penalty", action="store_true", help="an L2 penalty over self.parameters(), tables too")
     p.add_argument("--second-trainer", action="store_true", help="after fit, validate with a new Trainer")
     p.add_argument("--fit-twice", action="store_true", help="a second fit on the same Trainer, to 2x max steps")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
@@ -355,6 +356,13 @@ def main() -> None:
         module.on_save_checkpoint, module.on_load_checkpoint = on_save_checkpoint, on_load_checkpoint
     if args.extra_layer:
         module.extra = torch.nn.Linear(2, 2)
+    if args.table_penalty:
+        penalized_step = module.training_step
+
+        def training_step(batch, batch_idx):
+            return penalized_step(batch, batch_idx) + 1e-3 * sum(p.pow(2).sum() for p in module.parameters())
+
+        module.training_step = training_step
     if args.trainable_weights:
         module.weight_scale = torch.nn.Parameter(torch.ones(()))
         step = module.training_step

@@ -298,6 +298,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._table_hyper_parameters: Optional[TableHyperParameters] = None
         self._configured_param_names: list[list[list[str]]] = []  # per optimizer and group, tables included
         self._trained_tables_by_optimizer: dict[int, list[str]] = {}  # id(optimizer): its trainable tables
+        self._fused_tables: dict[str, nn.Parameter] = {}  # the tables FBGEMM updates, by parameter name
         self._backward_since_step = False  # FBGEMM updated the tables in a backward whose step has not run yet
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
@@ -550,9 +551,8 @@ class HybridParallelStrategy(DDPStrategy):
         module.to(self.root_device)
         # Outside fit DDPStrategy broadcasts rank 0's parameters and buffers (DDP's own start-up sync);
         # the shards differ per rank by design and must stay out of it.
-        dmp._ddp_params_and_buffers_to_ignore = [
-            name for name, p in dmp.named_parameters() if hasattr(p, "_in_backward_optimizers")
-        ]
+        self._fused_tables = {name: p for name, p in dmp.named_parameters() if hasattr(p, "_in_backward_optimizers")}
+        dmp._ddp_params_and_buffers_to_ignore = list(self._fused_tables)
         self._dmp, self._ddp = dmp, None
         self._pipeline = LookupPipeline(lookups)
         return dmp
@@ -791,12 +791,25 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
+        self._refuse_gradients_of_table_weights()
         ddp = self._dense_ddp()
         if ddp is None or self.lightning_module.automatic_optimization or not ddp.static_graph:
             return
         if not self._static_graph_flushed:
             flush_first_static_graph_iteration(ddp)
             self._static_graph_flushed = True
+
+    def _refuse_gradients_of_table_weights(self) -> None:
+        # The fused kernels take the lookups' gradients inside backward and leave .grad alone: a
+        # .grad on a table's weight comes from a loss that read the weight itself.
+        touched = sorted(name for name, p in self._fused_tables.items() if p.grad is not None)
+        if touched:
+            raise ValueError(
+                f"the loss reached {touched} other than through their lookup (a penalty over self.parameters(), "
+                "a table's weight read in forward): each rank holds only its shard of a table, and FBGEMM applies "
+                "the lookups' gradients only, so under strategy='ddp' this term would train the tables and here it "
+                "would not. Compute penalties over lightning_dembed.dense_parameters(self), or use strategy='ddp'"
+            )
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
