@@ -21,7 +21,7 @@ from __future__ import annotations
 import pickle
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -47,6 +47,7 @@ __all__ = [
     "load_sharded_checkpoint",
     "read_sharded_checkpoint",
     "refuse_mismatched_keys",
+    "reshaped_tensors",
     "mark_for_assignment",
     "remove_sharded_checkpoint",
     "save_sharded_checkpoint",
@@ -120,11 +121,11 @@ def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
     _atomic.remove(path)
 
 
-def _check_files(path: Path) -> set[str]:
+def _check_files(path: Path) -> dict[str, Optional[torch.Size]]:
     """Name a missing or truncated file before DCP fails on it with a message that does not.
 
-    Returns the keys of what the checkpoint holds, flattened as DCP writes them
-    (``"state_dict.<parameter>"``).
+    Returns what the checkpoint holds, by key flattened as DCP writes them
+    (``"state_dict.<parameter>"``): each tensor's full size (None for other objects).
     """
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(
@@ -146,7 +147,7 @@ def _check_files(path: Path) -> set[str]:
             raise CheckpointError(
                 f"checkpoint {path}: shard file {file} is truncated ({file.stat().st_size} of {size} bytes)"
             )
-    return set(metadata.state_dict_metadata)
+    return {key: getattr(item, "size", None) for key, item in metadata.state_dict_metadata.items()}
 
 
 def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
@@ -156,16 +157,18 @@ def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
         raise CheckpointError(f"{path / META_FILE} is truncated or corrupt ({err})") from err
 
 
-def read_sharded_checkpoint(path: Union[str, Path], weights_only: Optional[bool] = None) -> tuple[dict[str, Any], set[str]]:
-    """A checkpoint's ``meta`` and the names of the model state it holds, its files checked first.
+def read_sharded_checkpoint(
+    path: Union[str, Path], weights_only: Optional[bool] = None
+) -> tuple[dict[str, Any], dict[str, Optional[torch.Size]]]:
+    """A checkpoint's ``meta`` and the full size of each tensor it holds (flattened keys, as
+    ``"state_dict.<parameter>"``; None for objects that are not tensors), its files checked first.
 
     ``weights_only`` is passed to ``torch.load`` for ``meta.pt``, as Lightning does for a
     checkpoint file.
     """
     path = Path(path)
     saved = _check_files(path)
-    prefix = "state_dict."
-    return _load_meta(path, weights_only), {key[len(prefix):] for key in saved if key.startswith(prefix)}
+    return _load_meta(path, weights_only), saved
 
 
 def load_sharded_checkpoint(
@@ -175,6 +178,23 @@ def load_sharded_checkpoint(
     meta, _ = read_sharded_checkpoint(path, weights_only)
     dcp.load(tensors, checkpoint_id=path)
     return meta
+
+
+def reshaped_tensors(
+    tensors: Mapping[str, Any], sizes: Mapping[str, Optional[torch.Size]], prefix: str = ""
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The tensors in ``tensors`` (nested dicts) whose full size differs from the one the checkpoint
+    saved (``sizes`` from `read_sharded_checkpoint`), by flattened key: ``(saved, here)``."""
+    reshaped = {}
+    for key, value in tensors.items():
+        flat = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            reshaped.update(reshaped_tensors(value, sizes, flat + "."))
+        elif isinstance(value, torch.Tensor) and sizes.get(flat) is not None:
+            saved, here = tuple(sizes[flat]), tuple(value.size())
+            if saved != here:
+                reshaped[flat] = (saved, here)
+    return reshaped
 
 
 def refuse_mismatched_keys(

@@ -15,7 +15,9 @@ from lightning_dembed.checkpoint import (
     CheckpointError,
     consolidate_checkpoint,
     load_sharded_checkpoint,
+    read_sharded_checkpoint,
     remove_sharded_checkpoint,
+    reshaped_tensors,
     save_sharded_checkpoint,
 )
 
@@ -164,3 +166,14 @@ def test_weights_only_is_honoured_for_meta(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError):
         load_sharded_checkpoint(path, target, weights_only=True)
     assert isinstance(load_sharded_checkpoint(path, target, weights_only=False)["extra"], _NotAWeight)
+
+
+def test_tensors_saved_with_another_shape_are_named(tmp_path: Path) -> None:
+    # Optimizer state whose shape depends on the plan (RowWiseAdagrad over column shards): named
+    # before DCP fails on it.
+    path = tmp_path / "model.ckpt"
+    save_sharded_checkpoint(path, {"state_dict": {"w": torch.zeros(4)}, "embedding_optimizer": {"t0.sum": torch.zeros(8)}},
+                            {}, is_global_zero=True, broadcast=lambda obj, src: obj)
+    _, sizes = read_sharded_checkpoint(path)
+    here = {"state_dict": {"w": torch.zeros(4)}, "embedding_optimizer": {"t0.sum": torch.zeros(4)}}
+    assert reshaped_tensors(here, sizes) == {"embedding_optimizer.t0.sum": ((8,), (4,))}

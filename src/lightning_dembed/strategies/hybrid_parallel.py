@@ -47,6 +47,7 @@ from lightning_dembed.checkpoint import (
     read_sharded_checkpoint,
     refuse_mismatched_keys,
     remove_sharded_checkpoint,
+    reshaped_tensors,
     save_sharded_checkpoint,
 )
 from lightning_dembed.sharding.hooks import FeatureCheck, divide_only_row_wise_bags, register_output_order
@@ -943,7 +944,8 @@ class HybridParallelStrategy(DDPStrategy):
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if Path(checkpoint_path).is_file():
             return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
-        meta, saved = read_sharded_checkpoint(checkpoint_path, weights_only)
+        meta, sizes = read_sharded_checkpoint(checkpoint_path, weights_only)
+        saved = {key[len("state_dict."):] for key in sizes if key.startswith("state_dict.")}
         module = self.lightning_module
         state = module.state_dict()
         if module.strict_loading:  # else, as Module.load_state_dict(strict=False), the keys both have
@@ -953,6 +955,17 @@ class HybridParallelStrategy(DDPStrategy):
         if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
             self._refuse_moved_optimizer_state(meta, checkpoint_path)
             tensors.update(self._embedding_optimizer_state())
+            reshaped = reshaped_tensors(tensors, sizes)
+            if reshaped:
+                # RowWiseAdagrad keeps one sum per row of each column shard: column-wise sharding over
+                # another number of shards changes the state's shape, which DCP cannot reshard.
+                raise CheckpointError(
+                    f"{checkpoint_path}: optimizer state of this rank's tables has another shape in this plan "
+                    f"({', '.join(f'{key} saved as {was}, {now} here' for key, (was, now) in reshaped.items())}): "
+                    "RowWiseAdagrad keeps one sum per row of each column shard, so sharding a table column-wise over "
+                    "another number of shards changes it. Pin the tables' sharding_types (and ranks) as saved, or "
+                    "warm start from consolidate_checkpoint's file, where their optimizer state starts fresh"
+                )
         load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
         if "embedding_optimizer" in tensors:
             assert self._dmp is not None
