@@ -370,6 +370,7 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
+        self._backward_since_step = False  # a fit that failed mid-step left it set
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._refuse_unsupported(trainer, fitting)
         self._sharders = default_sharders(offload=self.policy.offload)
@@ -736,8 +737,11 @@ class HybridParallelStrategy(DDPStrategy):
         self._refuse_second_backward_before_a_step()
         if self._table_hyper_parameters is not None:
             self._table_hyper_parameters.check_learning_rates_kept(self.optimizers)
-        # (Frozen tables are not updated: nothing to wait for.)
-        self._backward_since_step = any(o is not FROZEN_TABLE for o in self._table_optimizers.values())
+        # Only a backward through a trained lookup updates tables (not one of a loss that detached
+        # them, nor with every table frozen).
+        self._backward_since_step = self._pipeline is not None and any(
+            lookup.forwards_since_backward for lookup in self._pipeline.lookups.values()
+        ) and any(o is not FROZEN_TABLE for o in self._table_optimizers.values())
         loss = super().backward(closure_loss, optimizer, *args, **kwargs)
         if self._pipeline is not None:
             self._pipeline.forget_forwards()
@@ -955,7 +959,7 @@ class HybridParallelStrategy(DDPStrategy):
         if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
             self._refuse_moved_optimizer_state(meta, checkpoint_path)
             tensors.update(self._embedding_optimizer_state())
-            reshaped = reshaped_tensors(tensors, sizes)
+            reshaped = reshaped_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, sizes)
             if reshaped:
                 # RowWiseAdagrad keeps one sum per row of each column shard: column-wise sharding over
                 # another number of shards changes the state's shape, which DCP cannot reshard.
