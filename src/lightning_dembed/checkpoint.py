@@ -45,6 +45,7 @@ __all__ = [
     "is_sharded_checkpoint",
     "local_tensors",
     "load_sharded_checkpoint",
+    "load_sharded_tensors",
     "read_sharded_checkpoint",
     "refuse_mismatched_keys",
     "reshaped_tensors",
@@ -176,8 +177,13 @@ def load_sharded_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint into ``tensors`` in place (resharding as needed); returns its ``meta``."""
     meta, _ = read_sharded_checkpoint(path, weights_only)
-    dcp.load(tensors, checkpoint_id=path)
+    load_sharded_tensors(path, tensors)
     return meta
+
+
+def load_sharded_tensors(path: Union[str, Path], tensors: dict[str, Any]) -> None:
+    """Load the tensors of a checkpoint already checked by `read_sharded_checkpoint` into ``tensors`` in place."""
+    dcp.load(tensors, checkpoint_id=path)
 
 
 def reshaped_tensors(

@@ -43,7 +43,7 @@ from lightning_dembed.checkpoint import (
     CheckpointError,
     local_tensors,
     copy_full_into_sharded,
-    load_sharded_checkpoint,
+    load_sharded_tensors,
     read_sharded_checkpoint,
     refuse_mismatched_keys,
     remove_sharded_checkpoint,
@@ -970,7 +970,7 @@ class HybridParallelStrategy(DDPStrategy):
                     "another number of shards changes it. Pin the tables' sharding_types (and ranks) as saved, or "
                     "warm start from consolidate_checkpoint's file, where their optimizer state starts fresh"
                 )
-        load_sharded_checkpoint(checkpoint_path, tensors, weights_only=weights_only)
+        load_sharded_tensors(checkpoint_path, tensors)  # read_sharded_checkpoint checked the files above
         if "embedding_optimizer" in tensors:
             assert self._dmp is not None
             fused = self._dmp.fused_optimizer.state_dict()
