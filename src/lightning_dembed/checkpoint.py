@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint import DefaultSavePlanner, TensorStorageMetadata
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
@@ -49,6 +49,7 @@ __all__ = [
     "read_sharded_checkpoint",
     "refuse_mismatched_keys",
     "reshaped_tensors",
+    "saved_only_tensors",
     "mark_for_assignment",
     "remove_sharded_checkpoint",
     "save_sharded_checkpoint",
@@ -122,11 +123,12 @@ def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
     _atomic.remove(path)
 
 
-def _check_files(path: Path) -> dict[str, Optional[torch.Size]]:
+def _check_files(path: Path) -> dict[str, Optional[torch.Tensor]]:
     """Name a missing or truncated file before DCP fails on it with a message that does not.
 
     Returns what the checkpoint holds, by key flattened as DCP writes them
-    (``"state_dict.<parameter>"``): each tensor's full size (None for other objects).
+    (``"state_dict.<parameter>"``): each tensor's full size and dtype, as a tensor on the meta
+    device (None for other objects).
     """
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(
@@ -148,7 +150,11 @@ def _check_files(path: Path) -> dict[str, Optional[torch.Size]]:
             raise CheckpointError(
                 f"checkpoint {path}: shard file {file} is truncated ({file.stat().st_size} of {size} bytes)"
             )
-    return {key: getattr(item, "size", None) for key, item in metadata.state_dict_metadata.items()}
+    return {
+        key: torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+        if isinstance(item, TensorStorageMetadata) else None
+        for key, item in metadata.state_dict_metadata.items()
+    }
 
 
 def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
@@ -160,9 +166,10 @@ def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
 
 def read_sharded_checkpoint(
     path: Union[str, Path], weights_only: Optional[bool] = None
-) -> tuple[dict[str, Any], dict[str, Optional[torch.Size]]]:
-    """A checkpoint's ``meta`` and the full size of each tensor it holds (flattened keys, as
-    ``"state_dict.<parameter>"``; None for objects that are not tensors), its files checked first.
+) -> tuple[dict[str, Any], dict[str, Optional[torch.Tensor]]]:
+    """A checkpoint's ``meta`` and each tensor it holds as a meta-device tensor of its full size and
+    dtype (flattened keys, as ``"state_dict.<parameter>"``; None for objects that are not tensors),
+    its files checked first.
 
     ``weights_only`` is passed to ``torch.load`` for ``meta.pt``, as Lightning does for a
     checkpoint file.
@@ -187,20 +194,38 @@ def load_sharded_tensors(path: Union[str, Path], tensors: dict[str, Any]) -> Non
 
 
 def reshaped_tensors(
-    tensors: Mapping[str, Any], sizes: Mapping[str, Optional[torch.Size]], prefix: str = ""
+    tensors: Mapping[str, Any], saved: Mapping[str, Optional[torch.Tensor]], prefix: str = ""
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """The tensors in ``tensors`` (nested dicts) whose full size differs from the one the checkpoint
-    saved (``sizes`` from `read_sharded_checkpoint`), by flattened key: ``(saved, here)``."""
+    saved (``saved`` from `read_sharded_checkpoint`), by flattened key: ``(saved, here)``."""
     reshaped = {}
     for key, value in tensors.items():
         flat = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            reshaped.update(reshaped_tensors(value, sizes, flat + "."))
-        elif isinstance(value, torch.Tensor) and sizes.get(flat) is not None:
-            saved, here = tuple(sizes[flat]), tuple(value.size())
-            if saved != here:
-                reshaped[flat] = (saved, here)
+            reshaped.update(reshaped_tensors(value, saved, flat + "."))
+        elif isinstance(value, torch.Tensor) and saved.get(flat) is not None:
+            was, here = tuple(saved[flat].size()), tuple(value.size())
+            if was != here:
+                reshaped[flat] = (was, here)
     return reshaped
+
+
+def saved_only_tensors(
+    saved: Mapping[str, Optional[torch.Tensor]], present: Iterable[str], prefix: str = "state_dict."
+) -> dict[str, torch.Tensor]:
+    """Empty full tensors (CPU, the saved size and dtype) for the tensors under ``prefix`` that the
+    checkpoint holds and ``present`` lacks, by key without the prefix.
+
+    DCP loads only the keys it is given a tensor for; a load that must also hand over what the
+    module does not have (for ``on_load_checkpoint`` to rename, or for a strict check to name) gives
+    it these to load into, in full on every rank, as a ``torch.load`` of a whole file would.
+    """
+    present = set(present)
+    return {
+        key[len(prefix):]: torch.empty_like(meta, device="cpu")
+        for key, meta in saved.items()
+        if key.startswith(prefix) and meta is not None and key[len(prefix):] not in present
+    }
 
 
 def refuse_mismatched_keys(

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
-__all__ = ["RecipeCLI", "with_base_configs"]
+__all__ = ["RecipeCLI", "record_whole", "with_base_configs"]
+
+_Main = TypeVar("_Main", bound=Callable[..., Any])
+
+
+class _WholeFileErrorHandler(ErrorHandler):
+    """torch elastic's error file, written to a temporary name and renamed into place.
+
+    The launcher stops the other ranks as soon as one fails and then parses every error file it finds;
+    a rank stopped halfway through writing its file left half a JSON document, and the launcher's
+    ``JSONDecodeError`` replaced the failing rank's traceback as the last thing it printed.
+    """
+
+    def record_exception(self, e: BaseException) -> None:
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not path:
+            return
+        data = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "w") as file:
+            json.dump(data, file)
+        os.replace(partial, path)
+
+
+def record_whole(main: _Main) -> _Main:
+    """torch elastic's ``@record`` for a recipe's ``main``: a failing rank's traceback goes, whole, to the
+    error file the launcher shows."""
+    return record(main, error_handler=_WholeFileErrorHandler())
 
 
 def with_base_configs(args: list[str]) -> list[str]:

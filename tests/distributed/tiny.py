@@ -105,6 +105,8 @@ class TinyRecModule(LightningModule):
             optimizer = torch.optim.Adagrad(params, lr=h.lr, eps=1e-8)
         elif h.optimizer == "adamw-dense":  # the tables in no group: they follow its first group
             optimizer = torch.optim.AdamW(dense_parameters(self), lr=h.lr)
+        elif h.optimizer == "sgd-first-layer":  # the tables and the last layer in no group: refused
+            optimizer = torch.optim.SGD(self.mlp[0].parameters(), lr=h.lr)
         else:
             optimizer = torch.optim.SGD(params, lr=h.lr)
         if h.scheduler == "none":

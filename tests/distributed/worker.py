@@ -231,6 +231,19 @@ def install_kill(rank: str, step: str, where: str) -> None:
     checkpoint.dcp.save = save_then_die
 
 
+def wrap_training_step(module, edit_batch=None, penalty=None) -> None:
+    """``module.training_step`` with ``edit_batch(batch)`` run before it and ``penalty()`` added to its loss."""
+    step = module.training_step
+
+    def training_step(batch, batch_idx):
+        if edit_batch is not None:
+            edit_batch(batch)
+        loss = step(batch, batch_idx)
+        return loss if penalty is None else loss + penalty()
+
+    module.training_step = training_step
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -287,8 +300,9 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
     p.add_argument("--trainable-weights", action="store_true", help="--weighted, ids' weights times a parameter")
     p.add_argument("--checkpoint-hooks", action="store_true",
-                   help="on_save_checkpoint records the state keys it sees; on_load_checkpoint zeroes mlp.2.bias")
-    p.add_argument("--extra-layer", action="store_true", help="a layer the checkpoints being loaded lack")
+                   help="on_save_checkpoint records the state keys it sees; on_load_checkpoint zeroes mlp.2.bias "
+                        "(and with --extra-layer sets the buffer to 3)")
+    p.add_argument("--extra-layer", action="store_true", help="a buffer the checkpoints being loaded lack")
     p.add_argument("--alternate-steps", action="store_true", help="--two-optimizers, stepped on alternate batches")
     p.add_argument("--skip-odd-steps", action="store_true", help="optimizer_step runs odd batches' closure, no step")
     p.add_argument("--lr-after-backward", action="store_true", help="on_before_optimizer_step halves the lr")
@@ -338,42 +352,31 @@ def main() -> None:
                 optimizer.step(closure=optimizer_closure)
 
         module.optimizer_step = optimizer_step
-    if args.touch_ids:
-        step = module.training_step
-
-        def training_step(batch, batch_idx):
-            batch.sparse_features.values().add_(0)  # same ids, but edited: the pipeline must not trust them
-            return step(batch, batch_idx)
-
-        module.training_step = training_step
+    if args.touch_ids:  # same ids, but edited: the pipeline must not trust them
+        wrap_training_step(module, edit_batch=lambda batch: batch.sparse_features.values().add_(0))
     if args.checkpoint_hooks:
         def on_save_checkpoint(checkpoint):
             torch.save(sorted(checkpoint["state_dict"]), out / f"saved_keys{module.global_rank}.pt")
 
         def on_load_checkpoint(checkpoint):
             checkpoint["state_dict"]["mlp.2.bias"] = torch.zeros(1)
+            if args.extra_layer:  # a key the checkpoint lacks, restored by the hook
+                checkpoint["state_dict"]["extra"] = torch.full((2,), 3.0)
 
         module.on_save_checkpoint, module.on_load_checkpoint = on_save_checkpoint, on_load_checkpoint
     if args.extra_layer:
-        module.extra = torch.nn.Linear(2, 2)
+        module.register_buffer("extra", torch.ones(2))
     if args.table_penalty:
-        penalized_step = module.training_step
-
-        def training_step(batch, batch_idx):
-            return penalized_step(batch, batch_idx) + 1e-3 * sum(p.pow(2).sum() for p in module.parameters())
-
-        module.training_step = training_step
+        wrap_training_step(module, penalty=lambda: 1e-3 * sum(p.pow(2).sum() for p in module.parameters()))
     if args.trainable_weights:
         module.weight_scale = torch.nn.Parameter(torch.ones(()))
-        step = module.training_step
 
-        def training_step(batch, batch_idx):
+        def scale_weights(batch):
             kjt = batch.sparse_features
             batch.sparse_features = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
                                                       weights=kjt.weights() * module.weight_scale)
-            return step(batch, batch_idx)
 
-        module.training_step = training_step
+        wrap_training_step(module, edit_batch=scale_weights)
     if args.skip_nonfinite:
         policy["skip_nonfinite_loss"] = True
     strategy = HybridParallelStrategy(start_method=args.start_method, **policy)

@@ -37,10 +37,15 @@ EXPECTED = Path(__file__).parent / "expected"
 RTOL = 1e-4
 
 
-def test_recipes_lists_and_cp_copies_a_config_that_runs_from_anywhere(tmp_path: Path) -> None:
-    listing = subprocess.run([*CLI, "recipes"], capture_output=True, text=True, check=True).stdout
+def test_recipes_lists_and_cp_copies_a_config_that_runs_from_anywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_dembed.cli import main
+
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
     assert "meta_dlrm_synthetic" in listing and "recipe meta_dlrm" in listing
-    subprocess.run([*CLI, "cp", "dlrm_synthetic_tiny", str(tmp_path / "mine.yaml")], check=True, cwd=tmp_path)
+    assert main(["cp", "dlrm_synthetic_tiny", str(tmp_path / "mine.yaml")]) == 0
     assert (tmp_path / "_base.yaml").is_file()  # the base it names travels with it
     assert "_base" not in listing  # a base is not a config to run
     # A user's copy, anywhere, runs with the recipe it names.
@@ -49,8 +54,8 @@ def test_recipes_lists_and_cp_copies_a_config_that_runs_from_anywhere(tmp_path: 
               "--trainer.logger=false", "--trainer.callbacks=[]")
     assert "HybridParallelStrategy sharding plan (2 ranks)" in out
     (tmp_path / "nameless.yaml").write_text("trainer:\n  max_steps: 1\n")
-    proc = subprocess.run([*CLI, "run", str(tmp_path / "nameless.yaml")], capture_output=True, text=True)
-    assert proc.returncode != 0 and "names no recipe" in proc.stderr
+    with pytest.raises(SystemExit, match="names no recipe"):
+        main(["run", str(tmp_path / "nameless.yaml")])
 
 
 def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
@@ -200,21 +205,28 @@ def test_dlrm_dcn_on_criteo_format_files(tmp_path: Path) -> None:
     assert_expected("dlrm_dcn_criteo", out, ["test/auc", "test/log_loss", "test/ne"])
 
 
-def test_a_config_error_is_one_message_before_any_process_starts(tmp_path: Path) -> None:
+def test_a_config_error_is_one_message_before_any_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_dembed.cli import main
+
     shipped = config_path("dlrm_synthetic_tiny")
     broken = tmp_path / "broken.yaml"
     broken.write_text(shipped.read_text().replace("max_steps: 400", "max_stepz: 400"))
     (tmp_path / "_base.yaml").write_text((shipped.parent / "_base.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
     for config, override, error in [
         ("dlrm_synthetic_tiny", "--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
         ("dlrm_synthetic_tiny", "--trainer.max_steps=abc", 'Parser key "trainer.max_steps"'),
         (str(broken), "--trainer.max_steps=3", "max_stepz"),
         ("missing.yaml", "--trainer.max_steps=3", "neither a YAML file nor a shipped config"),
     ]:
-        proc = subprocess.run([*CLI, "run", config, "--devices", "2", override], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode != 0 and out.count(error) == 1, out[-3000:]
+        # In this process: the launcher would start ranks here, so an error that passed the check would show.
+        with pytest.raises(SystemExit) as exited:
+            main(["run", config, "--devices", "2", override])
+        captured = capsys.readouterr()
+        out = f"{exited.value.code}\n{captured.out}{captured.err}"
+        assert exited.value.code not in (0, None) and out.count(error) == 1, out[-3000:]
         assert "torch.distributed" not in out and "[rank" not in out, out[-3000:]  # no launcher, no process
 
 

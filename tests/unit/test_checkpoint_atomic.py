@@ -15,9 +15,11 @@ from lightning_dembed.checkpoint import (
     CheckpointError,
     consolidate_checkpoint,
     load_sharded_checkpoint,
+    load_sharded_tensors,
     read_sharded_checkpoint,
     remove_sharded_checkpoint,
     reshaped_tensors,
+    saved_only_tensors,
     save_sharded_checkpoint,
 )
 
@@ -177,3 +179,17 @@ def test_tensors_saved_with_another_shape_are_named(tmp_path: Path) -> None:
     _, sizes = read_sharded_checkpoint(path)
     here = {"state_dict": {"w": torch.zeros(4)}, "embedding_optimizer": {"t0.sum": torch.zeros(4)}}
     assert reshaped_tensors(here, sizes) == {"embedding_optimizer.t0.sum": ((8,), (4,))}
+
+
+def test_keys_only_the_checkpoint_has_load_in_full(tmp_path: Path) -> None:
+    # For on_load_checkpoint to rename, or the strict check to name, as from a file under DDP.
+    path = tmp_path / "model.ckpt"
+    saved = {"kept": torch.ones(2), "renamed": torch.arange(6, dtype=torch.float16).view(2, 3)}
+    save_sharded_checkpoint(path, {"state_dict": saved}, {}, is_global_zero=True, broadcast=lambda obj, src: obj)
+    _, held = read_sharded_checkpoint(path)
+    module_state = {"kept": torch.zeros(2), "new": torch.zeros(1)}
+    extra = saved_only_tensors(held, module_state)
+    assert list(extra) == ["renamed"] and extra["renamed"].dtype == torch.float16
+    tensors = {"state_dict": {"kept": module_state["kept"], **extra}}
+    load_sharded_tensors(path, tensors)
+    assert module_state["kept"].eq(1).all() and tensors["state_dict"]["renamed"].equal(saved["renamed"])

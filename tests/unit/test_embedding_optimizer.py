@@ -7,6 +7,7 @@ from torchrec import optim as trec_optim
 from lightning_dembed.sharding.optimizer import (
     EmbeddingOptimizer,
     ParamGroupRef,
+    refuse_hand_picked_parameters_without_tables,
     split_saved_optimizer_state,
     table_param_groups,
 )
@@ -118,3 +119,21 @@ def test_table_state_saved_by_torch_maps_onto_the_fused_kernel_or_is_refused() -
     row_wise = EmbeddingOptimizer(trec_optim.RowWiseAdagrad, {"lr": 0.1})
     with pytest.raises(ValueError, match=r"table 't0': the checkpoint holds optimizer state \['sum'\].*fused RowWiseAdagrad"):
         row_wise.fused_state_from("t0", {"sum": sums})
+
+
+def test_tables_left_out_with_hand_picked_parameters_are_refused() -> None:
+    # dense_parameters(self) (all but the tables): the tables train with the first group. Parameters
+    # picked by hand (the MLP only): under DDP the tables would not train, so neither guess is made.
+    module = torch.nn.ModuleDict({"mlp": torch.nn.Linear(2, 1), "head": torch.nn.Linear(1, 1),
+                                  "ebc": torch.nn.Embedding(4, 2)})
+    tables = {"t0": module["ebc"].weight}
+    every_dense = torch.optim.SGD([*module["mlp"].parameters(), *module["head"].parameters()], lr=0.1)
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [every_dense], tables, {})
+    mlp_only = torch.optim.SGD(module["mlp"].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"tables \['t0'\] and parameters \['head.weight', 'head.bias'\]"):
+        refuse_hand_picked_parameters_without_tables(module.named_parameters(), [mlp_only], tables, {})
+    module["head"].requires_grad_(False)  # frozen by the user: nothing is left out
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [mlp_only], tables, {})
+    both = torch.optim.SGD([*module["mlp"].parameters(), module["ebc"].weight], lr=0.1)
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [both], tables,
+                                                 table_param_groups([both], tables))

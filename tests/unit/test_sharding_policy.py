@@ -157,6 +157,16 @@ def test_ddp_arguments_torchrec_fixes_are_refused_by_name() -> None:
     assert strategy._data_parallel_wrapper._find_unused_parameters is True
 
 
+def test_no_checkpoint_from_a_strategy_that_sharded_nothing(tmp_path) -> None:
+    # OnExceptionCheckpoint after a failed setup: a named refusal, not an assertion.
+    from lightning_dembed import HybridParallelStrategy
+    from lightning_dembed.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="has not sharded the model"):
+        HybridParallelStrategy().save_checkpoint({"state_dict": {}}, tmp_path / "on_exception.ckpt")
+    assert not (tmp_path / "on_exception.ckpt").exists()
+
+
 def test_identical_tables_are_placed_in_table_order() -> None:
     from lightning_dembed.sharding.planner import plan_sharding
     from lightning_dembed.sharding.sharders import default_sharders

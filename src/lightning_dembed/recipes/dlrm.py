@@ -9,10 +9,9 @@ Every knob is in the YAML; see docs/recipes.md.
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from lightning_dembed.models import DLRMModule
-from lightning_dembed.recipe import RecipeCLI
+from lightning_dembed.recipe import RecipeCLI, record_whole
 
 
 def cli(**kwargs: Any) -> RecipeCLI:
@@ -20,7 +19,7 @@ def cli(**kwargs: Any) -> RecipeCLI:
     return RecipeCLI(DLRMModule, LightningDataModule, **kwargs)
 
 
-@record  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
+@record_whole  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
 def main() -> None:
     cli()
 

@@ -9,11 +9,10 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from lightning_dembed.meta import MetaLearningLoop
 from lightning_dembed.models import DLRMModule
-from lightning_dembed.recipe import RecipeCLI
+from lightning_dembed.recipe import RecipeCLI, record_whole
 
 
 class MetaRecipeCLI(RecipeCLI):
@@ -27,7 +26,7 @@ def cli(**kwargs: Any) -> MetaRecipeCLI:
     return MetaRecipeCLI(DLRMModule, LightningDataModule, **kwargs)
 
 
-@record  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
+@record_whole  # under an elastic launcher, a failing rank's traceback goes to its error file for the launcher to show
 def main() -> None:
     cli()
 

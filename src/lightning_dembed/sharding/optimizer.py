@@ -22,6 +22,7 @@ __all__ = [
     "ParamGroupRef",
     "TableHyperParameters",
     "apply_embedding_optimizers",
+    "refuse_hand_picked_parameters_without_tables",
     "split_saved_optimizer_state",
     "table_param_groups",
 ]
@@ -236,6 +237,38 @@ def table_param_groups(
             for p in group["params"]:
                 holder.setdefault(id(p), ParamGroupRef(i, j))
     return {name: holder[id(p)] for name, p in tables.items() if id(p) in holder}
+
+
+def refuse_hand_picked_parameters_without_tables(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    optimizers: Sequence[torch.optim.Optimizer],
+    trainable_tables: Mapping[str, nn.Parameter],
+    held: Mapping[str, ParamGroupRef],
+) -> None:
+    """Refuse tables in no param group when the optimizers also leave dense parameters out.
+
+    Tables in no param group train by the ``dense_parameters(self)`` convention, with the first
+    optimizer's first group: the optimizers hold every other trainable parameter. Where they also
+    leave dense parameters out, the parameters were picked by hand (``SGD(self.mlp.parameters())``),
+    and under DDP none of those left out, tables included, would train.
+    """
+    unheld_tables = sorted(set(trainable_tables) - set(held))
+    if not unheld_tables:
+        return
+    in_optimizers = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    table_ids = {id(p) for p in trainable_tables.values()}
+    unheld_dense = [
+        name for name, p in named_parameters if p.requires_grad and id(p) not in in_optimizers and id(p) not in table_ids
+    ]
+    if unheld_dense:
+        raise ValueError(
+            f"configure_optimizers leaves tables {unheld_tables} and parameters {unheld_dense[:5]}"
+            f"{' ...' if len(unheld_dense) > 5 else ''} in no optimizer. Under strategy='ddp' none of them would "
+            "train; here tables in no optimizer would train with the first optimizer's first group. Say which: "
+            "freeze what should not train (requires_grad_(False)), put the tables in a param group, or give the "
+            "optimizer lightning_dembed.dense_parameters(self) (every parameter but the tables, which then train "
+            "with its first group)"
+        )
 
 
 def _fused_leaves(optimizer: KeyedOptimizer) -> Iterable[KeyedOptimizer]:

@@ -48,6 +48,7 @@ from lightning_dembed.checkpoint import (
     refuse_mismatched_keys,
     remove_sharded_checkpoint,
     reshaped_tensors,
+    saved_only_tensors,
     save_sharded_checkpoint,
 )
 from lightning_dembed.sharding.hooks import FeatureCheck, divide_only_row_wise_bags, register_output_order
@@ -58,6 +59,7 @@ from lightning_dembed.sharding.optimizer import (
     ParamGroupRef,
     TableHyperParameters,
     apply_embedding_optimizers,
+    refuse_hand_picked_parameters_without_tables,
     split_saved_optimizer_state,
     table_param_groups,
 )
@@ -577,9 +579,9 @@ class HybridParallelStrategy(DDPStrategy):
         """Each table's param group and the fused optimizer its kernel is built with.
 
         A table trains with the hyper-parameters of the param group that holds it (the fused twin of
-        that group's optimizer); a table in no group (the optimizer got ``dense_parameters(self)``)
-        with those of the first optimizer's first group, schedule included. An explicit
-        ``embedding_optimizer`` fixes them instead.
+        that group's optimizer); a table in no group (the optimizers got ``dense_parameters(self)``,
+        every parameter but the tables) with those of the first optimizer's first group, schedule
+        included. An explicit ``embedding_optimizer`` fixes them instead.
         """
         optimizers, schedulers = init_optimizers_and_lr_schedulers(module)
         # A frozen table (requires_grad=False) gets SGD at learning rate 0: FBGEMM updates every table
@@ -587,6 +589,8 @@ class HybridParallelStrategy(DDPStrategy):
         frozen = {name: FROZEN_TABLE for name, p in tables.items() if not p.requires_grad}
         trainable = {name: p for name, p in tables.items() if p.requires_grad}
         held = table_param_groups(optimizers, trainable)
+        if self._explicit_embedding_optimizer is None:
+            refuse_hand_picked_parameters_without_tables(module.named_parameters(), optimizers, trainable, held)
         explicit = self._explicit_embedding_optimizer
         if explicit is not None:
             scheduled = {id(config.scheduler.optimizer) for config in schedulers}
@@ -917,6 +921,12 @@ class HybridParallelStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options is not supported")
+        if self._dmp is None:
+            # After a failed setup (OnExceptionCheckpoint), or before any: nothing was sharded or trained.
+            raise CheckpointError(
+                f"{filepath} not saved: HybridParallelStrategy has not sharded the model (its setup has not run, "
+                "or failed: see the error above); checkpoints are written from a sharded model only"
+            )
         if self._backward_since_step:
             # Under DDP such a checkpoint holds the weights before the step, which a resume runs again.
             raise CheckpointError(
@@ -948,18 +958,19 @@ class HybridParallelStrategy(DDPStrategy):
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if Path(checkpoint_path).is_file():
             return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
-        meta, sizes = read_sharded_checkpoint(checkpoint_path, weights_only)
-        saved = {key[len("state_dict."):] for key in sizes if key.startswith("state_dict.")}
-        module = self.lightning_module
-        state = module.state_dict()
-        if module.strict_loading:  # else, as Module.load_state_dict(strict=False), the keys both have
-            refuse_mismatched_keys(type(module).__name__, state.keys() - saved, saved - state.keys(), checkpoint_path)
-        # Loaded in place into the shards; load_model_state_dict then takes what the hooks left.
-        tensors: dict[str, Any] = {"state_dict": {key: value for key, value in state.items() if key in saved}}
+        meta, saved = read_sharded_checkpoint(checkpoint_path, weights_only)
+        state = self.lightning_module.state_dict()
+        # What both hold loads in place into the module (its tables' shards); what only the checkpoint
+        # holds loads in full, as from a file under DDP. on_load_checkpoint may edit either, and
+        # load_model_state_dict then checks the keys and takes what the hooks left.
+        tensors: dict[str, Any] = {"state_dict": {
+            **{key: value for key, value in state.items() if f"state_dict.{key}" in saved},
+            **saved_only_tensors(saved, state),
+        }}
         if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
             self._refuse_moved_optimizer_state(meta, checkpoint_path)
             tensors.update(self._embedding_optimizer_state())
-            reshaped = reshaped_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, sizes)
+            reshaped = reshaped_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, saved)
             if reshaped:
                 # RowWiseAdagrad keeps one sum per row of each column shard: column-wise sharding over
                 # another number of shards changes the state's shape, which DCP cannot reshard.
@@ -1086,7 +1097,7 @@ class HybridParallelStrategy(DDPStrategy):
         state = checkpoint["state_dict"]
         module = self.lightning_module
         target = module.state_dict()
-        if strict:
+        if strict:  # else, as Module.load_state_dict(strict=False), the keys both have
             refuse_mismatched_keys(type(module).__name__, target.keys() - state.keys(), state.keys() - target.keys())
         copy_full_into_sharded(target, state)
 
