@@ -21,7 +21,7 @@ from __future__ import annotations
 import pickle
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -49,7 +49,9 @@ __all__ = [
     "read_sharded_checkpoint",
     "refuse_mismatched_keys",
     "reshaped_tensors",
-    "saved_only_tensors",
+    "saved_keys",
+    "saved_only_entries",
+    "unsaved_tensors",
     "mark_for_assignment",
     "remove_sharded_checkpoint",
     "save_sharded_checkpoint",
@@ -123,13 +125,14 @@ def remove_sharded_checkpoint(path: Union[str, Path]) -> None:
     _atomic.remove(path)
 
 
-def _check_files(path: Path) -> dict[str, Optional[torch.Tensor]]:
-    """Name a missing or truncated file before DCP fails on it with a message that does not.
+SavedItems = dict[tuple[str, ...], Optional[torch.Tensor]]
+"""What a checkpoint holds, by the path of keys DCP flattened (``("state_dict", "<parameter>")``):
+each tensor's full size and dtype as a tensor on the meta device, None for other objects."""
 
-    Returns what the checkpoint holds, by key flattened as DCP writes them
-    (``"state_dict.<parameter>"``): each tensor's full size and dtype, as a tensor on the meta
-    device (None for other objects).
-    """
+
+def _check_files(path: Path) -> SavedItems:
+    """Name a missing or truncated file before DCP fails on it with a message that does not; returns
+    what the checkpoint holds."""
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(
             f"{path} is not a sharded checkpoint directory (no {META_FILE} or DCP {_DCP_METADATA} in it); "
@@ -150,8 +153,9 @@ def _check_files(path: Path) -> dict[str, Optional[torch.Tensor]]:
             raise CheckpointError(
                 f"checkpoint {path}: shard file {file} is truncated ({file.stat().st_size} of {size} bytes)"
             )
+    key_paths = metadata.planner_data or {}  # DefaultSavePlanner's: flattened key -> path of keys
     return {
-        key: torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+        tuple(key_paths.get(key, (key,))): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
         if isinstance(item, TensorStorageMetadata) else None
         for key, item in metadata.state_dict_metadata.items()
     }
@@ -166,10 +170,8 @@ def _load_meta(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
 
 def read_sharded_checkpoint(
     path: Union[str, Path], weights_only: Optional[bool] = None
-) -> tuple[dict[str, Any], dict[str, Optional[torch.Tensor]]]:
-    """A checkpoint's ``meta`` and each tensor it holds as a meta-device tensor of its full size and
-    dtype (flattened keys, as ``"state_dict.<parameter>"``; None for objects that are not tensors),
-    its files checked first.
+) -> tuple[dict[str, Any], SavedItems]:
+    """A checkpoint's ``meta`` and what it holds (`SavedItems`), its files checked first.
 
     ``weights_only`` is passed to ``torch.load`` for ``meta.pt``, as Lightning does for a
     checkpoint file.
@@ -193,39 +195,55 @@ def load_sharded_tensors(path: Union[str, Path], tensors: dict[str, Any]) -> Non
     dcp.load(tensors, checkpoint_id=path)
 
 
+def _tensor_leaves(
+    tensors: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
+    for key, value in tensors.items():
+        if isinstance(value, Mapping):
+            yield from _tensor_leaves(value, (*prefix, key))
+        elif isinstance(value, torch.Tensor):
+            yield (*prefix, key), value
+
+
 def reshaped_tensors(
-    tensors: Mapping[str, Any], saved: Mapping[str, Optional[torch.Tensor]], prefix: str = ""
+    tensors: Mapping[str, Any], saved: SavedItems
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """The tensors in ``tensors`` (nested dicts) whose full size differs from the one the checkpoint
-    saved (``saved`` from `read_sharded_checkpoint`), by flattened key: ``(saved, here)``."""
-    reshaped = {}
-    for key, value in tensors.items():
-        flat = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            reshaped.update(reshaped_tensors(value, saved, flat + "."))
-        elif isinstance(value, torch.Tensor) and saved.get(flat) is not None:
-            was, here = tuple(saved[flat].size()), tuple(value.size())
-            if was != here:
-                reshaped[flat] = (was, here)
-    return reshaped
-
-
-def saved_only_tensors(
-    saved: Mapping[str, Optional[torch.Tensor]], present: Iterable[str], prefix: str = "state_dict."
-) -> dict[str, torch.Tensor]:
-    """Empty full tensors (CPU, the saved size and dtype) for the tensors under ``prefix`` that the
-    checkpoint holds and ``present`` lacks, by key without the prefix.
-
-    DCP loads only the keys it is given a tensor for; a load that must also hand over what the
-    module does not have (for ``on_load_checkpoint`` to rename, or for a strict check to name) gives
-    it these to load into, in full on every rank, as a ``torch.load`` of a whole file would.
-    """
-    present = set(present)
+    saved (``saved`` from `read_sharded_checkpoint`), by dotted key: ``(saved, here)``."""
     return {
-        key[len(prefix):]: torch.empty_like(meta, device="cpu")
-        for key, meta in saved.items()
-        if key.startswith(prefix) and meta is not None and key[len(prefix):] not in present
+        ".".join(key): (tuple(saved[key].size()), tuple(value.size()))
+        for key, value in _tensor_leaves(tensors)
+        if saved.get(key) is not None and saved[key].size() != value.size()
     }
+
+
+def unsaved_tensors(tensors: Mapping[str, Any], saved: SavedItems) -> list[str]:
+    """The tensors in ``tensors`` (nested dicts) that the checkpoint does not hold, by dotted key."""
+    return [".".join(key) for key, _ in _tensor_leaves(tensors) if key not in saved]
+
+
+def saved_keys(saved: SavedItems, under: str = "state_dict") -> set[str]:
+    """The keys of the checkpoint's dict ``under`` (its first level)."""
+    return {key[1] for key in saved if len(key) > 1 and key[0] == under}
+
+
+def saved_only_entries(saved: SavedItems, present: Collection[str], under: str = "state_dict") -> dict[str, Any]:
+    """Places to load what the checkpoint's dict ``under`` holds and ``present`` lacks, nested as saved:
+    empty full tensors (CPU, the saved size and dtype), and None for other objects.
+
+    DCP loads only the keys it is given a place for; a load that must hand over what the module does
+    not have (for ``on_load_checkpoint`` to rename or drop) gives it these, loaded in full on every
+    rank as a ``torch.load`` of a whole file would be.
+    """
+    entries: dict[str, Any] = {}
+    for key, meta in saved.items():
+        if len(key) < 2 or key[0] != under or key[1] in present:
+            continue
+        node = entries
+        for part in key[1:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = None if meta is None else torch.empty_like(meta, device="cpu")
+    return entries
 
 
 def refuse_mismatched_keys(
@@ -299,7 +317,7 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
 
     ``sharded_state`` comes from a sharded module's ``state_dict()`` (its tensors are views of the
     live weights); each rank copies the slices it holds. Keys missing from ``full_state`` are left
-    alone.
+    alone; a tensor of another full size is refused as ``Module.load_state_dict`` refuses it.
     """
     for key, target in sharded_state.items():
         source = full_state.get(key)
@@ -308,6 +326,11 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
         if isinstance(source, (ShardedTensor, DTensor)):
             raise TypeError(
                 f"{key}: a sharded tensor other than the one loaded; give a full tensor to load into the shards"
+            )
+        if isinstance(target, torch.Tensor) and isinstance(source, torch.Tensor) and source.shape != target.shape:
+            raise RuntimeError(
+                f"size mismatch for {key}: copying a param with shape {source.shape} from checkpoint, the shape "
+                f"in current model is {target.shape}."
             )
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import traceback
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -250,12 +252,17 @@ def refusal_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *ar
     monkeypatch.setattr(sys, "argv", ["worker.py", "--out", str(tmp_path), "--devices", "1", "--global-batch",
                                       str(GLOBAL_BATCH), "--lr", str(LR), "--start-method", "popen", *args])
     monkeypatch.setattr(os, "environ", dict(os.environ))  # Lightning sets the process group's variables
+    # What the run sets for the whole process (seed_everything, Lightning's thread count) is put back.
+    threads, python_random, numpy_random = torch.get_num_threads(), random.getstate(), numpy.random.get_state()
     try:
-        with pytest.raises((ValueError, RuntimeError, TypeError)) as refused:
+        with torch.random.fork_rng(), pytest.raises((ValueError, RuntimeError, TypeError)) as refused:
             worker.main()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
+        random.setstate(python_random)
+        numpy.random.set_state(numpy_random)
     return "".join(traceback.format_exception(refused.value))
 
 

@@ -215,13 +215,17 @@ def test_a_config_error_is_one_message_before_any_process_starts(
     broken.write_text(shipped.read_text().replace("max_steps: 400", "max_stepz: 400"))
     (tmp_path / "_base.yaml").write_text((shipped.parent / "_base.yaml").read_text())
     monkeypatch.chdir(tmp_path)
+
+    def launch(args: list[str]) -> None:
+        raise AssertionError(f"the launcher started ranks for {args}: the config check let an error through")
+
+    monkeypatch.setattr("torch.distributed.run.main", launch)
     for config, override, error in [
         ("dlrm_synthetic_tiny", "--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
         ("dlrm_synthetic_tiny", "--trainer.max_steps=abc", 'Parser key "trainer.max_steps"'),
         (str(broken), "--trainer.max_steps=3", "max_stepz"),
         ("missing.yaml", "--trainer.max_steps=3", "neither a YAML file nor a shipped config"),
     ]:
-        # In this process: the launcher would start ranks here, so an error that passed the check would show.
         with pytest.raises(SystemExit) as exited:
             main(["run", config, "--devices", "2", override])
         captured = capsys.readouterr()

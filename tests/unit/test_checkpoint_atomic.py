@@ -19,8 +19,10 @@ from lightning_dembed.checkpoint import (
     read_sharded_checkpoint,
     remove_sharded_checkpoint,
     reshaped_tensors,
-    saved_only_tensors,
+    saved_keys,
+    saved_only_entries,
     save_sharded_checkpoint,
+    unsaved_tensors,
 )
 
 
@@ -182,14 +184,19 @@ def test_tensors_saved_with_another_shape_are_named(tmp_path: Path) -> None:
 
 
 def test_keys_only_the_checkpoint_has_load_in_full(tmp_path: Path) -> None:
-    # For on_load_checkpoint to rename, or the strict check to name, as from a file under DDP.
+    # For on_load_checkpoint to rename or drop, as from a file under DDP; objects and nested values too.
     path = tmp_path / "model.ckpt"
-    saved = {"kept": torch.ones(2), "renamed": torch.arange(6, dtype=torch.float16).view(2, 3)}
+    saved = {"kept": torch.ones(2), "renamed": torch.arange(6, dtype=torch.float16).view(2, 3),
+             "extra": {"version": 3, "scale": torch.full((1,), 2.0)}}
     save_sharded_checkpoint(path, {"state_dict": saved}, {}, is_global_zero=True, broadcast=lambda obj, src: obj)
     _, held = read_sharded_checkpoint(path)
+    assert saved_keys(held) == {"kept", "renamed", "extra"}
     module_state = {"kept": torch.zeros(2), "new": torch.zeros(1)}
-    extra = saved_only_tensors(held, module_state)
-    assert list(extra) == ["renamed"] and extra["renamed"].dtype == torch.float16
+    extra = saved_only_entries(held, module_state)
+    assert sorted(extra) == ["extra", "renamed"] and extra["renamed"].dtype == torch.float16
     tensors = {"state_dict": {"kept": module_state["kept"], **extra}}
     load_sharded_tensors(path, tensors)
-    assert module_state["kept"].eq(1).all() and tensors["state_dict"]["renamed"].equal(saved["renamed"])
+    loaded = tensors["state_dict"]
+    assert module_state["kept"].eq(1).all() and loaded["renamed"].equal(saved["renamed"])
+    assert loaded["extra"]["version"] == 3 and loaded["extra"]["scale"].eq(2).all()
+    assert unsaved_tensors({"state_dict": {"kept": 0, "gone": torch.zeros(1)}}, held) == ["state_dict.gone"]

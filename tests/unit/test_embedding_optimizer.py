@@ -126,14 +126,13 @@ def test_tables_left_out_with_hand_picked_parameters_are_refused() -> None:
     # picked by hand (the MLP only): under DDP the tables would not train, so neither guess is made.
     module = torch.nn.ModuleDict({"mlp": torch.nn.Linear(2, 1), "head": torch.nn.Linear(1, 1),
                                   "ebc": torch.nn.Embedding(4, 2)})
-    tables = {"t0": module["ebc"].weight}
-    every_dense = torch.optim.SGD([*module["mlp"].parameters(), *module["head"].parameters()], lr=0.1)
-    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [every_dense], tables, {})
-    mlp_only = torch.optim.SGD(module["mlp"].parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"tables \['t0'\] and parameters \['head.weight', 'head.bias'\]"):
-        refuse_hand_picked_parameters_without_tables(module.named_parameters(), [mlp_only], tables, {})
+    tables = ["ebc.weight"]
+    every_dense = ["mlp.weight", "mlp.bias", "head.weight", "head.bias"]
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), every_dense, tables, tables)
+    mlp_only = ["mlp.weight", "mlp.bias"]
+    with pytest.raises(ValueError, match=r"tables \['ebc.weight'\] and parameters \['head.weight', 'head.bias'\]"):
+        refuse_hand_picked_parameters_without_tables(module.named_parameters(), mlp_only, tables, tables)
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), mlp_only, tables, [])  # table frozen
     module["head"].requires_grad_(False)  # frozen by the user: nothing is left out
-    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [mlp_only], tables, {})
-    both = torch.optim.SGD([*module["mlp"].parameters(), module["ebc"].weight], lr=0.1)
-    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [both], tables,
-                                                 table_param_groups([both], tables))
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), mlp_only, tables, tables)
+    refuse_hand_picked_parameters_without_tables(module.named_parameters(), [*mlp_only, "ebc.weight"], tables, tables)

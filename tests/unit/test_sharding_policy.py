@@ -157,14 +157,30 @@ def test_ddp_arguments_torchrec_fixes_are_refused_by_name() -> None:
     assert strategy._data_parallel_wrapper._find_unused_parameters is True
 
 
-def test_no_checkpoint_from_a_strategy_that_sharded_nothing(tmp_path) -> None:
-    # OnExceptionCheckpoint after a failed setup: a named refusal, not an assertion.
+def test_a_module_the_strategy_has_not_sharded_is_saved_as_ddp_saves_it_or_refused(tmp_path) -> None:
+    # The launching process of a spawn/fork run holds the tables handed back: one plain file, as DDP
+    # writes. Tables still on meta (a setup that failed) cannot be saved: refused, or only warned
+    # of under OnExceptionCheckpoint, where the error that stopped the run is the one to see.
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.trainer.states import TrainerStatus
+
     from lightning_dembed import HybridParallelStrategy
     from lightning_dembed.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="has not sharded the model"):
-        HybridParallelStrategy().save_checkpoint({"state_dict": {}}, tmp_path / "on_exception.ckpt")
-    assert not (tmp_path / "on_exception.ckpt").exists()
+    trainer = Trainer(strategy=HybridParallelStrategy(), accelerator="cpu", devices=1, logger=False)
+    module = LightningModule()
+    module.layer = torch.nn.Linear(2, 1)
+    module.trainer = trainer
+    trainer.strategy.connect(module)
+    trainer.strategy.save_checkpoint({"state_dict": module.state_dict()}, tmp_path / "plain.ckpt")
+    assert torch.load(tmp_path / "plain.ckpt")["state_dict"].keys() == {"layer.weight", "layer.bias"}
+    module.layer.to_empty(device="meta")
+    with pytest.raises(CheckpointError, match=r"\['layer.weight', 'layer.bias'\] are not in this process's memory"):
+        trainer.strategy.save_checkpoint({"state_dict": module.state_dict()}, tmp_path / "meta.ckpt")
+    trainer.state.status = TrainerStatus.INTERRUPTED
+    with pytest.warns(UserWarning, match="the run failed before sharding it"):
+        trainer.strategy.save_checkpoint({"state_dict": module.state_dict()}, tmp_path / "on_exception.ckpt")
+    assert not (tmp_path / "meta.ckpt").exists() and not (tmp_path / "on_exception.ckpt").exists()
 
 
 def test_identical_tables_are_placed_in_table_order() -> None:

@@ -8,7 +8,7 @@ equivalent and attached to the tables before sharding, where TorchRec picks it u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -240,25 +240,26 @@ def table_param_groups(
 
 
 def refuse_hand_picked_parameters_without_tables(
-    named_parameters: Iterable[tuple[str, nn.Parameter]],
-    optimizers: Sequence[torch.optim.Optimizer],
-    trainable_tables: Mapping[str, nn.Parameter],
-    held: Mapping[str, ParamGroupRef],
+    named_parameters: Iterable[tuple[str, nn.Parameter]], held: Collection[str], tables: Collection[str],
+    trainable_tables: Collection[str],
 ) -> None:
-    """Refuse tables in no param group when the optimizers also leave dense parameters out.
+    """Refuse trainable tables in no param group when the optimizers also leave dense parameters out.
 
     Tables in no param group train by the ``dense_parameters(self)`` convention, with the first
     optimizer's first group: the optimizers hold every other trainable parameter. Where they also
     leave dense parameters out, the parameters were picked by hand (``SGD(self.mlp.parameters())``),
     and under DDP none of those left out, tables included, would train.
+
+    Args:
+        named_parameters: the module's.
+        held: the names of the parameters the optimizers hold, as ``configure_optimizers`` gave them.
+        tables: the names of the embedding tables' parameters; ``trainable_tables``: those not frozen.
     """
     unheld_tables = sorted(set(trainable_tables) - set(held))
     if not unheld_tables:
         return
-    in_optimizers = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-    table_ids = {id(p) for p in trainable_tables.values()}
     unheld_dense = [
-        name for name, p in named_parameters if p.requires_grad and id(p) not in in_optimizers and id(p) not in table_ids
+        name for name, p in named_parameters if p.requires_grad and name not in held and name not in tables
     ]
     if unheld_dense:
         raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import (
+    Callback,
     GradientAccumulationScheduler,
     ModelPruning,
     StochasticWeightAveraging,
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -48,8 +49,10 @@ from lightning_dembed.checkpoint import (
     refuse_mismatched_keys,
     remove_sharded_checkpoint,
     reshaped_tensors,
-    saved_only_tensors,
+    saved_keys,
+    saved_only_entries,
     save_sharded_checkpoint,
+    unsaved_tensors,
 )
 from lightning_dembed.sharding.hooks import FeatureCheck, divide_only_row_wise_bags, register_output_order
 from lightning_dembed.sharding.lookup import LookupPipeline, ShardedLookup
@@ -589,8 +592,6 @@ class HybridParallelStrategy(DDPStrategy):
         frozen = {name: FROZEN_TABLE for name, p in tables.items() if not p.requires_grad}
         trainable = {name: p for name, p in tables.items() if p.requires_grad}
         held = table_param_groups(optimizers, trainable)
-        if self._explicit_embedding_optimizer is None:
-            refuse_hand_picked_parameters_without_tables(module.named_parameters(), optimizers, trainable, held)
         explicit = self._explicit_embedding_optimizer
         if explicit is not None:
             scheduled = {id(config.scheduler.optimizer) for config in schedulers}
@@ -826,9 +827,16 @@ class HybridParallelStrategy(DDPStrategy):
         # Each group's parameters as configure_optimizers gave them, tables included: what a
         # checkpoint written under strategy="ddp" numbers its optimizer state by.
         self._configured_param_names = self._param_names_by_group()
+        trainable = {name for name, o in self._table_optimizers.items() if o is not FROZEN_TABLE}
+        if self._explicit_embedding_optimizer is None:  # checked every fit: the kernels may come from validate
+            refuse_hand_picked_parameters_without_tables(
+                self.lightning_module.named_parameters(),
+                {name for groups in self._configured_param_names for group in groups for name in group},
+                self._table_optimizers,
+                trainable,
+            )
         # Tables are stepped inside backward by FBGEMM; keep them out of the dense optimizers.
         dropped_bytes = 0
-        trainable = {name for name, o in self._table_optimizers.items() if o is not FROZEN_TABLE}
         self._trained_tables_by_optimizer = {}
         for optimizer, names in zip(self.optimizers, self._configured_param_names):
             for group in optimizer.param_groups:
@@ -922,11 +930,10 @@ class HybridParallelStrategy(DDPStrategy):
             raise TypeError("HybridParallelStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options is not supported")
         if self._dmp is None:
-            # After a failed setup (OnExceptionCheckpoint), or before any: nothing was sharded or trained.
-            raise CheckpointError(
-                f"{filepath} not saved: HybridParallelStrategy has not sharded the model (its setup has not run, "
-                "or failed: see the error above); checkpoints are written from a sharded model only"
-            )
+            # Nothing sharded here: before setup or after a failed one (OnExceptionCheckpoint), or in the
+            # launching process of a spawn/fork run, which holds the tables handed back.
+            self._save_unsharded_checkpoint(checkpoint, filepath)
+            return
         if self._backward_since_step:
             # Under DDP such a checkpoint holds the weights before the step, which a resume runs again.
             raise CheckpointError(
@@ -953,23 +960,60 @@ class HybridParallelStrategy(DDPStrategy):
             broadcast=lambda obj, src: self.broadcast(obj, src=src),
         )
 
+    def _save_unsharded_checkpoint(self, checkpoint: dict[str, Any], filepath: Union[str, Path]) -> None:
+        """One plain file, as DDP writes it, of a module this strategy has not sharded (``load_checkpoint``
+        reads it as a warm start); refused where the module holds tables sharded elsewhere or still on meta."""
+        module = self.lightning_module
+        unsaveable = [name for name, m in module.named_modules() if isinstance(m, ShardedModule)] + [
+            key for key, value in checkpoint["state_dict"].items() if isinstance(value, torch.Tensor) and value.is_meta
+        ]
+        if not unsaveable:
+            super().save_checkpoint(checkpoint, filepath)
+            return
+        message = (
+            f"{filepath} not saved: {unsaveable[:3]} are not in this process's memory (tables on the meta "
+            "device, or sharded by another Trainer) and HybridParallelStrategy has not sharded this module"
+        )
+        if module.trainer.state.status == TrainerStatus.INTERRUPTED:
+            # OnExceptionCheckpoint after a failed setup: the error that stopped the run is the one to see.
+            rank_zero_warn(message + " (the run failed before sharding it)")
+            return
+        raise CheckpointError(message + ": save after fit, validate, test or predict has set it up")
+
     @override
     def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if Path(checkpoint_path).is_file():
             return self._load_full_checkpoint(checkpoint_path, weights_only, fitting)
         meta, saved = read_sharded_checkpoint(checkpoint_path, weights_only)
-        state = self.lightning_module.state_dict()
-        # What both hold loads in place into the module (its tables' shards); what only the checkpoint
-        # holds loads in full, as from a file under DDP. on_load_checkpoint may edit either, and
-        # load_model_state_dict then checks the keys and takes what the hooks left.
-        tensors: dict[str, Any] = {"state_dict": {
-            **{key: value for key, value in state.items() if f"state_dict.{key}" in saved},
-            **saved_only_tensors(saved, state),
-        }}
+        module = self.lightning_module
+        state = module.state_dict()
+        in_checkpoint = saved_keys(saved)
+        # What both hold loads in place into the module (its tables' shards). Where an
+        # on_load_checkpoint hook may rename, drop or add keys, what only the checkpoint holds loads
+        # in full, as from a file under DDP, and load_model_state_dict checks the keys the hooks
+        # left; else they are checked here, by name, without loading what would be refused or unused.
+        saved_only: dict[str, Any] = {}
+        if self._hooks_see_the_state_dict():
+            saved_only = saved_only_entries(saved, state)
+        elif module.strict_loading:
+            refuse_mismatched_keys(
+                type(module).__name__, state.keys() - in_checkpoint, in_checkpoint - state.keys(), checkpoint_path
+            )
+        tensors: dict[str, Any] = {
+            "state_dict": {**{key: value for key, value in state.items() if key in in_checkpoint}, **saved_only}
+        }
         if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
             self._refuse_moved_optimizer_state(meta, checkpoint_path)
             tensors.update(self._embedding_optimizer_state())
+            unsaved = unsaved_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, saved)
+            if unsaved:
+                raise CheckpointError(
+                    f"{checkpoint_path} holds no optimizer state for {unsaved}: the tables were saved under other "
+                    "names (on_load_checkpoint renames weights only) or with an optimizer that keeps none. Resume "
+                    "with the tables' names and optimizer as saved, or warm start from consolidate_checkpoint's "
+                    "file, where their optimizer state starts fresh"
+                )
             reshaped = reshaped_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, saved)
             if reshaped:
                 # RowWiseAdagrad keeps one sum per row of each column shard: column-wise sharding over
@@ -989,6 +1033,13 @@ class HybridParallelStrategy(DDPStrategy):
             self._dmp.fused_optimizer.load_state_dict(fused)
         meta["state_dict"] = tensors["state_dict"]
         return meta
+
+    def _hooks_see_the_state_dict(self) -> bool:
+        """Whether an ``on_load_checkpoint`` (the module's or a callback's) may edit the loaded state dict."""
+        module = self.lightning_module
+        return is_overridden("on_load_checkpoint", module) or any(
+            is_overridden("on_load_checkpoint", callback, Callback) for callback in module.trainer.callbacks
+        )
 
     def _stateful_replicated_tables(self) -> list[str]:
         """The tables planned data_parallel whose optimizer keeps state (it sits in the dense optimizers)."""
