@@ -51,6 +51,7 @@ __all__ = [
     "reshaped_tensors",
     "saved_keys",
     "saved_only_entries",
+    "set_extra_states",
     "unsaved_tensors",
     "mark_for_assignment",
     "remove_sharded_checkpoint",
@@ -346,6 +347,15 @@ def copy_full_into_sharded(sharded_state: dict[str, Any], full_state: dict[str, 
             local.copy_(source[index])
         elif isinstance(target, torch.Tensor):
             target.copy_(source)
+
+
+def set_extra_states(module: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Hand each submodule that defines ``set_extra_state`` its value in ``state``, as
+    ``Module.load_state_dict`` does (``copy_full_into_sharded`` copies tensors only)."""
+    for name, submodule in module.named_modules():
+        key = f"{name}._extra_state" if name else "_extra_state"  # Module.state_dict's name for it
+        if key in state and type(submodule).set_extra_state is not torch.nn.Module.set_extra_state:
+            submodule.set_extra_state(state[key])
 
 
 def local_tensors(value: Any) -> list[torch.Tensor]:

@@ -183,6 +183,32 @@ def test_a_module_the_strategy_has_not_sharded_is_saved_as_ddp_saves_it_or_refus
     assert not (tmp_path / "meta.ckpt").exists() and not (tmp_path / "on_exception.ckpt").exists()
 
 
+def test_loading_hands_modules_their_extra_state_as_load_state_dict_does() -> None:
+    from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_dembed import HybridParallelStrategy
+
+    class Vocabulary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words = ["a"]
+
+        def get_extra_state(self) -> dict:
+            return {"words": self.words}
+
+        def set_extra_state(self, state: dict) -> None:
+            self.words = state["words"]
+
+    trainer = Trainer(strategy=HybridParallelStrategy(), accelerator="cpu", devices=1, logger=False)
+    module = LightningModule()
+    module.vocabulary, module.layer = Vocabulary(), torch.nn.Linear(2, 1)
+    module.trainer = trainer
+    trainer.strategy.connect(module)
+    state = {**module.state_dict(), "vocabulary._extra_state": {"words": ["a", "b"]}}
+    trainer.strategy.load_model_state_dict({"state_dict": state})
+    assert module.vocabulary.words == ["a", "b"]
+
+
 def test_identical_tables_are_placed_in_table_order() -> None:
     from lightning_dembed.sharding.planner import plan_sharding
     from lightning_dembed.sharding.sharders import default_sharders

@@ -52,6 +52,7 @@ from lightning_dembed.checkpoint import (
     saved_keys,
     saved_only_entries,
     save_sharded_checkpoint,
+    set_extra_states,
     unsaved_tensors,
 )
 from lightning_dembed.sharding.hooks import FeatureCheck, divide_only_row_wise_bags, register_output_order
@@ -1151,6 +1152,7 @@ class HybridParallelStrategy(DDPStrategy):
         if strict:  # else, as Module.load_state_dict(strict=False), the keys both have
             refuse_mismatched_keys(type(module).__name__, target.keys() - state.keys(), state.keys() - target.keys())
         copy_full_into_sharded(target, state)
+        set_extra_states(module, state)
 
     @override
     def remove_checkpoint(self, filepath: Union[str, Path]) -> None:
