@@ -10,7 +10,6 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import (
-    Callback,
     GradientAccumulationScheduler,
     ModelPruning,
     StochasticWeightAveraging,
@@ -990,12 +989,12 @@ class HybridParallelStrategy(DDPStrategy):
         module = self.lightning_module
         state = module.state_dict()
         in_checkpoint = saved_keys(saved)
-        # What both hold loads in place into the module (its tables' shards). Where an
-        # on_load_checkpoint hook may rename, drop or add keys, what only the checkpoint holds loads
+        # What both hold loads in place into the module (its tables' shards). Where the module's
+        # on_load_checkpoint may rename, drop or add keys, what only the checkpoint holds loads
         # in full, as from a file under DDP, and load_model_state_dict checks the keys the hooks
         # left; else they are checked here, by name, without loading what would be refused or unused.
         saved_only: dict[str, Any] = {}
-        if self._hooks_see_the_state_dict():
+        if is_overridden("on_load_checkpoint", module):  # callbacks' hooks run after the weights load
             saved_only = saved_only_entries(saved, state)
         elif module.strict_loading:
             refuse_mismatched_keys(
@@ -1034,13 +1033,6 @@ class HybridParallelStrategy(DDPStrategy):
             self._dmp.fused_optimizer.load_state_dict(fused)
         meta["state_dict"] = tensors["state_dict"]
         return meta
-
-    def _hooks_see_the_state_dict(self) -> bool:
-        """Whether an ``on_load_checkpoint`` (the module's or a callback's) may edit the loaded state dict."""
-        module = self.lightning_module
-        return is_overridden("on_load_checkpoint", module) or any(
-            is_overridden("on_load_checkpoint", callback, Callback) for callback in module.trainer.callbacks
-        )
 
     def _stateful_replicated_tables(self) -> list[str]:
         """The tables planned data_parallel whose optimizer keeps state (it sits in the dense optimizers)."""
