@@ -223,13 +223,13 @@ def unsaved_tensors(tensors: Mapping[str, Any], saved: SavedItems) -> list[str]:
     return [".".join(key) for key, _ in _tensor_leaves(tensors) if key not in saved]
 
 
-def saved_keys(saved: SavedItems, under: str = "state_dict") -> set[str]:
-    """The keys of the checkpoint's dict ``under`` (its first level)."""
-    return {key[1] for key in saved if len(key) > 1 and key[0] == under}
+def saved_keys(saved: SavedItems) -> set[str]:
+    """The keys of the checkpoint's ``state_dict`` (its first level)."""
+    return {key[1] for key in saved if len(key) > 1 and key[0] == "state_dict"}
 
 
-def saved_only_entries(saved: SavedItems, present: Collection[str], under: str = "state_dict") -> dict[str, Any]:
-    """Places to load what the checkpoint's dict ``under`` holds and ``present`` lacks, nested as saved:
+def saved_only_entries(saved: SavedItems, present: Collection[str]) -> dict[str, Any]:
+    """Places to load what the checkpoint's ``state_dict`` holds and ``present`` lacks, nested as saved:
     empty full tensors (CPU, the saved size and dtype), and None for other objects.
 
     DCP loads only the keys it is given a place for; a load that must hand over what the module does
@@ -238,7 +238,7 @@ def saved_only_entries(saved: SavedItems, present: Collection[str], under: str =
     """
     entries: dict[str, Any] = {}
     for key, meta in saved.items():
-        if len(key) < 2 or key[0] != under or key[1] in present:
+        if len(key) < 2 or key[0] != "state_dict" or key[1] in present:
             continue
         node = entries
         for part in key[1:-1]:

@@ -157,21 +157,30 @@ def test_ddp_arguments_torchrec_fixes_are_refused_by_name() -> None:
     assert strategy._data_parallel_wrapper._find_unused_parameters is True
 
 
+def trainer_holding(module):
+    """A one-process Trainer on HybridParallelStrategy with ``module`` attached, not set up (nothing sharded)."""
+    from lightning.pytorch import Trainer
+
+    from lightning_dembed import HybridParallelStrategy
+
+    trainer = Trainer(strategy=HybridParallelStrategy(), accelerator="cpu", devices=1, logger=False)
+    module.trainer = trainer
+    trainer.strategy.connect(module)
+    return trainer
+
+
 def test_a_module_the_strategy_has_not_sharded_is_saved_as_ddp_saves_it_or_refused(tmp_path) -> None:
     # The launching process of a spawn/fork run holds the tables handed back: one plain file, as DDP
     # writes. Tables still on meta (a setup that failed) cannot be saved: refused, or only warned
     # of under OnExceptionCheckpoint, where the error that stopped the run is the one to see.
-    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch import LightningModule
     from lightning.pytorch.trainer.states import TrainerStatus
 
-    from lightning_dembed import HybridParallelStrategy
     from lightning_dembed.checkpoint import CheckpointError
 
-    trainer = Trainer(strategy=HybridParallelStrategy(), accelerator="cpu", devices=1, logger=False)
     module = LightningModule()
     module.layer = torch.nn.Linear(2, 1)
-    module.trainer = trainer
-    trainer.strategy.connect(module)
+    trainer = trainer_holding(module)
     trainer.strategy.save_checkpoint({"state_dict": module.state_dict()}, tmp_path / "plain.ckpt")
     assert torch.load(tmp_path / "plain.ckpt")["state_dict"].keys() == {"layer.weight", "layer.bias"}
     module.layer.to_empty(device="meta")
@@ -184,9 +193,7 @@ def test_a_module_the_strategy_has_not_sharded_is_saved_as_ddp_saves_it_or_refus
 
 
 def test_loading_hands_modules_their_extra_state_as_load_state_dict_does() -> None:
-    from lightning.pytorch import LightningModule, Trainer
-
-    from lightning_dembed import HybridParallelStrategy
+    from lightning.pytorch import LightningModule
 
     class Vocabulary(torch.nn.Module):
         def __init__(self) -> None:
@@ -199,11 +206,9 @@ def test_loading_hands_modules_their_extra_state_as_load_state_dict_does() -> No
         def set_extra_state(self, state: dict) -> None:
             self.words = state["words"]
 
-    trainer = Trainer(strategy=HybridParallelStrategy(), accelerator="cpu", devices=1, logger=False)
     module = LightningModule()
     module.vocabulary, module.layer = Vocabulary(), torch.nn.Linear(2, 1)
-    module.trainer = trainer
-    trainer.strategy.connect(module)
+    trainer = trainer_holding(module)
     state = {**module.state_dict(), "vocabulary._extra_state": {"words": ["a", "b"]}}
     trainer.strategy.load_model_state_dict({"state_dict": state})
     assert module.vocabulary.words == ["a", "b"]

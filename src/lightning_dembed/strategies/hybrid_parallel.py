@@ -1006,7 +1006,8 @@ class HybridParallelStrategy(DDPStrategy):
         if fitting and "optimizer_states" in meta:  # else weights only: Lightning names that itself
             self._refuse_moved_optimizer_state(meta, checkpoint_path)
             tensors.update(self._embedding_optimizer_state())
-            unsaved = unsaved_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, saved)
+            optimizer_state = {"embedding_optimizer": tensors.get("embedding_optimizer", {})}
+            unsaved = unsaved_tensors(optimizer_state, saved)
             if unsaved:
                 raise CheckpointError(
                     f"{checkpoint_path} holds no optimizer state for {unsaved}: the tables were saved under other "
@@ -1014,7 +1015,7 @@ class HybridParallelStrategy(DDPStrategy):
                     "with the tables' names and optimizer as saved, or warm start from consolidate_checkpoint's "
                     "file, where their optimizer state starts fresh"
                 )
-            reshaped = reshaped_tensors({"embedding_optimizer": tensors.get("embedding_optimizer", {})}, saved)
+            reshaped = reshaped_tensors(optimizer_state, saved)
             if reshaped:
                 # RowWiseAdagrad keeps one sum per row of each column shard: column-wise sharding over
                 # another number of shards changes the state's shape, which DCP cannot reshard.
