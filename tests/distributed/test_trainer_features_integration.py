@@ -165,6 +165,15 @@ def test_a_step_that_edits_its_ids_trains_unpipelined_as_ddp(tmp_path: Path) -> 
     assert used_ahead(tmp_path) == {0}
 
 
+def test_a_step_that_edits_its_ids_on_one_rank_only_fails_there_naming_pipeline_off(tmp_path: Path) -> None:
+    # The other rank uses the input exchanged ahead without waiting for the first to decide.
+    proc = run_worker(tmp_path, "--steps", str(STEPS), "--touch-ids-on-rank", "1", "--sized",
+                      "--policy", every_table("row_wise"), expect_ok=False)
+    assert proc.returncode != 0
+    assert "on rank 1 this step's forward was given other sparse features than the batch's" in proc.stderr
+    assert "HybridParallelStrategy(pipeline=False)" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "sharding", ["row_wise", "table_row_wise", "table_wise", "column_wise", "data_parallel"]
 )

@@ -297,6 +297,7 @@ def main() -> None:
     p.add_argument("--rank-steps", default=None, help="batches per epoch of each rank, e.g. 3,4")
     p.add_argument("--sized", action="store_true", help="the train data has a length (pipelined)")
     p.add_argument("--touch-ids", action="store_true", help="training_step edits the batch's ids in place (+0)")
+    p.add_argument("--touch-ids-on-rank", type=int, default=None, help="as --touch-ids, on this rank only")
     p.add_argument("--val-every", type=int, default=None, help="validate 2 batches every N train batches")
     p.add_argument("--trainable-weights", action="store_true", help="--weighted, ids' weights times a parameter")
     p.add_argument("--checkpoint-hooks", action="store_true",
@@ -352,8 +353,12 @@ def main() -> None:
                 optimizer.step(closure=optimizer_closure)
 
         module.optimizer_step = optimizer_step
-    if args.touch_ids:  # same ids, but edited: the pipeline must not trust them
-        wrap_training_step(module, edit_batch=lambda batch: batch.sparse_features.values().add_(0))
+    if args.touch_ids or args.touch_ids_on_rank is not None:  # same ids, but edited: the pipeline must not trust them
+        def touch_ids(batch):
+            if args.touch_ids or module.global_rank == args.touch_ids_on_rank:
+                batch.sparse_features.values().add_(0)
+
+        wrap_training_step(module, edit_batch=touch_ids)
     if args.checkpoint_hooks:
         def on_save_checkpoint(checkpoint):
             torch.save(sorted(checkpoint["state_dict"]), out / f"saved_keys{module.global_rank}.pt")

@@ -15,7 +15,9 @@ module of the strategy and keeps what the strategy adds around it in the same pl
   `TrainPipelineSparseDist` does; the forward then uses it when it is called with those very
   features (same tensors, unchanged since), and otherwise runs the input stage itself. A model
   that builds or edits its features inside the step therefore trains exactly as unpipelined, only
-  without the overlap.
+  without the overlap. It must do so on every rank alike: a forward given other features on some
+  ranks only fails there, naming ``pipeline=False`` (the other ranks' exchanges, started ahead,
+  cannot pair with a new one on those ranks alone).
 
 Ids are checked on the hot path by FBGEMM's kernels (``BoundsCheckMode.FATAL``, no host sync).
 Where its error is a host exception (CPU), the lookup re-checks that batch and raises a message
@@ -144,6 +146,7 @@ class ShardedLookup:
         self.prefetching = True
         self.used_ahead = 0  # forwards that found their input stage done ahead
         self._started: list[_StartedInput] = []
+        self._last_count: Optional[dist.Work] = None  # the last forward's count of ranks not using theirs
 
     def feeds(self, features: KeyedJaggedTensor) -> bool:
         """Whether ``features`` holds exactly this module's features (what the forward will be given)."""
@@ -177,9 +180,15 @@ class ShardedLookup:
 
     def drain(self) -> None:
         """Finish every exchange started ahead: every rank started them, so every rank waits for them."""
+        self._wait_last_count()
         for started in self._started:
             started.dist_input()
         self._started = []
+
+    def _wait_last_count(self) -> None:
+        if self._last_count is not None:
+            self._last_count.wait()
+            self._last_count = None
 
     def _stop_prefetching(self) -> None:
         self.drain()
@@ -191,19 +200,36 @@ class ShardedLookup:
         )
 
     def _take(self, features: KeyedJaggedTensor) -> Optional[_StartedInput]:
-        """The input started ahead for ``features``, if every rank has its own batch's there.
+        """The input started ahead for ``features``; None where every rank runs the input stage anew.
 
-        Whether a forward is given the batch as fetched can differ between ranks (a step that pads
-        only a short batch builds new features on that rank only), and a rank that skipped the
-        input stage would leave the others alone in its all-to-alls: the ranks agree first, on
-        the control group, off the model's collectives. Inputs are used in the order they were
+        Whether a forward is given the batch as fetched is decided by each rank from its own
+        batch, and all ranks must decide alike: a rank that ran the input stage anew would leave
+        the others alone in its all-to-alls. The ranks count those not given their batch (a sum on
+        the control group, off the model's collectives) without stopping for it: a rank given its
+        batch uses the input started ahead at once and completes the count later; a rank given
+        other features waits for the count, runs the input stage anew where every rank does, and
+        fails where some ranks have already gone on. Inputs are used in the order they were
         fetched; those never used pile up until `prefetch` stops (on every rank alike).
         """
+        self._wait_last_count()
         if not self._started:  # the same on every rank: prefetches are
             return None
-        mismatch = torch.tensor([0 if self._started[0].same_as(features) else 1], dtype=torch.int32)
-        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=self.control_group)
-        return None if int(mismatch) else self._started.pop(0)
+        given_other = not self._started[0].same_as(features)
+        count = torch.tensor([int(given_other)], dtype=torch.int32)
+        work = dist.all_reduce(count, op=dist.ReduceOp.SUM, group=self.control_group, async_op=True)
+        if not given_other:
+            self._last_count = work
+            return self._started.pop(0)
+        work.wait()
+        if int(count) < dist.get_world_size(self.control_group):
+            raise ValueError(
+                f"{self.check.module_path}: on rank {dist.get_rank()} this step's forward was given other sparse "
+                "features than the batch's (built or changed in the step), on other ranks the batch's own. Those "
+                "ranks' input exchanges were started a batch ahead and cannot pair with a new one on some ranks "
+                "alone. Build or change the features alike on every rank, or train unpipelined: "
+                "HybridParallelStrategy(pipeline=False)"
+            )
+        return None
 
     def _count_trained_forward(self) -> None:
         self.forwards_since_backward += 1
