@@ -252,9 +252,12 @@ def test_a_failing_rank_is_the_last_thing_the_launcher_prints(tmp_path: Path) ->
 
 def test_a_failing_rank_is_the_last_thing_a_script_launched_run_prints(tmp_path: Path) -> None:
     # Lightning's script launcher: rank 0 is the launching process, and fails second ("Connection closed by peer").
+    temp = tmp_path / "tmp"  # where the ranks' error folder goes, and is gone from once rank 0 exited
+    temp.mkdir()
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "failing_rank.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temp)})
     assert proc.returncode == 1, proc.stderr[-5000:]  # an error, not Lightning's observer's SIGKILL (-9)
+    assert not list(temp.glob("lightning-dembed-rank-errors-*"))
     assert proc.stderr.strip().splitlines()[-1].endswith("RuntimeError: rank 1 fails here on purpose, at step 2")
     last_error = proc.stderr[proc.stderr.rindex("The above exception was the direct cause"):]
     assert "RankFailedFirst: rank 1 failed first; its error:" in last_error and "Connection closed" not in last_error

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -81,7 +83,8 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
     Rank 0 is the launching process and the other ranks re-run its script. When rank 1 raises, rank
     0 fails next, in a collective ("Connection closed by peer"), and as the launching process its
     error is the last thing on screen. Here every rank that raises writes its traceback to a file
-    in a folder rank 0 creates (``LIGHTNING_DEMBED_RANK_ERRORS``, inherited by the ranks it starts),
+    in a folder rank 0 creates (``LIGHTNING_DEMBED_RANK_ERRORS``, inherited by the ranks it starts,
+    and removed when rank 0 exits: its later fits run on the same ranks and use the same folder),
     as torch elastic's ``@record`` does under ``torchrun``; rank 0, failing, waits a moment for the
     other ranks to exit, ends those that have not, and, if another rank's file was written before
     its own, raises `RankFailedFirst` with that rank's traceback, chained to its own error.
@@ -90,6 +93,7 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
         if not self.cluster_environment.creates_processes_externally and ERROR_DIR_VARIABLE not in os.environ:
             os.environ[ERROR_DIR_VARIABLE] = tempfile.mkdtemp(prefix="lightning-dembed-rank-errors-")
+            atexit.register(shutil.rmtree, os.environ[ERROR_DIR_VARIABLE], ignore_errors=True)
         error_dir = os.environ.get(ERROR_DIR_VARIABLE)
         started_ns = time.time_ns()
         try:
@@ -100,7 +104,8 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
             if error_dir is None:  # started by another launcher (torchrun, SLURM): it reports failures
                 raise
             rank = self.cluster_environment.global_rank()
-            Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "traceback": traceback.format_exc()}))
+            if Path(error_dir).is_dir():  # gone once rank 0 has exited; then no one reads it
+                Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "traceback": traceback.format_exc()}))
             if self.procs:  # this process started the others
                 # Lightning's observer would SIGKILL this process, maybe before its error is printed,
                 # once the failure reached a started rank; this process ends those ranks itself.
