@@ -31,7 +31,7 @@ from test_hybrid_parallel_integration import (  # noqa: E402
     global_losses,
     run_worker,
 )
-from tiny import GlobalBatches, TinyRecModule, reference_run  # noqa: E402
+from tiny import TABLES, GlobalBatches, TinyRecModule, reference_run  # noqa: E402
 
 STEPS = 4
 
@@ -396,6 +396,26 @@ def test_warm_start_from_a_consolidated_checkpoint(tmp_path: Path) -> None:
     assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
 
 
+def test_warm_start_under_a_plan_that_replicates_other_tables_keeps_each_state_with_its_parameter(
+        tmp_path: Path) -> None:
+    # Saved with t0 replicated (its Adagrad state among the dense optimizer's), warm started with t2
+    # replicated instead: t0's state goes to its fused kernel, the dense parameters keep theirs, and
+    # what the consolidated file lacks (the sharded tables' fused state, here t1, t2, t3) starts anew.
+    def policy(replicated: str) -> str:
+        return json.dumps({"sharding_types": {name: "data_parallel" if name == replicated else "row_wise"
+                                              for name, _, _ in TABLES}})
+
+    common = ("--steps", "2", "--optimizer", "adagrad")
+    run_worker(tmp_path / "half", *common, "--policy", policy("t0"), "--max-steps", "2", "--save", "half.ckpt")
+    proc = run_worker(tmp_path / "warm", *common, "--policy", policy("t2"), "--max-steps", "4",
+                      "--resume", str(tmp_path / "half" / "half.ckpt.full.pt"), "--save", "final.ckpt")
+    assert "the optimizer state of ['ebc.embedding_bags.t2.weight'] and the fused optimizer state of tables " \
+           "['t1', 't3'] start fresh" in proc.stderr, proc.stderr[-3000:]
+    _, ref_state = reference_run(4, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=2,
+                                 fresh_tables_at=(2, ["t1", "t2", "t3"]))
+    assert_same_state(full_state(tmp_path / "warm" / "final.ckpt.full.pt"), ref_state)
+
+
 def test_no_checkpoint_between_a_backward_and_its_optimizer_step(tmp_path: Path) -> None:
     # The tables are updated in the backward; such a checkpoint would make a resume update them twice.
     # popen: the ranks run the exception's callbacks themselves (under fork the launching process does,
@@ -421,7 +441,7 @@ def test_resume_from_a_checkpoint_written_under_ddp_goes_on_as_ddp(tmp_path: Pat
                                             "t3": "column_wise"}})
     proc = run_worker(tmp_path / "resumed", "--steps", "2", "--max-steps", "4", "--optimizer", "adagrad",
                       "--policy", policy, "--resume", str(tmp_path / "ddp.ckpt"), "--save", "final.ckpt")
-    assert "starts fresh" not in proc.stderr
+    assert "start fresh" not in proc.stderr
     _, ref_state = reference_run(4, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=2)
     assert_same_state(full_state(tmp_path / "resumed" / "final.ckpt.full.pt"), ref_state)
 

@@ -187,11 +187,11 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
                   split: list[int] | None = None, dense_clip: float | None = None, scheduler: str = "none",
                   groups: bool = False, steps_per_epoch: int | None = None, frozen_table: str | None = None,
                   mean_pooling: bool = False, sequence: bool = False, lookups: int = 1, weighted: bool = False,
-                  new_optimizer_at: int | None = None):
+                  new_optimizer_at: int | None = None, fresh_tables_at: tuple[int, list[str]] | None = None):
     """Plain single-process training on the global batches, as DDP would train: losses and final state.
 
     With ``new_optimizer_at`` the optimizer is built anew (fresh state) before that step, as a second
-    ``fit`` does.
+    ``fit`` does; with ``fresh_tables_at`` = (step, tables) only those tables' state starts anew.
     With ``split`` (rows per rank) the loss is the mean over ranks of each rank's mean loss (DDP
     averages gradients over ranks, whatever their row counts; an empty rank contributes zeros).
     """
@@ -205,6 +205,10 @@ def reference_run(steps: int, global_size: int, optimizer: str, lr: float, seed:
     for step in range(steps):
         if step == new_optimizer_at:
             opt = module.configure_optimizers()
+        if fresh_tables_at is not None and step == fresh_tables_at[0]:
+            for name in fresh_tables_at[1]:
+                table = module.ebc.embedding_bags[name].weight
+                opt.state[table] = type(opt)([table], **opt.defaults).state[table]
         opt.zero_grad()
         # Every epoch replays the same ``steps_per_epoch`` batches, as GlobalBatches does.
         batch = make_batch(seed + (step % steps_per_epoch if steps_per_epoch else step), global_size, weighted)

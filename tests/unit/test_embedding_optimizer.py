@@ -112,6 +112,19 @@ def test_saved_optimizer_state_is_split_between_kept_parameters_and_tables() -> 
     assert list(tables) == ["ebc.embedding_bags.t0.weight"]  # t1 has no state yet
 
 
+def test_saved_optimizer_state_follows_its_parameters_by_name() -> None:
+    # Consolidated under a plan that replicated t0 (its state among the dense ones), loaded under one
+    # that replicates t2 instead: positions agree, parameters do not.
+    saved = {"state": {0: {"sum": torch.ones(64, 8)}, 1: {"sum": torch.full((2,), 3.0)}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    saved_names = [["ebc.embedding_bags.t0.weight", "mlp.weight"]]
+    kept = [["ebc.embedding_bags.t2.weight", "mlp.weight"]]
+    dense, tables = split_saved_optimizer_state(saved, saved_names, kept)
+    assert dense["param_groups"] == [{"lr": 0.1, "params": [0, 1]}]
+    assert list(dense["state"]) == [1] and torch.equal(dense["state"][1]["sum"], torch.full((2,), 3.0))
+    assert list(tables) == ["ebc.embedding_bags.t0.weight"]  # for t0's fused kernel; t2 has no saved state
+
+
 def test_table_state_saved_by_torch_maps_onto_the_fused_kernel_or_is_refused() -> None:
     adagrad = EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.1})
     sums = torch.ones(3, 4)

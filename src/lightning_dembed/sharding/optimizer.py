@@ -193,36 +193,33 @@ class ParamGroupRef(NamedTuple):
 
 
 def split_saved_optimizer_state(
-    saved: Mapping[str, Any], configured: Sequence[Sequence[str]], kept: Sequence[Sequence[str]]
+    saved: Mapping[str, Any], saved_names: Sequence[Sequence[str]], kept: Sequence[Sequence[str]]
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """An optimizer's saved state, split between the parameters it still holds and those it gave up.
+    """An optimizer's saved state, matched by parameter name to the parameters it holds now.
 
     Args:
-        saved: ``optimizer.state_dict()`` of the optimizer as ``configure_optimizers`` built it (under
-            ``strategy="ddp"``: tables included), its parameters numbered in the order of its groups.
-        configured: the name of each of those parameters, group by group.
-        kept: the names of the parameters each group holds now (in the same relative order).
+        saved: an ``optimizer.state_dict()``, its parameters numbered in the order of its groups
+            (under ``strategy="ddp"`` the tables are among them).
+        saved_names: the name of each of those parameters, group by group.
+        kept: the names of the parameters each group holds now.
 
     Returns:
-        The state dict to load into the optimizer as it is now, and the saved state of each
-        parameter it gave up (by name) that has one.
+        The state dict to load into the optimizer as it is now (a parameter the file has no state
+        for has none in it), and the saved state of each parameter no group holds now (by name)
+        that has one.
     """
     state: dict[int, Any] = {}
     groups: list[dict[str, Any]] = []
     given_up: dict[str, dict[str, Any]] = {}
     number = 0  # of the next kept parameter, counted across groups as torch numbers them
-    for saved_group, names, kept_names in zip(saved["param_groups"], configured, kept):
-        group = {**saved_group, "params": []}
-        held = set(kept_names)
-        for index, name in zip(saved_group["params"], names):
-            param_state = saved["state"].get(index)
-            if name in held:
-                group["params"].append(number)
-                if param_state is not None:
-                    state[number] = param_state
-                number += 1
-            elif param_state:
-                given_up[name] = param_state
+    for saved_group, names, kept_names in zip(saved["param_groups"], saved_names, kept):
+        by_name = {name: saved["state"].get(index) for index, name in zip(saved_group["params"], names)}
+        group = {**saved_group, "params": list(range(number, number + len(kept_names)))}
+        for name in kept_names:
+            if by_name.get(name) is not None:
+                state[number] = by_name[name]
+            number += 1
+        given_up.update({name: s for name, s in by_name.items() if s and name not in set(kept_names)})
         groups.append(group)
     return {"state": state, "param_groups": groups}, given_up
 

@@ -949,6 +949,10 @@ class HybridParallelStrategy(DDPStrategy):
             "table_keys": self.table_state_keys(state),
             "replicated_tables": self._stateful_replicated_tables(),
         }
+        if "optimizer_states" in checkpoint:
+            # A warm start from the consolidated file matches the dense optimizers' state by these names:
+            # another plan may replicate other tables, which changes what the dense optimizers hold.
+            meta["lightning_dembed"]["optimizer_param_names"] = self._param_names_by_group()
         tensors = {"state_dict": state}
         if "optimizer_states" in checkpoint:
             tensors.update(self._embedding_optimizer_state())
@@ -1074,34 +1078,55 @@ class HybridParallelStrategy(DDPStrategy):
     def _fill_optimizer_states(self, checkpoint: dict[str, Any], checkpoint_path: Union[str, Path]) -> None:
         """The optimizer states of a full checkpoint, in the form this strategy's optimizers take them.
 
-        Written under ``strategy="ddp"`` (its groups also hold the tables): the dense parameters'
-        state goes to the dense optimizers, the tables' to their fused kernels, so training goes on
-        as under DDP. Consolidated from this strategy's checkpoint: the dense state is kept; the
-        tables' fused state is not in it and starts fresh, with a warning naming them; so does the
-        dense state where the checkpoint has none for these param groups.
+        Matched by parameter name. Written under ``strategy="ddp"`` (its groups also hold the
+        tables): the dense parameters' state goes to the dense optimizers, the tables' to their
+        fused kernels, so training goes on as under DDP. Consolidated from this strategy's
+        checkpoint (which names the dense optimizers' parameters): the dense state goes back to
+        the parameters it was saved for, also where the plan replicates other tables now (a table
+        sharded now takes its saved state into its fused kernel); the sharded tables' fused state
+        is not in the file and starts fresh, with a warning naming them, as does the state of any
+        parameter the file has none for.
         """
         saved = checkpoint.get("optimizer_states") or []
         kept = self._param_names_by_group()
+        info = checkpoint.get("lightning_dembed", {})
 
         def sizes(groups: list[list[list[str]]]) -> list[list[int]]:
             return [[len(group) for group in optimizer] for optimizer in groups]
 
         saved_sizes = [[len(group["params"]) for group in state["param_groups"]] for state in saved]
+        if "optimizer_param_names" in info:  # consolidated from this strategy's checkpoint
+            saved_names = info["optimizer_param_names"]
+        elif saved_sizes == sizes(self._configured_param_names):  # strategy="ddp" (or no table in a group)
+            saved_names = self._configured_param_names
+        elif info.get("replicated_tables", []) == self._stateful_replicated_tables():
+            saved_names = kept  # consolidated before the names were saved, under the same plan
+        else:
+            saved_names = []
         table_states: dict[str, Any] = {}
         fresh = []
-        if saved and saved_sizes == sizes(self._configured_param_names):  # strategy="ddp" (or no table in a group)
-            states = []
-            for state, configured, now in zip(saved, self._configured_param_names, kept):
-                dense, given_up = split_saved_optimizer_state(state, configured, now)
+        if not saved or saved_sizes != sizes(saved_names):
+            checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
+            fresh.append("the dense optimizers' state")
+        else:
+            states, unsaved = [], []
+            for state, names, now, optimizer in zip(saved, saved_names, kept, self.optimizers):
+                dense, given_up = split_saved_optimizer_state(state, names, now)
+                initial = optimizer.state_dict()["state"]  # what the optimizer would start from
+                for number, name in enumerate(name for group in now for name in group):
+                    if number not in dense["state"] and number in initial:
+                        dense["state"][number] = initial[number]
+                        unsaved.append(name)
                 states.append(dense)
                 table_states.update(given_up)
             checkpoint["optimizer_states"] = states
-        elif not saved or saved_sizes != sizes(kept):  # else consolidated: the dense state is for these groups
-            checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
-            fresh.append("the dense optimizers' state")
+            if unsaved:
+                fresh.append(f"the optimizer state of {sorted(unsaved)}")
         self._load_table_optimizer_states(table_states)
+        replicated = set(self._stateful_replicated_tables())  # their state is the dense optimizers'
         stateful = sorted(
-            _table_name(name) for name, o in self._table_optimizers.items() if o.keeps_state and name not in table_states
+            _table_name(name) for name, o in self._table_optimizers.items()
+            if o.keeps_state and name not in table_states and _table_name(name) not in replicated
         )
         if stateful:
             fresh.append(f"the fused optimizer state of tables {stateful}")
