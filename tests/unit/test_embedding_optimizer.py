@@ -125,11 +125,22 @@ def test_saved_optimizer_state_follows_its_parameters_by_name() -> None:
     assert list(tables) == ["ebc.embedding_bags.t0.weight"]  # for t0's fused kernel; t2 has no saved state
 
 
+def test_saved_optimizer_state_follows_a_parameter_into_another_group() -> None:
+    saved = {"state": {0: {"sum": torch.ones(2)}, 1: {"sum": torch.zeros(3)}},
+             "param_groups": [{"lr": 0.1, "params": [0]}, {"lr": 0.4, "params": [1]}]}
+    dense, given_up = split_saved_optimizer_state(saved, [["a"], ["b"]], [[], ["b", "a"]])
+    assert dense["param_groups"] == [{"lr": 0.1, "params": []}, {"lr": 0.4, "params": [0, 1]}]
+    assert torch.equal(dense["state"][1]["sum"], torch.ones(2)) and not given_up
+
+
 def test_table_state_saved_by_torch_maps_onto_the_fused_kernel_or_is_refused() -> None:
     adagrad = EmbeddingOptimizer(torch.optim.Adagrad, {"lr": 0.1})
     sums = torch.ones(3, 4)
     assert adagrad.fused_state_from("t0", {"step": torch.tensor(2.0), "sum": sums}) == {"t0.momentum1": sums}
+    assert adagrad.takes_state_from({"step": torch.tensor(2.0), "sum": sums})
+    assert not adagrad.takes_state_from({"exp_avg": sums})
     row_wise = EmbeddingOptimizer(trec_optim.RowWiseAdagrad, {"lr": 0.1})
+    assert not row_wise.takes_state_from({"sum": sums})
     with pytest.raises(ValueError, match=r"table 't0': the checkpoint holds optimizer state \['sum'\].*fused RowWiseAdagrad"):
         row_wise.fused_state_from("t0", {"sum": sums})
 

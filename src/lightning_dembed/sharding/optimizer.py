@@ -138,8 +138,7 @@ class EmbeddingOptimizer:
         """The fused kernel's state for ``table`` (``"<table>.momentum1"``...), from the state torch's
         optimizer of the same class saved for it as an ordinary parameter; refused where it does not map."""
         mapping = _FUSED_STATE_FROM_TORCH.get(self.optimizer_class)
-        unknown = sorted(set(saved) - {"step", *(mapping or {}).values()})
-        if mapping is None or unknown:
+        if not self.takes_state_from(saved):
             raise ValueError(
                 f"table {table!r}: the checkpoint holds optimizer state {sorted(saved)} for it, which does not map "
                 f"onto FBGEMM's fused {self.optimizer_class.__name__} (state carried over for: "
@@ -147,6 +146,11 @@ class EmbeddingOptimizer:
                 "(LightningModule.load_from_checkpoint, then fit without ckpt_path)"
             )
         return {f"{table}.{fused}": saved[kept] for fused, kept in mapping.items()}
+
+    def takes_state_from(self, saved: Mapping[str, Any]) -> bool:
+        """Whether the state torch's optimizer saved for a table as an ordinary parameter maps onto the fused kernel."""
+        mapping = _FUSED_STATE_FROM_TORCH.get(self.optimizer_class)
+        return mapping is not None and set(saved) <= {"step", *mapping.values()}
 
     @property
     def keeps_state(self) -> bool:
@@ -201,26 +205,30 @@ def split_saved_optimizer_state(
         saved: an ``optimizer.state_dict()``, its parameters numbered in the order of its groups
             (under ``strategy="ddp"`` the tables are among them).
         saved_names: the name of each of those parameters, group by group.
-        kept: the names of the parameters each group holds now.
+        kept: the names of the parameters each group holds now (the groups' hyper-parameters are
+            the saved ones, group by group).
 
     Returns:
         The state dict to load into the optimizer as it is now (a parameter the file has no state
         for has none in it), and the saved state of each parameter no group holds now (by name)
         that has one.
     """
+    by_name = {
+        name: saved["state"].get(index)
+        for saved_group, names in zip(saved["param_groups"], saved_names)
+        for index, name in zip(saved_group["params"], names)
+    }
     state: dict[int, Any] = {}
     groups: list[dict[str, Any]] = []
-    given_up: dict[str, dict[str, Any]] = {}
     number = 0  # of the next kept parameter, counted across groups as torch numbers them
-    for saved_group, names, kept_names in zip(saved["param_groups"], saved_names, kept):
-        by_name = {name: saved["state"].get(index) for index, name in zip(saved_group["params"], names)}
-        group = {**saved_group, "params": list(range(number, number + len(kept_names)))}
+    for saved_group, kept_names in zip(saved["param_groups"], kept):
+        groups.append({**saved_group, "params": list(range(number, number + len(kept_names)))})
         for name in kept_names:
             if by_name.get(name) is not None:
                 state[number] = by_name[name]
             number += 1
-        given_up.update({name: s for name, s in by_name.items() if s and name not in set(kept_names)})
-        groups.append(group)
+    held = {name for names in kept for name in names}
+    given_up = {name: param_state for name, param_state in by_name.items() if param_state and name not in held}
     return {"state": state, "param_groups": groups}, given_up
 
 

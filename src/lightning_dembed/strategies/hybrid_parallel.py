@@ -1063,7 +1063,8 @@ class HybridParallelStrategy(DDPStrategy):
                 f"data_parallel {'when saved' if saved - now else 'now'} but not "
                 f"{'now' if saved - now else 'when saved'}; their saved state has no place in this plan. Pin them "
                 f"as saved (HybridParallelStrategy(sharding_types={pinned})), or warm start from "
-                "consolidate_checkpoint's file, where their optimizer state starts fresh"
+                "consolidate_checkpoint's file, which holds the optimizer state of the tables replicated when saved "
+                "(not of those sharded: theirs starts fresh)"
             )
 
     def _load_full_checkpoint(
@@ -1082,10 +1083,10 @@ class HybridParallelStrategy(DDPStrategy):
         tables): the dense parameters' state goes to the dense optimizers, the tables' to their
         fused kernels, so training goes on as under DDP. Consolidated from this strategy's
         checkpoint (which names the dense optimizers' parameters): the dense state goes back to
-        the parameters it was saved for, also where the plan replicates other tables now (a table
-        sharded now takes its saved state into its fused kernel); the sharded tables' fused state
-        is not in the file and starts fresh, with a warning naming them, as does the state of any
-        parameter the file has none for.
+        the parameters it was saved for, also where the plan replicates other tables now; a table
+        replicated when saved and sharded now takes its saved state into its fused kernel where
+        that kernel can take it. What the file lacks starts fresh, with a warning naming it: the
+        fused state of the tables sharded when saved, and the state of parameters it has none for.
         """
         saved = checkpoint.get("optimizer_states") or []
         kept = self._param_names_by_group()
@@ -1095,7 +1096,8 @@ class HybridParallelStrategy(DDPStrategy):
             return [[len(group) for group in optimizer] for optimizer in groups]
 
         saved_sizes = [[len(group["params"]) for group in state["param_groups"]] for state in saved]
-        if "optimizer_param_names" in info:  # consolidated from this strategy's checkpoint
+        consolidated = "optimizer_param_names" in info
+        if consolidated:
             saved_names = info["optimizer_param_names"]
         elif saved_sizes == sizes(self._configured_param_names):  # strategy="ddp" (or no table in a group)
             saved_names = self._configured_param_names
@@ -1109,19 +1111,33 @@ class HybridParallelStrategy(DDPStrategy):
             checkpoint["optimizer_states"] = [optimizer.state_dict() for optimizer in self.optimizers]
             fresh.append("the dense optimizers' state")
         else:
-            states, unsaved = [], []
+            states, unsaved, given_up = [], [], {}
             for state, names, now, optimizer in zip(saved, saved_names, kept, self.optimizers):
-                dense, given_up = split_saved_optimizer_state(state, names, now)
+                dense, gone = split_saved_optimizer_state(state, names, now)
                 initial = optimizer.state_dict()["state"]  # what the optimizer would start from
                 for number, name in enumerate(name for group in now for name in group):
-                    if number not in dense["state"] and number in initial:
+                    if number in dense["state"]:
+                        continue
+                    if number in initial:
                         dense["state"][number] = initial[number]
+                    if number in initial or state["state"]:  # else no parameter had state yet (lazy, or none kept)
                         unsaved.append(name)
                 states.append(dense)
-                table_states.update(given_up)
+                given_up.update(gone)
             checkpoint["optimizer_states"] = states
+            for name, param_state in given_up.items():
+                # Only tables sharded now take saved state (a strategy="ddp" file's is refused where it does not map).
+                table_optimizer = self._table_optimizers.get(name)
+                if table_optimizer is not None and (not consolidated or table_optimizer.takes_state_from(param_state)):
+                    table_states[name] = param_state
             if unsaved:
                 fresh.append(f"the optimizer state of {sorted(unsaved)}")
+            unused = sorted(set(given_up) - set(table_states))
+            if unused:
+                rank_zero_warn(
+                    f"{checkpoint_path}: the saved optimizer state of {unused} is not used: no optimizer holds them now, "
+                    "or their fused kernel cannot take it"
+                )
         self._load_table_optimizer_states(table_states)
         replicated = set(self._stateful_replicated_tables())  # their state is the dense optimizers'
         stateful = sorted(
@@ -1142,8 +1158,12 @@ class HybridParallelStrategy(DDPStrategy):
         """The name of each parameter of each param group of each optimizer."""
         name_of = {id(p): name for name, p in self.lightning_module.named_parameters()}
         return [
-            [[name_of.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
-            for optimizer in self.optimizers
+            [
+                [name_of.get(id(p), f"<not the module's: optimizer {i}, group {j}, parameter {k}>")
+                 for k, p in enumerate(group["params"])]
+                for j, group in enumerate(optimizer.param_groups)
+            ]
+            for i, optimizer in enumerate(self.optimizers)
         ]
 
     def _load_table_optimizer_states(self, saved: Mapping[str, Mapping[str, Any]]) -> None:

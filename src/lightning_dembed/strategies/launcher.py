@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -104,7 +105,7 @@ class FirstFailureScriptLauncher(SubprocessScriptLauncher):
             if error_dir is None:  # started by another launcher (torchrun, SLURM): it reports failures
                 raise
             rank = self.cluster_environment.global_rank()
-            if Path(error_dir).is_dir():  # gone once rank 0 has exited; then no one reads it
+            with contextlib.suppress(FileNotFoundError):  # the folder is gone once rank 0 exited; no one reads it then
                 Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "traceback": traceback.format_exc()}))
             if self.procs:  # this process started the others
                 # Lightning's observer would SIGKILL this process, maybe before its error is printed,
