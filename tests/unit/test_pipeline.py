@@ -1,14 +1,17 @@
-"""The strategy's train dataloader one batch ahead, and which dataloaders it runs ahead of (one process)."""
+"""The strategy's train dataloader one batch ahead, which dataloaders it runs ahead of, and how ranks agree to use it (one process)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
-from torchrec import KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from lightning_dembed import HybridParallelStrategy
-from lightning_dembed.sharding.lookup import find_features
+from lightning_dembed.sharding import lookup as lookup_module
+from lightning_dembed.sharding.hooks import FeatureCheck
+from lightning_dembed.sharding.lookup import ShardedLookup, find_features
 from lightning_dembed.strategies.pipeline import PipelinedLoader
 
 
@@ -84,3 +87,51 @@ def test_the_train_dataloader_is_run_ahead_unless_it_keeps_its_own_state() -> No
     plain = [1, 2]
     assert _strategy_in_fit(False).process_dataloader(plain) is plain  # validation, predict
     assert HybridParallelStrategy(pipeline=False).process_dataloader(plain) is plain
+
+
+class _Count:
+    """``dist.all_reduce`` as a stand-in: adds the other ranks' part to the tensor, records how it is called and awaited."""
+
+    def __init__(self, others: int) -> None:
+        self.others, self.waited, self.async_ops = others, [], []
+
+    def __call__(self, tensor: torch.Tensor, op: object = None, group: object = None, async_op: bool = False):
+        self.async_ops.append(async_op)
+        tensor += self.others
+        count = self
+
+        class Work:
+            def wait(self) -> bool:
+                count.waited.append(int(tensor))
+                return True
+
+        return Work()
+
+
+def _lookup_with_one_input_ahead(monkeypatch, others: int) -> tuple[ShardedLookup, KeyedJaggedTensor, _Count]:
+    count = _Count(others)
+    monkeypatch.setattr(lookup_module.dist, "all_reduce", count)
+    monkeypatch.setattr(lookup_module.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(lookup_module.dist, "get_rank", lambda group=None: 1)
+    lookup = ShardedLookup(module=None, check=FeatureCheck("ebc", [EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])]), sharding_types={"table_wise"},
+                           check_ids=False, control_group=None, updates_add_up=True)
+    features = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    lookup._started.append(lookup_module._StartedInput(features, 2, None, None, lookup_module._versions(features)))
+    return lookup, features, count
+
+
+def test_a_rank_given_its_batch_uses_the_input_started_ahead_without_waiting_for_the_others(monkeypatch) -> None:
+    lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=0)
+    assert lookup._take(features) is not None
+    assert count.async_ops == [True] and count.waited == []  # the count travels meanwhile
+    lookup.drain()
+    assert count.waited == [0]
+
+
+def test_a_rank_given_other_features_waits_and_fails_where_another_rank_went_on(monkeypatch) -> None:
+    lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=0)
+    edited = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"ebc: on rank 1 this step's forward was given other sparse features.*pipeline=False"):
+        lookup._take(edited)
+    lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=1)  # every rank was given others
+    assert lookup._take(edited) is None and count.waited == [2]
