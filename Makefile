@@ -25,7 +25,7 @@ demo: install
 	WANDB_MODE=offline $(BIN)/lightning-dembed run dlrm_synthetic_tiny --devices $(DEVICES)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/pip install -q -e '.[lint]'
