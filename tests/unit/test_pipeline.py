@@ -113,7 +113,8 @@ def _lookup_with_one_input_ahead(monkeypatch, others: int) -> tuple[ShardedLooku
     monkeypatch.setattr(lookup_module.dist, "all_reduce", count)
     monkeypatch.setattr(lookup_module.dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(lookup_module.dist, "get_rank", lambda group=None: 1)
-    lookup = ShardedLookup(module=None, check=FeatureCheck("ebc", [EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])]), sharding_types={"table_wise"},
+    table = EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])
+    lookup = ShardedLookup(module=None, check=FeatureCheck("ebc", [table]), sharding_types={"table_wise"},
                            check_ids=False, control_group=None, updates_add_up=True)
     features = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
     lookup._started.append(lookup_module._StartedInput(features, 2, None, None, lookup_module._versions(features)))

@@ -949,13 +949,12 @@ class HybridParallelStrategy(DDPStrategy):
             "table_keys": self.table_state_keys(state),
             "replicated_tables": self._stateful_replicated_tables(),
         }
-        if "optimizer_states" in checkpoint:
-            # A warm start from the consolidated file matches the dense optimizers' state by these names:
-            # another plan may replicate other tables, which changes what the dense optimizers hold.
-            meta["lightning_dembed"]["optimizer_param_names"] = self._param_names_by_group()
         tensors = {"state_dict": state}
         if "optimizer_states" in checkpoint:
             tensors.update(self._embedding_optimizer_state())
+            # A warm start from the consolidated file matches the dense optimizers' state by these names:
+            # another plan may replicate other tables, which changes what the dense optimizers hold.
+            meta["lightning_dembed"]["optimizer_param_names"] = self._param_names_by_group()
         save_sharded_checkpoint(
             filepath,
             tensors,
@@ -1096,12 +1095,13 @@ class HybridParallelStrategy(DDPStrategy):
             return [[len(group) for group in optimizer] for optimizer in groups]
 
         saved_sizes = [[len(group["params"]) for group in state["param_groups"]] for state in saved]
+        replicated = self._stateful_replicated_tables()  # their state is the dense optimizers'
         consolidated = "optimizer_param_names" in info
         if consolidated:
             saved_names = info["optimizer_param_names"]
         elif saved_sizes == sizes(self._configured_param_names):  # strategy="ddp" (or no table in a group)
             saved_names = self._configured_param_names
-        elif info.get("replicated_tables", []) == self._stateful_replicated_tables():
+        elif info.get("replicated_tables", []) == replicated:
             saved_names = kept  # consolidated before the names were saved, under the same plan
         else:
             saved_names = []
@@ -1139,7 +1139,6 @@ class HybridParallelStrategy(DDPStrategy):
                     "or their fused kernel cannot take it"
                 )
         self._load_table_optimizer_states(table_states)
-        replicated = set(self._stateful_replicated_tables())  # their state is the dense optimizers'
         stateful = sorted(
             _table_name(name) for name, o in self._table_optimizers.items()
             if o.keeps_state and name not in table_states and _table_name(name) not in replicated
