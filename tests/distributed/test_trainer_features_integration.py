@@ -155,6 +155,13 @@ def test_pipelined_training_with_validation_trains_as_ddp(tmp_path: Path, shardi
     assert used_ahead(tmp_path) == ({STEPS} if pipeline else {0})
 
 
+def test_a_feature_no_table_consumes_is_ignored_as_unsharded(tmp_path: Path) -> None:
+    # One KeyedJaggedTensor for several modules (a two-tower model): each sharded module sends only
+    # its own features to its shards, ids out of its tables' range included, and stays pipelined.
+    run_and_compare(tmp_path, "--extra-feature", "--sized", sharding="row_wise")
+    assert used_ahead(tmp_path) == {STEPS}
+
+
 def test_data_without_a_length_trains_unpipelined_as_ddp(tmp_path: Path) -> None:
     run_and_compare(tmp_path)
     assert used_ahead(tmp_path) == {0}
@@ -236,11 +243,12 @@ def test_nonfinite_loss_guard_skips_the_step_on_every_rank(tmp_path: Path) -> No
         (("--table-penalty",), "other than through their lookup (a penalty over self.parameters()"),
         (("--optimizer", "sgd-first-layer"), "'ebc.embedding_bags.t3.weight'] and parameters ['mlp.2.weight', "
                                              "'mlp.2.bias'] in no optimizer. Under strategy='ddp' none of them"),
+        (("--async-checkpoint-io",), "Trainer(plugins=[AsyncCheckpointIO]) is not supported"),
     ],
     ids=["norm-clipping", "value-clipping", "bf16-true", "adamw-dense-only", "64-true", "model-averaging", "swa", "accumulation-scheduler",
          "pruning", "frozen-replicated",
          "clip-gradients-of-tables", "trainable-id-weights",
-         "lr-set-after-backward", "penalty-over-table-weights", "tables-and-dense-left-out"],
+         "lr-set-after-backward", "penalty-over-table-weights", "tables-and-dense-left-out", "checkpoint-io-plugin"],
 )
 def test_unsupported_features_are_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], message: str

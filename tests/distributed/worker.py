@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import (
     OnExceptionCheckpoint,
     StochasticWeightAveraging,
 )
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.tuner import Tuner
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,6 +39,7 @@ class Data(LightningDataModule):
         self.steps, self.global_size, self.seed, self.split = steps, global_size, seed, split
 
     bad_id = False
+    extra_feature = False
     rank_steps: list[int] | None = None
     sized = False
     weighted = False
@@ -49,7 +51,9 @@ class Data(LightningDataModule):
         batches = kind(steps, self.global_size, t.global_rank, t.world_size, self.seed, self.split, self.weighted)
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
-        return torch.utils.data.DataLoader(batches, batch_size=None)
+        # Applied as each batch is loaded: a list of batches would get a DistributedSampler.
+        collate = _with_extra_feature if self.extra_feature else None
+        return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=collate)
 
     val_dataloader = train_dataloader
     predict_dataloader = train_dataloader
@@ -59,6 +63,18 @@ def _with_bad_id(batch):
     kjt = batch.sparse_features
     offset = sum(kjt.length_per_key()[:2])  # first id of f_t2
     kjt.values()[offset] = 10_000
+    return batch
+
+
+def _with_extra_feature(batch):
+    """The batch's features and one more, first, which no table consumes (as one KJT for several modules)."""
+    kjt = batch.sparse_features
+    rows = kjt.stride()
+    batch.sparse_features = KeyedJaggedTensor(
+        keys=["f_extra", *kjt.keys()],
+        values=torch.cat([torch.arange(rows) + 1000, kjt.values()]),
+        lengths=torch.cat([torch.ones(rows, dtype=torch.int64), kjt.lengths()]),
+    )
     return batch
 
 
@@ -311,6 +327,8 @@ def main() -> None:
     p.add_argument("--second-trainer", action="store_true", help="after fit, validate with a new Trainer")
     p.add_argument("--fit-twice", action="store_true", help="a second fit on the same Trainer, to 2x max steps")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
+    p.add_argument("--extra-feature", action="store_true", help="the batches' KJT has a key no table consumes")
+    p.add_argument("--async-checkpoint-io", action="store_true", help="Trainer(plugins=[AsyncCheckpointIO()])")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()
     if args.kill:
@@ -421,10 +439,12 @@ def main() -> None:
         gradient_clip_algorithm=args.clip_algorithm if args.clip else None,
         precision=args.precision,
         callbacks=callbacks,
+        plugins=[AsyncCheckpointIO()] if args.async_checkpoint_io else None,
     )
     split = [int(n) for n in args.split.split(",")] if args.split else None
     data = Data(args.steps, args.global_batch, args.data_seed, split)
     data.bad_id = args.bad_id
+    data.extra_feature = args.extra_feature
     data.rank_steps = [int(n) for n in args.rank_steps.split(",")] if args.rank_steps else None
     data.sized = args.sized
     data.weighted = args.weighted

@@ -85,14 +85,16 @@ def kjt(keys: list[str], values: list[int]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=keys, values=torch.tensor(values), lengths=torch.ones(len(values), dtype=torch.int64))
 
 
-def check(features: KeyedJaggedTensor) -> None:
+def check(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     feature_check = FeatureCheck.of(ebc(), "model.sparse")
-    feature_check.keys(features)
-    feature_check.ids(features)
+    own = feature_check.own(features)
+    feature_check.ids(own)
+    return own
 
 
 def test_valid_input_passes() -> None:
-    check(kjt(["user", "item"], [9, 4]))
+    features = kjt(["user", "item"], [9, 4])
+    assert check(features) is features
 
 
 def test_out_of_range_id_names_feature_and_table() -> None:
@@ -102,9 +104,19 @@ def test_out_of_range_id_names_feature_and_table() -> None:
         check(kjt(["user", "item"], [-1, 0]))
 
 
-def test_unknown_and_missing_features_are_named() -> None:
-    with pytest.raises(ValueError, match=r"feature\(s\) \['age'\] are fed .* no table consumes them"):
-        check(kjt(["user", "item", "age"], [1, 1, 1]))
+def test_features_no_table_consumes_are_left_out_as_unsharded() -> None:
+    # One KeyedJaggedTensor for several modules: each looks up its own features, by name.
+    features = KeyedJaggedTensor(keys=["age", "user", "item"], values=torch.tensor([30, 7, 8, 2]),
+                                 lengths=torch.tensor([1, 2, 1]), weights=torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    own = check(features)
+    assert own.keys() == ["user", "item"]
+    assert own.to_dict()["user"].values().tolist() == [7, 8]
+    assert own.weights().tolist() == [1.0, 2.0, 3.0]
+    module = ebc()  # unsharded, it ignores "age": the selection looks up the same
+    torch.testing.assert_close(module(own).values(), module(features).values(), rtol=0, atol=0)
+
+
+def test_missing_features_are_named() -> None:
     with pytest.raises(ValueError, match=r"feature\(s\) \['item'\] \(tables \['t_item'\]\) are missing"):
         check(KeyedJaggedTensor(keys=["user"], values=torch.tensor([1]), lengths=torch.tensor([1])))
 

@@ -117,7 +117,7 @@ def _lookup_with_one_input_ahead(monkeypatch, others: int) -> tuple[ShardedLooku
     lookup = ShardedLookup(module=None, check=FeatureCheck("ebc", [table]), sharding_types={"table_wise"},
                            check_ids=False, control_group=None, updates_add_up=True)
     features = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
-    lookup._started.append(lookup_module._StartedInput(features, 2, None, None, lookup_module._versions(features)))
+    lookup._started.append(lookup_module._StartedInput(features, features, 2, None, None, lookup_module._versions(features)))
     return lookup, features, count
 
 

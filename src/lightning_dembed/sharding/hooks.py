@@ -1,8 +1,9 @@
 """What makes a sharded embedding module behave like its unsharded twin.
 
-- Feature checks: a sharded module fed an unknown feature fails deep in the input all-to-all, and
-  FBGEMM's id bounds check does not say which feature sent the id. `FeatureCheck` names the
-  feature and table at fault, before the lookup (so no optimizer update has happened).
+- Feature checks: a sharded module sends every feature it is given to its tables' shards, where its
+  unsharded twin ignores those no table consumes, and FBGEMM's id bounds check does not say which
+  feature sent the id. `FeatureCheck` selects the module's own features, and names the feature and
+  table at fault before the lookup (so no optimizer update has happened).
 - Output order: a sharded `EmbeddingBagCollection` returns its features grouped by shard, not in
   the order of its tables, so ``KeyedTensor.values()`` would silently mean something else after
   sharding. The original order is restored where it differs.
@@ -52,24 +53,23 @@ class FeatureCheck:
             self._limits[(keys, device)] = cached
         return cached
 
-    def keys(self, features: KeyedJaggedTensor) -> None:
-        """Fail, naming them, on features no table consumes and on tables' features that are missing."""
+    def own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The features this module's tables consume, as its unsharded twin reads them from ``features``.
+
+        Unsharded, TorchRec looks each table's features up by name and ignores the others (several
+        modules fed one `KeyedJaggedTensor`); sharded, every feature given is sent to a table's shards,
+        so the others are left out here. Fails, naming them, on tables' features that are missing.
+        """
         keys = features.keys()
-        unknown = [k for k in keys if k not in self.table_of]
-        if unknown:
-            raise ValueError(
-                f"{self.module_path}: feature(s) {unknown} are fed to the embedding module but no table consumes "
-                f"them; its features are {sorted(self.table_of)}. Unsharded, TorchRec ignores such features; "
-                "sharded, every feature fed is sent to a table's shards. Feed the module only its own features: "
-                "split the KeyedJaggedTensor by key (KeyedJaggedTensor.split when each module's keys are "
-                "contiguous), or build one per module"
-            )
         missing = [k for k in self.table_of if k not in keys]
         if missing:
             raise ValueError(
                 f"{self.module_path}: feature(s) {missing} (tables "
                 f"{sorted({self.table_of[k] for k in missing})}) are missing from the input"
             )
+        if len(keys) == len(self.table_of):
+            return features
+        return features.permute([i for i, k in enumerate(keys) if k in self.table_of])
 
     def ids(self, features: KeyedJaggedTensor) -> None:
         """Fail, naming the feature and table, on an id outside its table (one host sync)."""

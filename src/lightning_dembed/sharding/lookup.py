@@ -5,7 +5,8 @@ row: two all-to-alls, of the splits and then of the ids) followed by ``compute_a
 (look up, pool, send the results back). `ShardedLookup` replaces that forward on each sharded
 module of the strategy and keeps what the strategy adds around it in the same place:
 
-- the input stage checks the features (unknown or missing keys; ids too when asked), pads a
+- the input stage takes the module's own features (other keys are ignored, as unsharded; missing
+  ones fail), checks their ids when asked, pads a
   rank's short batch where gloo's row-wise exchange needs equal row counts, and starts the input
   all-to-alls;
 - a second forward with gradients before the backward is refused where the tables' fused update
@@ -87,6 +88,7 @@ class _StartedInput:
     """One batch's input stage: its features as given, and the all-to-alls under way."""
 
     features: KeyedJaggedTensor
+    own: KeyedJaggedTensor  # the module's features among them, what is looked up
     rows: int  # the batch's own row count; the lookup may run on more (padding)
     context: Any
     request: Awaitable  # of the splits; after `splits_done`, of the ids
@@ -148,24 +150,25 @@ class ShardedLookup:
         self._started: list[_StartedInput] = []
         self._last_count: Optional[dist.Work] = None  # the last forward's count of ranks not using theirs
 
-    def feeds(self, features: KeyedJaggedTensor) -> bool:
-        """Whether ``features`` holds exactly this module's features (what the forward will be given)."""
-        return set(features.keys()) == set(self.check.table_of)
+    def feeds(self, features: KeyedJaggedTensor, exactly: bool) -> bool:
+        """Whether ``features`` holds this module's features (``exactly`` those, or more)."""
+        own, given = set(self.check.table_of), set(features.keys())
+        return own == given if exactly else own < given
 
     def start(self, features: KeyedJaggedTensor) -> _StartedInput:
-        """The input stage: check, pad to the ranks' largest batch if needed, start the all-to-alls."""
-        self.check.keys(features)
+        """The input stage: own features, checked, padded to the ranks' largest batch if needed; all-to-alls started."""
+        own = self.check.own(features)
         if self.check_ids:
-            self.check.ids(features)
+            self.check.ids(own)
         rows, versions = features.stride(), _versions(features)
-        padded = features
+        padded = own
         if self.pads:
             most = torch.tensor([rows], dtype=torch.int64)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            padded = pad_to_stride(features, int(most))
+            padded = pad_to_stride(own, int(most))
         context = self.module.create_context()
         request = self.module.input_dist(context, padded)
-        return _StartedInput(features, rows, context, request, versions)
+        return _StartedInput(features, own, rows, context, request, versions)
 
     def prefetch(self, features: KeyedJaggedTensor) -> None:
         if len(self._started) >= _MOST_AHEAD:
@@ -270,7 +273,7 @@ class ShardedLookup:
             output = self.module.compute_and_output_dist(started.context, dist_input)
         except RuntimeError:
             # FBGEMM's bounds check failed (or something else did): name the id if it is this rank's.
-            self.check.ids(started.features)
+            self.check.ids(started.own)
             raise
         if self.pads:
             output = then(output, lambda pooled: _first_rows(pooled, started.rows))
@@ -304,7 +307,10 @@ class LookupPipeline:
         """Start the input stage of ``batch`` for each lookup whose features it holds."""
         features = find_features(batch)
         for lookup in self.lookups.values():
-            mine = [kjt for kjt in features if lookup.feeds(kjt)]
+            # The one holding exactly its features, else the one holding more (one for several modules).
+            mine = [kjt for kjt in features if lookup.feeds(kjt, exactly=True)] or [
+                kjt for kjt in features if lookup.feeds(kjt, exactly=False)
+            ]
             if lookup.prefetching and len(mine) == 1:
                 lookup.prefetch(mine[0])
 

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -406,6 +407,16 @@ class HybridParallelStrategy(DDPStrategy):
                 "HybridParallelStrategy does not support model averaging (post-local SGD): the tables are "
                 "sharded, not replicated, so there is nothing to average; remove ddp_comm_state / "
                 "model_averaging_period, or use strategy='ddp' for a model without sharded tables"
+            )
+        if type(self.checkpoint_io) is not TorchCheckpointIO:
+            # Lightning routes whole-file saves through a CheckpointIO plugin (AsyncCheckpointIO too); the
+            # shards are written and read by torch.distributed.checkpoint, which would bypass it silently.
+            raise ValueError(
+                f"Trainer(plugins=[{type(self.checkpoint_io).__name__}]) is not supported by "
+                "HybridParallelStrategy: every rank writes and reads its own shards with "
+                "torch.distributed.checkpoint, so this CheckpointIO plugin would never see the checkpoints. "
+                "Remove the plugin; to keep checkpoints elsewhere, copy the checkpoint directories, or save "
+                "consolidate_checkpoint's one-file checkpoint with your own IO"
             )
         if not fitting:
             return
