@@ -1,4 +1,4 @@
-"""MovieLens (ml-100k, ml-1m, ml-latest) and interactions with side tables into the task store.
+"""MovieLens (ml-100k, ml-1m, ml-10m, ml-latest) and interactions with side tables into the task store.
 
 Rows, joins, labels, the store's settings check, and errors naming the file and line.
 """
@@ -59,6 +59,13 @@ ML_LATEST = {
         '2,"Café au lait, The (1993)",Comedy|IMAX\n'
         "3,Ghost in the Shell (Kôkaku kidôtai) (1995),(no genres listed)\n"
     ),
+}
+
+# ml-10m: ml-1m's files with half stars, no users.dat, and a tags.dat.
+ML10M = {
+    "ratings.dat": "".join(f"{u}::{i}::{r - 0.5 * (t == 205)}::{t}\n" for u, i, r, t in RATINGS),
+    "movies.dat": ML1M["movies.dat"],
+    "tags.dat": "1::1::pixar::130\n",
 }
 
 
@@ -129,6 +136,23 @@ def test_csv_movielens_directory_reads_half_stars_and_quoted_titles(tmp_path: Pa
                          time_column="timestamp", support_size=10)
 
 
+def test_ml10m_directory_reads_half_stars_and_movies_without_users(tmp_path: Path) -> None:
+    directory = write(tmp_path / "ml-10M100K", ML10M)
+    assert movielens_format(directory) == "ml-10m"
+    table = read_movielens(directory)
+    assert table.column("rating").type == pa.float64()
+    assert table.column("rating").to_pylist() == [5.0, 2.5, 4.0, 1.0, 4.0, 2.0]
+    assert "gender" not in table.column_names
+    assert table.column("genres").to_pylist()[:2] == ["Animation|Children's|Comedy", "Comedy"]
+    assert table.column("year").to_pylist()[:2] == [1995, 1993]
+    # A rating that is not in half stars is named with its file and line.
+    write(directory, {"ratings.dat": ML10M["ratings.dat"].replace("::4.0::110", "::4.3::110")})
+    with pytest.raises(ValueError, match=r"ratings.dat:3: malformed line: field 3 \(rating\) is '4.3', expected 0.5-5"):
+        read_movielens(directory)
+    fake = read_movielens(write_fake_movielens(tmp_path / "fake", "ml-10m", num_users=30, num_items=20))
+    assert set(fake.column("rating").to_pylist()) <= {x / 2 for x in range(1, 11)}
+
+
 def test_both_formats_give_the_same_table(tmp_path: Path) -> None:
     sizes = dict(num_users=30, num_items=50, seed=3)
     ml100k = read_movielens(write_fake_movielens(tmp_path / "a", "ml-100k", **sizes))
@@ -181,13 +205,13 @@ def test_format_detection_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MovieLens directory .*nowhere does not exist"):
         read_movielens(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"none of u.data .ml-100k., ratings.dat .ml-1m. and ratings.csv"):
+    with pytest.raises(FileNotFoundError, match=r"none of u.data .ml-100k., ratings.dat .ml-1m, ml-10m. and ratings.csv"):
         read_movielens(tmp_path / "empty")
     write(tmp_path / "download" / "ml-1m", ML1M)
     with pytest.raises(FileNotFoundError, match=r"did you mean .*download/ml-1m\?"):
         read_movielens(tmp_path / "download")
     write(tmp_path / "partial", {"ratings.dat": ML1M["ratings.dat"], "movies.dat": ML1M["movies.dat"]})
-    with pytest.raises(FileNotFoundError, match=r"partial/users.dat is missing: an ml-1m directory has"):
+    with pytest.raises(FileNotFoundError, match=r"partial/users.dat is missing: an ml-1m directory has .* \(ml-10m: "):
         read_movielens(tmp_path / "partial")
     write(tmp_path / "both", {**ML1M, **ML100K})
     with pytest.raises(ValueError, match=r"holds u.data \(ml-100k\) and ratings.dat \(ml-1m\)"):

@@ -290,7 +290,7 @@ class TaskDataModule(SplitDataModule):
 
     With ``interactions=None`` the interactions come from `SyntheticTaskConfig` (``num_users``
     users with their own tastes); otherwise from a parquet or CSV file with the named columns, or
-    an unzipped MovieLens directory, ml-100k, ml-1m or ml-latest (`read_movielens`: each rating
+    an unzipped MovieLens directory, ml-100k, ml-1m, ml-10m or ml-latest (`read_movielens`: each rating
     with the user's and the movie's features). ``side_tables`` joins side-feature tables on by key
     first, e.g. ``{"user_id": "users.parquet", "item_id": "items.csv"}`` (`read_interactions`).
     Training uses the ``train`` tasks; validation and test use the two halves of the ``cold_start``

@@ -1,7 +1,7 @@
 """MovieLens as downloaded, and any interactions table with side-feature tables, as one Arrow table.
 
 `read_movielens` reads an unzipped MovieLens directory (the format is told from its files: ml-100k,
-ml-1m, or the CSV files of ml-latest-small, ml-latest, ml-20m, ml-25m and ml-32m) into one row per
+ml-1m, ml-10m, or the CSV files of ml-latest-small, ml-latest, ml-20m, ml-25m and ml-32m) into one row per
 rating, the user's (where the data set has them) and the movie's features joined on;
 `read_interactions` does the same for a parquet/CSV interactions file with side tables joined by
 key. Both feed `build_task_store` (which calls `read_interactions` for a directory or
@@ -38,7 +38,7 @@ __all__ = [
     "write_fake_movielens",
 ]
 
-MovieLensFormat = Literal["ml-100k", "ml-1m", "ml-latest"]
+MovieLensFormat = Literal["ml-100k", "ml-1m", "ml-10m", "ml-latest"]
 TableSource = Union[str, Path, pa.Table]
 
 # The genres both formats share (ml-100k also has "unknown"), in their documented order; each
@@ -62,6 +62,13 @@ _FILES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("users.dat", "::", ("user_id", "gender", "age", "occupation", "zip")),
         ("movies.dat", "::", ("item_id", "title", "genres")),
     ),
+    # ml-10m (unzipped as ml-10M100K/): ml-1m's layout with half-star ratings, no user file, and a
+    # tags.dat (not read) that tells it from an ml-1m directory missing its users.dat.
+    "ml-10m": (
+        ("ratings.dat", "::", ("user_id", "item_id", "rating", "timestamp")),
+        ("movies.dat", "::", ("item_id", "title", "genres")),
+        ("tags.dat", "::", ("user_id", "item_id", "tag", "timestamp")),
+    ),
 }
 # The CSV format GroupLens has shipped since ml-20m (ml-latest-small, ml-latest, ml-25m, ml-32m...):
 # UTF-8 with a header, quoted titles, half-star ratings, no user file. Columns as read, then named as above.
@@ -72,8 +79,12 @@ _CSV_FILES: dict[str, dict[str, pa.DataType]] = {
     "movies.csv": {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
 }
 _CSV_NAMES = {"userId": "user_id", "movieId": "item_id"}
-_RATINGS_FILES = {**{fmt: files[0][0] for fmt, files in _FILES.items()}, "ml-latest": "ratings.csv"}
+# How a directory's format is told: by its ratings file (then ml-1m's ratings.dat with tags.dat and
+# no users.dat is ml-10m's).
+_RATINGS_FILES = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-latest": "ratings.csv"}
+_FORMATS: tuple[MovieLensFormat, ...] = ("ml-100k", "ml-1m", "ml-10m", "ml-latest")
 _INTEGER_FIELDS = {"user_id", "item_id", "rating", "timestamp", "age", *_ML100K_GENRES}
+_HALF_STARS = {"rating"}  # ml-10m's ratings: 0.5-5 in half stars
 _ML1M_INTEGER_FIELDS = {"occupation"}  # ml-1m codes occupations 0-20; ml-100k names them
 
 
@@ -86,8 +97,9 @@ def genre_column(genre: str) -> str:
 
 
 def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
-    """The MovieLens format of a directory: ``"ml-100k"`` (has ``u.data``), ``"ml-1m"`` (``ratings.dat``)
-    or ``"ml-latest"`` (``ratings.csv``: ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m).
+    """The MovieLens format of a directory: ``"ml-100k"`` (has ``u.data``), ``"ml-1m"`` (``ratings.dat``
+    and ``users.dat``), ``"ml-10m"`` (``ratings.dat`` and ``tags.dat``, no ``users.dat``) or
+    ``"ml-latest"`` (``ratings.csv``: ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m).
 
     Raises:
         FileNotFoundError: the directory does not exist, holds neither ratings file, or lacks a
@@ -106,27 +118,32 @@ def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
         hint = f"; did you mean {' or '.join(nested)}?" if nested else ""
         raise FileNotFoundError(
             f"{directory} is not a MovieLens directory: it has none of u.data (ml-100k), ratings.dat "
-            f"(ml-1m) and ratings.csv (ml-latest, ml-25m, ml-32m){hint}"
+            f"(ml-1m, ml-10m) and ratings.csv (ml-latest, ml-25m, ml-32m){hint}"
         )
     if len(found) > 1:
         held = " and ".join(f"{_RATINGS_FILES[fmt]} ({fmt})" for fmt in found)
         raise ValueError(f"{directory} holds {held}; point at one data set")
     fmt = found[0]
+    if fmt == "ml-1m" and not (directory / "users.dat").is_file() and (directory / "tags.dat").is_file():
+        fmt = "ml-10m"
     names = list(_CSV_FILES) if fmt == "ml-latest" else [f[0] for f in _FILES[fmt]]
     for name in names[1:]:
         if not (directory / name).is_file():
             expected = ", ".join(names)
-            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {expected}")
+            also = " (ml-10m: ratings.dat, movies.dat, tags.dat)" if fmt == "ml-1m" else ""
+            raise FileNotFoundError(f"{directory / name} is missing: an {fmt} directory has {expected}{also}")
     return fmt  # type: ignore[return-value]
 
 
-def _read_fields(path: Path, separator: str, names: Sequence[str], integers: set[str]) -> pa.Table:
+def _read_fields(
+    path: Path, separator: str, names: Sequence[str], integers: set[str], half_stars: frozenset[str] = frozenset()
+) -> pa.Table:
     """A separated text file without header (latin-1) as a table; the first bad line is an error.
 
     Each line is read as one string by Arrow's CSV reader (no quoting, empty lines kept so that
     row ``i`` is line ``i + 1``), then split on ``separator`` (``::`` included) and converted,
-    all vectorised; a line with another field count, or a non-integer where an integer belongs,
-    raises with ``path:line``.
+    all vectorised; a line with another field count, a non-integer where an integer belongs, or
+    (``half_stars``) a rating that is not 0.5-5 in halves, raises with ``path:line``.
     """
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty")
@@ -150,7 +167,17 @@ def _read_fields(path: Path, separator: str, names: Sequence[str], integers: set
     columns = {}
     for j, name in enumerate(names):
         column = pc.list_element(fields, j)
-        if name in integers:
+        if name in half_stars:
+            stars = pc.match_substring_regex(column, r"^\s*(0\.5|[1-4](\.[05])?|5(\.0)?)\s*$")
+            wrong = np.flatnonzero(~stars.to_numpy(zero_copy_only=False))
+            if wrong.size:
+                i = int(wrong[0])
+                raise ValueError(
+                    f"{path}:{i + 1}: malformed line: field {j + 1} ({name}) is {column[i].as_py()!r}, "
+                    f"expected 0.5-5 in half stars: {lines[i].as_py()!r}"
+                )
+            column = pc.utf8_trim_whitespace(column).cast(pa.float64())
+        elif name in integers:
             integer = pc.match_substring_regex(column, r"^\s*[+-]?\d+\s*$")
             wrong = np.flatnonzero(~integer.to_numpy(zero_copy_only=False))
             if wrong.size:
@@ -252,14 +279,14 @@ def read_movielens(directory: Union[str, Path]) -> pa.Table:
     """One row per rating of a MovieLens directory, with the user's and the movie's features.
 
     Columns (every format): ``user_id``, ``item_id``, ``timestamp`` (seconds), int64, and
-    ``rating`` (1-5, int64; 0.5-5 in half stars, float64, in ``ml-latest``); the movie's ``title``,
+    ``rating`` (1-5, int64; 0.5-5 in half stars, float64, in ``ml-10m`` and ``ml-latest``); the movie's ``title``,
     ``year`` (from the title, null when it has none), ``genres`` (``|``-joined names, e.g.
     ``"Animation|Children's|Comedy"``) and one float32 0/1 column per genre of `MOVIELENS_GENRES`
     (``genre_action`` ... ``genre_western``, see `genre_column`; the genres only newer data sets
     list, such as ``IMAX``, are in ``genres`` alone). ml-100k and ml-1m also have the user's
     ``gender`` (``"M"``/``"F"``), ``age`` (years in ml-100k, an age-group code in ml-1m),
     ``occupation`` (a name in ml-100k, a code 0-20 in ml-1m) and ``zip``, after ``timestamp``;
-    ``ml-latest`` has no user features. Rows are in the ratings file's order; a rating whose user
+    ``ml-10m`` and ``ml-latest`` have no user features. Rows are in the ratings file's order; a rating whose user
     or movie is missing from its file has nulls there.
 
     Movie ids of the newer data sets are sparse (up to 193609 in ml-latest-small): size the
@@ -276,6 +303,12 @@ def read_movielens(directory: Union[str, Path]) -> pa.Table:
         ratings, items = (_read_csv(directory / name) for name in _CSV_FILES)
         movies = directory / "movies.csv"
         _unique_key(items, "item_id", str(movies), line_of=lambda i: _csv_line(movies, i)[0])
+        return _left_join(ratings, _item_features(items, items.column("genres")), "item_id")
+    if fmt == "ml-10m":
+        (ratings_file, separator, ratings_names), (items_file, _, items_names), _ = _FILES[fmt]
+        ratings = _read_fields(directory / ratings_file, separator, ratings_names, _INTEGER_FIELDS, _HALF_STARS)
+        items = _read_fields(directory / items_file, separator, items_names, _INTEGER_FIELDS)
+        _unique_key(items, "item_id", str(directory / items_file), line_of=lambda i: i + 1)
         return _left_join(ratings, _item_features(items, items.column("genres")), "item_id")
     integers = _INTEGER_FIELDS | (_ML1M_INTEGER_FIELDS if fmt == "ml-1m" else set())
     _, (users_file, *_), (items_file, *_) = _FILES[fmt]
@@ -441,11 +474,12 @@ def write_fake_movielens(
     Users rate ``min_ratings..max_ratings`` movies each (at least 20, as in MovieLens), popular
     movies more often; a rating follows the user's own taste for the movie's genres plus the
     movie's quality, so adapting to a user's first ratings pays. Titles carry a year and some
-    latin-1 characters (``Café``), as the real ``u.item`` and ``movies.dat`` do; ``"ml-latest"``
-    writes UTF-8 CSV files with headers, half-star ratings and quoted titles that hold a comma.
+    latin-1 characters (``Café``), as the real ``u.item`` and ``movies.dat`` do; ``"ml-10m"``
+    writes half-star ratings, no user file and a ``tags.dat``; ``"ml-latest"`` writes UTF-8 CSV
+    files with headers, half-star ratings and quoted titles that hold a comma.
     """
-    if format not in _RATINGS_FILES:
-        raise ValueError(f"format must be one of {list(_RATINGS_FILES)}, got {format!r}")
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {list(_FORMATS)}, got {format!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -463,7 +497,7 @@ def write_fake_movielens(
         items = rng.choice(num_items, size=min(count, num_items), replace=False, p=popularity)
         affinity = (item_genres[items] * taste[user]).sum(1) / item_genres[items].sum(1)
         liking = 3.2 + affinity + quality[items] + rng.normal(0, 0.5, items.size)
-        if format == "ml-latest":  # half stars
+        if format in ("ml-10m", "ml-latest"):  # half stars
             stars = [float(s) for s in np.clip(np.rint(liking * 2) / 2, 0.5, 5)]
         else:
             stars = [int(s) for s in np.clip(np.rint(liking), 1, 5)]
@@ -501,6 +535,15 @@ def write_fake_movielens(
                 + "|".join(str(int(f)) for f in item_genres[i])
                 for i in range(num_items)
             ],
+        }
+    elif format == "ml-10m":
+        files = {
+            "ratings.dat": ["::".join(map(str, r)) for r in ratings],
+            "movies.dat": [
+                f"{i + 1}::{titles[i]}::" + "|".join(np.array(MOVIELENS_GENRES)[item_genres[i]])
+                for i in range(num_items)
+            ],
+            "tags.dat": [f"{u}::{i}::good {i}::{t}" for u, i, _, t in ratings[:num_users]],
         }
     else:
         groups = rng.choice([1, 18, 25, 35, 45, 50, 56], num_users)

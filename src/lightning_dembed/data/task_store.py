@@ -470,7 +470,7 @@ def build_task_store(
 
     Args:
         source: a ``.parquet`` or ``.csv`` file, a `pyarrow.Table` (e.g. `generate_interactions`), or
-            an unzipped MovieLens directory, ml-100k, ml-1m or ml-latest (`read_movielens`: ratings
+            an unzipped MovieLens directory, ml-100k, ml-1m, ml-10m or ml-latest (`read_movielens`: ratings
             with the user's and the movie's features).
         out_dir: where to write the store, atomically (`lightning_dembed._atomic`: a link to a
             complete version beside it; a failed build leaves what was there); None keeps it in memory.
