@@ -135,6 +135,11 @@ def movielens_format(directory: Union[str, Path]) -> MovieLensFormat:
     return fmt  # type: ignore[return-value]
 
 
+# How a numeric field of the older formats is checked and converted: (pattern, what it must be, type).
+_INTEGER_FIELD = (r"^\s*[+-]?\d+\s*$", "an integer", pa.int64())
+_HALF_STAR_FIELD = (r"^\s*(0\.5|[1-4](\.[05])?|5(\.0)?)\s*$", "0.5-5 in half stars", pa.float64())
+
+
 def _read_fields(
     path: Path, separator: str, names: Sequence[str], integers: set[str], half_stars: frozenset[str] = frozenset()
 ) -> pa.Table:
@@ -167,26 +172,17 @@ def _read_fields(
     columns = {}
     for j, name in enumerate(names):
         column = pc.list_element(fields, j)
-        if name in half_stars:
-            stars = pc.match_substring_regex(column, r"^\s*(0\.5|[1-4](\.[05])?|5(\.0)?)\s*$")
-            wrong = np.flatnonzero(~stars.to_numpy(zero_copy_only=False))
+        parsed = _HALF_STAR_FIELD if name in half_stars else _INTEGER_FIELD if name in integers else None
+        if parsed is not None:
+            pattern, expected, data_type = parsed
+            wrong = np.flatnonzero(~pc.match_substring_regex(column, pattern).to_numpy(zero_copy_only=False))
             if wrong.size:
                 i = int(wrong[0])
                 raise ValueError(
                     f"{path}:{i + 1}: malformed line: field {j + 1} ({name}) is {column[i].as_py()!r}, "
-                    f"expected 0.5-5 in half stars: {lines[i].as_py()!r}"
+                    f"expected {expected}: {lines[i].as_py()!r}"
                 )
-            column = pc.utf8_trim_whitespace(column).cast(pa.float64())
-        elif name in integers:
-            integer = pc.match_substring_regex(column, r"^\s*[+-]?\d+\s*$")
-            wrong = np.flatnonzero(~integer.to_numpy(zero_copy_only=False))
-            if wrong.size:
-                i = int(wrong[0])
-                raise ValueError(
-                    f"{path}:{i + 1}: malformed line: field {j + 1} ({name}) is {column[i].as_py()!r}, "
-                    f"expected an integer: {lines[i].as_py()!r}"
-                )
-            column = pc.utf8_trim_whitespace(column).cast(pa.int64())
+            column = pc.utf8_trim_whitespace(column).cast(data_type)
         columns[name] = column
     return pa.table(columns)
 
