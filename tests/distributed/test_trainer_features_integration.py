@@ -141,11 +141,14 @@ def used_ahead(out: Path) -> set[int]:
     return {n for r in range(2) for n in torch.load(out / f"rank{r}.pt")["used_ahead"].values()}
 
 
+# "extra-feature": the batches' KeyedJaggedTensor also holds a feature no table consumes (one KJT for
+# several modules, as in a two-tower model), with ids beyond every table: left out as unsharded,
+# in training (pipelined) and validation.
 @pytest.mark.parametrize(("sharding", "args", "pipeline"), [
     ("row_wise", ("--sized", "--split", "3,5"), True),
-    ("table_wise", ("--sized",), True),
+    ("table_wise", ("--sized", "--extra-feature"), True),
     ("row_wise", ("--sized",), False),
-], ids=["row_wise-ragged", "table_wise", "off"])
+], ids=["row_wise-ragged", "table_wise-extra-feature", "off"])
 def test_pipelined_training_with_validation_trains_as_ddp(tmp_path: Path, sharding: str, args: tuple[str, ...],
                                                           pipeline: bool) -> None:
     split = [3, 5] if "--split" in args else None
@@ -153,13 +156,6 @@ def test_pipelined_training_with_validation_trains_as_ddp(tmp_path: Path, shardi
                     split=split)
     # Every step's input exchange was started during the step before (the first's before it).
     assert used_ahead(tmp_path) == ({STEPS} if pipeline else {0})
-
-
-def test_a_feature_no_table_consumes_is_ignored_as_unsharded(tmp_path: Path) -> None:
-    # One KeyedJaggedTensor for several modules (a two-tower model): each sharded module sends only
-    # its own features to its shards, ids out of its tables' range included, and stays pipelined.
-    run_and_compare(tmp_path, "--extra-feature", "--sized", sharding="row_wise")
-    assert used_ahead(tmp_path) == {STEPS}
 
 
 def test_data_without_a_length_trains_unpipelined_as_ddp(tmp_path: Path) -> None:
