@@ -142,8 +142,9 @@ def used_ahead(out: Path) -> set[int]:
 
 
 # "extra-feature": the batches' KeyedJaggedTensor also holds a feature no table consumes (one KJT for
-# several modules, as in a two-tower model), with ids beyond every table: left out as unsharded,
-# in training (pipelined) and validation.
+# several modules, as in a two-tower model), with ids beyond every table, and every other batch lists
+# the tables' features in reverse: each looked up by name as unsharded, in training (pipelined) and
+# validation.
 @pytest.mark.parametrize(("sharding", "args", "pipeline"), [
     ("row_wise", ("--sized", "--split", "3,5"), True),
     ("table_wise", ("--sized", "--extra-feature"), True),

@@ -27,7 +27,7 @@ from lightning.pytorch.tuner import Tuner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noqa: E402
 from tiny import TABLES, GlobalBatches, SizedGlobalBatches, TinyRecModule  # noqa: E402
 
 from lightning_dembed import HybridParallelStrategy, consolidate_checkpoint, dense_parameters  # noqa: E402
@@ -52,7 +52,7 @@ class Data(LightningDataModule):
         if self.bad_id:
             batches = [_with_bad_id(b) for b in batches]
         # Applied as each batch is loaded: a list of batches would get a DistributedSampler.
-        collate = _with_extra_feature if self.extra_feature else None
+        collate = WithExtraFeature() if self.extra_feature else None
         return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=collate)
 
     val_dataloader = train_dataloader
@@ -66,16 +66,21 @@ def _with_bad_id(batch):
     return batch
 
 
-def _with_extra_feature(batch):
-    """The batch's features and one more, first, which no table consumes (as one KJT for several modules)."""
-    kjt = batch.sparse_features
-    rows = kjt.stride()
-    batch.sparse_features = KeyedJaggedTensor(
-        keys=["f_extra", *kjt.keys()],
-        values=torch.cat([torch.arange(rows) + 1000, kjt.values()]),
-        lengths=torch.cat([torch.ones(rows, dtype=torch.int64), kjt.lengths()]),
-    )
-    return batch
+class WithExtraFeature:
+    """Adds a feature no table consumes, first (as one KJT for several modules); every other batch also
+    lists the tables' features in reverse (a sharded module must not keep the first batch's order)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def __call__(self, batch):
+        per_key = batch.sparse_features.to_dict()
+        keys = list(per_key)[::-1] if self.batches % 2 else list(per_key)
+        self.batches += 1
+        rows = batch.sparse_features.stride()
+        extra = JaggedTensor(values=torch.arange(rows) + 1000, lengths=torch.ones(rows, dtype=torch.int64))
+        batch.sparse_features = KeyedJaggedTensor.from_jt_dict({"f_extra": extra, **{k: per_key[k] for k in keys}})
+        return batch
 
 
 class Dump(Callback):
@@ -327,7 +332,7 @@ def main() -> None:
     p.add_argument("--second-trainer", action="store_true", help="after fit, validate with a new Trainer")
     p.add_argument("--fit-twice", action="store_true", help="a second fit on the same Trainer, to 2x max steps")
     p.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d after the MLP's first layer")
-    p.add_argument("--extra-feature", action="store_true", help="the batches' KJT has a key no table consumes")
+    p.add_argument("--extra-feature", action="store_true", help="the batches' KJT has a key no table consumes; every other batch's keys reversed")
     p.add_argument("--async-checkpoint-io", action="store_true", help="Trainer(plugins=[AsyncCheckpointIO()])")
     p.add_argument("--kill", default=None, help="RANK:STEP:train|save: SIGKILL that rank at that step")
     args = p.parse_args()

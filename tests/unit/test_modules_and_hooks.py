@@ -116,6 +116,21 @@ def test_features_no_table_consumes_are_left_out_as_unsharded() -> None:
     torch.testing.assert_close(module(own).values(), module(features).values(), rtol=0, atol=0)
 
 
+def test_own_features_come_in_the_module_order_whatever_the_input_order() -> None:
+    # TorchRec's sharded input stage keeps the order of the first input it sees and applies it to
+    # every later one without reading the keys: each input is put in one order, the module's.
+    own = check(kjt(["item", "user"], [4, 9]))
+    assert own.keys() == ["user", "item"] and own.values().tolist() == [9, 4]
+
+
+def test_a_variable_batch_kjt_with_other_modules_features_is_refused_by_name() -> None:
+    vbe = KeyedJaggedTensor(keys=["user", "item", "age"], values=torch.tensor([1, 2, 3]),
+                            lengths=torch.tensor([1, 1, 1]), stride_per_key_per_rank=[[1], [1], [1]],
+                            inverse_indices=(["user", "item", "age"], torch.zeros(3, 1, dtype=torch.int64)))
+    with pytest.raises(ValueError, match=r"model.sparse: a variable-batch KeyedJaggedTensor .*\['age'\]"):
+        check(vbe)
+
+
 def test_missing_features_are_named() -> None:
     with pytest.raises(ValueError, match=r"feature\(s\) \['item'\] \(tables \['t_item'\]\) are missing"):
         check(KeyedJaggedTensor(keys=["user"], values=torch.tensor([1]), lengths=torch.tensor([1])))

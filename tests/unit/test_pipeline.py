@@ -108,7 +108,8 @@ class _Count:
         return Work()
 
 
-def _lookup_with_one_input_ahead(monkeypatch, others: int) -> tuple[ShardedLookup, KeyedJaggedTensor, _Count]:
+def _lookup_with_one_input_ahead(monkeypatch, others: int, extra_key: bool = False
+                                 ) -> tuple[ShardedLookup, KeyedJaggedTensor, _Count]:
     count = _Count(others)
     monkeypatch.setattr(lookup_module.dist, "all_reduce", count)
     monkeypatch.setattr(lookup_module.dist, "get_world_size", lambda group=None: 2)
@@ -117,13 +118,22 @@ def _lookup_with_one_input_ahead(monkeypatch, others: int) -> tuple[ShardedLooku
     lookup = ShardedLookup(module=None, check=FeatureCheck("ebc", [table]), sharding_types={"table_wise"},
                            check_ids=False, control_group=None, updates_add_up=True)
     features = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
-    lookup._started.append(lookup_module._StartedInput(features, features, 2, None, None, lookup_module._versions(features)))
-    return lookup, features, count
+    given = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([1, 2, 5, 6]), lengths=torch.ones(4, dtype=torch.int64)) \
+        if extra_key else features  # the batch's KJT holding another module's feature too
+    lookup._started.append(lookup_module._StartedInput(given, features, 2, None, Done(), lookup_module._versions(given)))
+    return lookup, given, count
+
+
+class Done:
+    """An input exchange already complete."""
+
+    def wait(self) -> "Done":
+        return self
 
 
 def test_a_rank_given_its_batch_uses_the_input_started_ahead_without_waiting_for_the_others(monkeypatch) -> None:
     lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=0)
-    assert lookup._take(features) is not None
+    assert lookup._take(features, training=True) is not None
     assert count.async_ops == [True] and count.waited == []  # the count travels meanwhile
     lookup.drain()
     assert count.waited == [0]
@@ -133,6 +143,17 @@ def test_a_rank_given_other_features_waits_and_fails_where_another_rank_went_on(
     lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=0)
     edited = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"ebc: on rank 1 this step's forward was given other sparse features.*pipeline=False"):
-        lookup._take(edited)
+        lookup._take(edited, training=True)
     lookup, features, count = _lookup_with_one_input_ahead(monkeypatch, others=1)  # every rank was given others
-    assert lookup._take(edited) is None and count.waited == [2]
+    assert lookup._take(edited, training=True) is None and count.waited == [2]
+
+
+def test_a_module_called_with_its_own_split_of_the_batch_stops_prefetching_at_once(monkeypatch) -> None:
+    # The input was started from the batch's KJT (more features than the module's); the model splits
+    # that KJT itself, so no input started ahead will ever be used: every rank stops at the first step.
+    lookup, given, count = _lookup_with_one_input_ahead(monkeypatch, others=1, extra_key=True)
+    split = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    assert lookup._take(split, training=False) is None  # validation between two steps: kept for the next
+    assert lookup.prefetching and len(lookup._started) == 1
+    assert lookup._take(split, training=True) is None
+    assert not lookup.prefetching and lookup._started == []

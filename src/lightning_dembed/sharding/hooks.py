@@ -60,16 +60,28 @@ class FeatureCheck:
         modules fed one `KeyedJaggedTensor`); sharded, every feature given is sent to a table's shards,
         so the others are left out here. Fails, naming them, on tables' features that are missing.
         """
-        keys = features.keys()
-        missing = [k for k in self.table_of if k not in keys]
+        position = {k: i for i, k in enumerate(features.keys())}
+        missing = [k for k in self.table_of if k not in position]
         if missing:
             raise ValueError(
                 f"{self.module_path}: feature(s) {missing} (tables "
                 f"{sorted({self.table_of[k] for k in missing})}) are missing from the input"
             )
-        if len(keys) == len(self.table_of):
+        exact = len(position) == len(self.table_of)
+        if features.variable_stride_per_key():
+            if exact:
+                return features  # TorchRec orders these itself; permute would drop their inverse indices
+            raise ValueError(
+                f"{self.module_path}: a variable-batch KeyedJaggedTensor (stride_per_key_per_rank) holding "
+                f"features no table of this module consumes ({sorted(set(position) - set(self.table_of))}); "
+                "give the module a KeyedJaggedTensor of its own features only"
+            )
+        # Always in the module's own order: TorchRec's sharded input stage keeps the feature order of
+        # the first input it is given and applies it to every later one without looking at the keys.
+        order = [position[k] for k in self.table_of]
+        if exact and order == list(range(len(order))):
             return features
-        return features.permute([i for i, k in enumerate(keys) if k in self.table_of])
+        return features.permute(order)
 
     def ids(self, features: KeyedJaggedTensor) -> None:
         """Fail, naming the feature and table, on an id outside its table (one host sync)."""

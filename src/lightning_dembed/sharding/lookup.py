@@ -198,11 +198,11 @@ class ShardedLookup:
         self.prefetching = False
         log.info(
             "pipeline off for %s: it is not called with the batch's KeyedJaggedTensor as the dataloader yields it "
-            "(built or modified in the step); it trains unpipelined",
+            "(built, split or modified in the step); it trains unpipelined",
             self.check.module_path,
         )
 
-    def _take(self, features: KeyedJaggedTensor) -> Optional[_StartedInput]:
+    def _take(self, features: KeyedJaggedTensor, training: bool) -> Optional[_StartedInput]:
         """The input started ahead for ``features``; None where every rank runs the input stage anew.
 
         Whether a forward is given the batch as fetched is decided by each rank from its own
@@ -212,7 +212,9 @@ class ShardedLookup:
         batch uses the input started ahead at once and completes the count later; a rank given
         other features waits for the count, runs the input stage anew where every rank does, and
         fails where some ranks have already gone on. Inputs are used in the order they were
-        fetched; those never used pile up until `prefetch` stops (on every rank alike).
+        fetched; those never used pile up until `prefetch` stops (on every rank alike), or, where
+        they were started from a KeyedJaggedTensor holding more than this module's features, stop
+        at the first training forward given another.
         """
         self._wait_last_count()
         if not self._started:  # the same on every rank: prefetches are
@@ -232,6 +234,11 @@ class ShardedLookup:
                 "alone. Build or change the features alike on every rank, or train unpipelined: "
                 "HybridParallelStrategy(pipeline=False)"
             )
+        if training and self._started[0].own is not self._started[0].features:
+            # Started from a KeyedJaggedTensor holding more than this module's features, and a training
+            # forward was given another (the model splits the batch's itself): none will be used.
+            # (A validation forward between two training steps leaves the next step's input queued.)
+            self._stop_prefetching()
         return None
 
     def _count_trained_forward(self) -> None:
@@ -263,7 +270,7 @@ class ShardedLookup:
         if torch.is_grad_enabled() and self.module.training:  # evaluation may adapt with gradients, not train
             self._count_trained_forward()
             self._refuse_trainable_id_weights(features)
-        started = self._take(features)
+        started = self._take(features, self.module.training)
         if started is None:
             started = self.start(features)
         else:
