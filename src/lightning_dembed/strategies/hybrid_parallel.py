@@ -412,9 +412,9 @@ class HybridParallelStrategy(DDPStrategy):
             # Lightning routes whole-file saves through a CheckpointIO plugin (AsyncCheckpointIO too); the
             # shards are written and read by torch.distributed.checkpoint, which would bypass it silently.
             raise ValueError(
-                f"Trainer(plugins=[{type(self.checkpoint_io).__name__}]) is not supported by "
-                "HybridParallelStrategy: every rank writes and reads its own shards with "
-                "torch.distributed.checkpoint, so this CheckpointIO plugin would never see the checkpoints. "
+                f"a CheckpointIO plugin ({type(self.checkpoint_io).__name__}, from Trainer(plugins=...) or the "
+                "strategy's checkpoint_io) is not supported by HybridParallelStrategy: every rank writes and reads "
+                "its own shards with torch.distributed.checkpoint, so the plugin would never see the checkpoints. "
                 "Remove the plugin; to keep checkpoints elsewhere, copy the checkpoint directories, or save "
                 "consolidate_checkpoint's one-file checkpoint with your own IO"
             )
