@@ -339,3 +339,17 @@ def test_dropout_adapts_under_vmap_with_a_draw_per_task(caplog: pytest.LogCaptur
             DropoutModule(), task_batches(), task_batches(1)
         )
     assert any("side by side under torch.func.vmap" in r.getMessage() for r in caplog.records)
+
+
+def test_evaluation_copies_of_inference_tensors_keep_the_ids_weights() -> None:
+    from torchrec import KeyedJaggedTensor
+
+    from lightning_dembed.meta.loop import _plain_tensors
+
+    with torch.inference_mode():
+        kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]),
+                                weights=torch.tensor([0.5, 2.0]))
+        batch = TaskBatch(torch.zeros(2, 1), kjt, torch.zeros(2), torch.tensor([0, 2]), torch.tensor([1]),
+                          torch.tensor([0]))
+    copied = _plain_tensors(batch).sparse_features
+    assert copied.weights().tolist() == [0.5, 2.0] and not copied.weights().is_inference()

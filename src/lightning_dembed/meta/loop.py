@@ -538,9 +538,13 @@ def _plain_tensors(batch: TaskBatch) -> TaskBatch:
         return t.clone() if t.is_inference() else t
 
     kjt = batch.sparse_features
+    weights = kjt.weights_or_none()
     return TaskBatch(
         dense_features=plain(batch.dense_features),
-        sparse_features=KeyedJaggedTensor(keys=kjt.keys(), values=plain(kjt.values()), lengths=plain(kjt.lengths())),
+        sparse_features=KeyedJaggedTensor(
+            keys=kjt.keys(), values=plain(kjt.values()), lengths=plain(kjt.lengths()),
+            weights=None if weights is None else plain(weights),
+        ),
         labels=plain(batch.labels),
         task_offsets=plain(batch.task_offsets),
         support_sizes=plain(batch.support_sizes),
