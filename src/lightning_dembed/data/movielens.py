@@ -84,7 +84,7 @@ _CSV_NAMES = {"userId": "user_id", "movieId": "item_id"}
 _RATINGS_FILES = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-latest": "ratings.csv"}
 _FORMATS: tuple[MovieLensFormat, ...] = ("ml-100k", "ml-1m", "ml-10m", "ml-latest")
 _INTEGER_FIELDS = {"user_id", "item_id", "rating", "timestamp", "age", *_ML100K_GENRES}
-_HALF_STARS = {"rating"}  # ml-10m's ratings: 0.5-5 in half stars
+_HALF_STARS = frozenset({"rating"})  # ml-10m's ratings: 0.5-5 in half stars
 _ML1M_INTEGER_FIELDS = {"occupation"}  # ml-1m codes occupations 0-20; ml-100k names them
 
 
