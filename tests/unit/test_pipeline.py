@@ -157,3 +157,13 @@ def test_a_module_called_with_its_own_split_of_the_batch_stops_prefetching_at_on
     assert lookup.prefetching and len(lookup._started) == 1
     assert lookup._take(split, training=True) is None
     assert not lookup.prefetching and lookup._started == []
+
+
+def test_an_embedding_collections_output_loses_the_padding_rows() -> None:
+    # Row-wise tables on gloo look up a short batch padded with empty bags; an EmbeddingCollection's
+    # per-feature JaggedTensors must come back with the batch's own rows, as unsharded.
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    padded = {"f": JaggedTensor(values=torch.ones(3, 4), lengths=torch.tensor([2, 1, 0]))}
+    trimmed = lookup_module._first_rows(padded, rows=2)["f"]
+    assert trimmed.lengths().tolist() == [2, 1] and torch.equal(trimmed.values(), torch.ones(3, 4))

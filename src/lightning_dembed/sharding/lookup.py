@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torchrec.distributed.types import Awaitable, ShardedModule
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from lightning_dembed._private import tensor_version
 from lightning_dembed.sharding.hooks import FeatureCheck, pad_to_stride, then
@@ -288,6 +288,12 @@ class ShardedLookup:
 
 
 def _first_rows(pooled: Any, rows: int) -> Any:
+    """The output for the batch's own ``rows``, without the empty bags padding added after them."""
+    if isinstance(pooled, Mapping):  # an EmbeddingCollection's JaggedTensor per feature: the pads are empty
+        return {
+            key: JaggedTensor(values=jt.values(), lengths=jt.lengths()[:rows], weights=jt.weights_or_none())
+            for key, jt in pooled.items()
+        }
     if not isinstance(pooled, KeyedTensor) or pooled.values().shape[0] == rows:
         return pooled
     return KeyedTensor(
