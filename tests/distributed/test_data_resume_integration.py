@@ -8,14 +8,16 @@ of the data, so a run continues on the world size it started with).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_dembed.data import preprocess, write_fake_criteo_tsv
+sys.path.insert(0, str(Path(__file__).parent))
+from warm import run_script  # noqa: E402
+
+from lightning_dembed.data import preprocess, write_fake_criteo_tsv  # noqa: E402
 
 WORKER = Path(__file__).parent / "data_worker.py"
 # Epochs of 5 (synthetic), 6 (criteo) and 4 (tasks) batches: step 3 is mid-epoch, 9 in the next one.
@@ -26,11 +28,8 @@ def run(out: Path, data: str, data_dir: Path, *args: str, devices: int = 2) -> N
     out.mkdir(parents=True, exist_ok=True)
     # The worker forks its ranks; a forked child of a process that has started OpenMP threads hangs
     # in its first parallel op (GNU libgomp), and DLRMModule's metric states start them: one thread.
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), "--data", data, "--data-dir", str(data_dir),
-         "--devices", str(devices), *args],
-        capture_output=True, text=True, timeout=600, cwd=out, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_script(WORKER, ["--out", str(out), "--data", data, "--data-dir", str(data_dir), "--devices",
+                               str(devices), *args], cwd=out, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 

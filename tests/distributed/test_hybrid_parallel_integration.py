@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import TABLES, TinyRecModule, make_batch, rank_slice, reference_run  # noqa: E402
+from warm import run_script  # noqa: E402
 
 WORKER = Path(__file__).parent / "worker.py"
 STEPS, GLOBAL_BATCH, LR = 3, 8, 0.1
@@ -21,11 +22,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def run_worker(out: Path, *args: str, devices: int = 2, expect_ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), "--devices", str(devices), "--global-batch",
-         str(GLOBAL_BATCH), "--lr", str(LR), *args],
-        capture_output=True, text=True, timeout=600, cwd=out,
-    )
+    proc = run_script(WORKER, ["--out", str(out), "--devices", str(devices), "--global-batch", str(GLOBAL_BATCH),
+                               "--lr", str(LR), *args], cwd=out, timeout=600)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

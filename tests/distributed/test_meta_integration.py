@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 from tiny import ColdStartTinyModule, TinyMetaModule, meta_reference_run, meta_tasks, task_batch  # noqa: E402
+from warm import run_script  # noqa: E402
 
 from lightning_dembed.meta import ColdStartEvaluation, MetaLearningConfig  # noqa: E402
 
@@ -22,8 +22,7 @@ STEPS, INNER_LR, LR = 3, 0.3, 0.1
 
 def run(out: Path, *args: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), "--steps", str(STEPS), *args],
-                          capture_output=True, text=True, timeout=600, cwd=out)
+    proc = run_script(WORKER, ["--out", str(out), "--steps", str(STEPS), *args], cwd=out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
@@ -83,10 +82,8 @@ def test_collectives_per_meta_batch_do_not_grow_with_tasks_or_inner_steps(tmp_pa
 
 def test_cold_start_scores_on_ranks_with_uneven_tasks_are_those_of_one_process(tmp_path: Path) -> None:
     worker = Path(__file__).parent / "cold_start_worker.py"
-    proc = subprocess.run(
-        [sys.executable, str(worker), "--out", str(tmp_path), "--tasks", "5", "--rank0-tasks", "4"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+    proc = run_script(worker, ["--out", str(tmp_path), "--tasks", "5", "--rank0-tasks", "4"], cwd=tmp_path,
+                      timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     seed_everything(0)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
