@@ -56,6 +56,14 @@ def build(table: pa.Table, out_dir=None, **kwargs) -> TaskStore:
     return build_task_store(table, out_dir, **args)
 
 
+def test_one_table_size_sizes_every_categorical_column() -> None:
+    one_size = build(interactions(), num_embeddings=64)
+    per_column = build(interactions(), num_embeddings={"user": 64, "item": 64})
+    assert one_size.stats == per_column.stats
+    assert one_size.train.rows["item"] == per_column.train.rows["item"]
+    assert max(one_size.train.rows["item"]) < 64
+
+
 def task_rows(split, t: int) -> np.ndarray:
     """Input row ids of task t of a split, in stored order."""
     return split.column("row")[split.offsets[t] : split.offsets[t + 1]].astype(np.int64)
@@ -206,6 +214,8 @@ def test_bad_input_names_the_column_or_file(tmp_path: Path) -> None:
         build(tmp_path / "t.parquet", time_column="clock")
     with pytest.raises(ValueError, match="num_embeddings.*'item'"):
         build(table, num_embeddings={"user": 10})
+    with pytest.raises(ValueError, match=r"num_embeddings.*not categorical \['rating'\]"):
+        build(table, num_embeddings={"user": 10, "item": 10, "rating": 10})
     with pytest.raises(ValueError, match="time_column"):
         build(table, time_column=None)
     with pytest.raises(ValueError, match="support_size"):

@@ -264,6 +264,11 @@ def test_adapt_embeddings_needs_the_module_to_name_its_features() -> None:
         trainer([ColdStartEvaluation(adapt_embeddings=["user"])]).validate(
             TinyModule(feature_names=None), task_batches(), verbose=False
         )
+    # A feature the module does not have (a recipe's user_id on data whose user column is named otherwise).
+    for callback in (MetaLearningLoop(adapt=["over_arch"], adapt_embeddings=["user_id"], learn_inner_lr=True),
+                     ColdStartEvaluation(adapt_embeddings=["user_id"])):
+        with pytest.raises(ValueError, match=r"adapt_embeddings names \['user_id'\], which are not among .*'user'"):
+            trainer([callback], max_steps=1).fit(TinyModule(), task_batches())
 
 
 def test_adapting_table_weights_is_refused_and_what_adapts_is_said(caplog: pytest.LogCaptureFixture) -> None:

@@ -23,7 +23,7 @@ from lightning_dembed.data.click_format import ClickDataInfo, ClickDataset
 from lightning_dembed.data.criteo import CRITEO_NUM_DENSE, criteo_tables, preprocess
 from lightning_dembed.data.synthetic import SYNTHETIC_MODELS, SyntheticClickDataset
 from lightning_dembed.data.task_loader import MetaBatchDataset, QueryRowDataset
-from lightning_dembed.data.task_store import TaskStore, build_task_store
+from lightning_dembed.data.task_store import TaskStore, build_task_store, table_sizes
 from lightning_dembed.data.tasks import SyntheticTaskConfig, write_interactions
 
 __all__ = ["RecDataModule", "SplitDataModule", "TaskDataModule"]
@@ -271,20 +271,6 @@ class RecDataModule(SplitDataModule):
         )
 
 
-def _table_sizes(num_embeddings: Union[int, dict[str, int]], categorical: tuple[str, ...]) -> dict[str, int]:
-    """Rows of each categorical column's table: one size for all, or a size named per column."""
-    if not isinstance(num_embeddings, dict):
-        return dict.fromkeys(categorical, num_embeddings)
-    unsized = [c for c in categorical if c not in num_embeddings]
-    unknown = [c for c in num_embeddings if c not in categorical]
-    if unsized or unknown:
-        raise ValueError(
-            f"num_embeddings names a size per column, so it must name exactly the categorical columns "
-            f"{list(categorical)}: missing {unsized}, not categorical {unknown}. Or give one size for all"
-        )
-    return {c: num_embeddings[c] for c in categorical}
-
-
 class TaskDataModule(SplitDataModule):
     """Tasks (users, scenarios...) for meta-learning, built once into a task store (`build_task_store`).
 
@@ -355,7 +341,7 @@ class TaskDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.store_dir = Path(store_dir)
-        self.table_sizes = _table_sizes(num_embeddings, categorical)
+        self.table_sizes = table_sizes(num_embeddings, categorical)
         self._datasets: dict[str, IterableDataset] = {}
 
     def tables(self) -> list[EmbeddingBagConfig]:

@@ -290,6 +290,20 @@ def _check_size(size: Union[int, float, None], name: str) -> None:
         raise ValueError(f"{name} as a fraction must be in (0, 1), got {size}")
 
 
+def table_sizes(num_embeddings: Union[int, Mapping[str, int]], categorical: Sequence[str]) -> dict[str, int]:
+    """Rows of each categorical column's table: one size for all, or a size named per column."""
+    if not isinstance(num_embeddings, Mapping):
+        return dict.fromkeys(categorical, num_embeddings)
+    unsized = [c for c in categorical if c not in num_embeddings]
+    unknown = [c for c in num_embeddings if c not in categorical]
+    if unsized or unknown:
+        raise ValueError(
+            f"num_embeddings names a size per column, so it must name exactly the categorical columns "
+            f"{list(categorical)}: missing {unsized}, not categorical {unknown}. Or give one size for all"
+        )
+    return {c: num_embeddings[c] for c in categorical}
+
+
 def _split_sizes(counts: np.ndarray, size: Union[int, float]) -> np.ndarray:
     """Rows per task for an int size (the same for every task) or a fraction (at least one row)."""
     if isinstance(size, int):
@@ -430,7 +444,7 @@ def build_task_store(
     *,
     task_key: str,
     categorical: Sequence[str],
-    num_embeddings: Mapping[str, int],
+    num_embeddings: Union[int, Mapping[str, int]],
     dense: Sequence[str] = (),
     label: Optional[str] = None,
     label_rule: Optional[str] = None,
@@ -458,7 +472,8 @@ def build_task_store(
     are kept and counted (and flagged in `TaskSplit.single_class`). ``holdout_fraction`` of the
     task keys, chosen by a stable hash of the key, form the ``cold_start`` split.
 
-    Categorical values become ids in ``[0, num_embeddings[column])``: integers modulo the size,
+    ``num_embeddings`` sizes the tables: one size for every categorical column, or a size per column
+    naming exactly those. Categorical values become ids in ``[0, num_embeddings[column])``: integers modulo the size,
     strings by a stable 64-bit hash modulo the size. Values that end up sharing a row are counted
     per column in the store's ``stats["categorical"]``, and warned about when the table is too
     small for them (any integers, over a tenth of the strings). Missing categorical and dense values
@@ -531,9 +546,7 @@ def build_task_store(
     _check_size(query_size, "query_size")
     if not categorical:
         raise ValueError("categorical names no column: a task store needs at least one sparse feature")
-    unsized = [c for c in categorical if c not in num_embeddings]
-    if unsized:
-        raise ValueError(f"num_embeddings has no table size for categorical column(s) {unsized}")
+    num_embeddings = table_sizes(num_embeddings, categorical)
     smallest = 1 + int(reserve_unseen_row)  # the reserved row, and one for the values seen
     bad_sizes = {c: num_embeddings[c] for c in categorical if int(num_embeddings[c]) < smallest}
     if bad_sizes:

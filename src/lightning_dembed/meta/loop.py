@@ -146,6 +146,15 @@ class ColdStartEvaluation(Callback):
                 f"{type(pl_module).__name__}.feature_names: the features of embed()'s output in order, so "
                 "each offset lands on its feature"
             )
+        unknown = [f for f in self.config.adapt_embeddings if f not in pl_module.feature_names]
+        if unknown:
+            # Before anything is built: Meta-SGD sizes its rates from these features' tables.
+            raise ValueError(
+                f"adapt_embeddings names {unknown}, which are not among {type(pl_module).__name__}'s features "
+                f"{list(pl_module.feature_names)}: name the task's own feature (the user's), or none. In the "
+                "shipped recipes: --meta.adapt_embeddings='[your_task_column]' (meta_dlrm), the ColdStartEvaluation "
+                "callback's adapt_embeddings (dlrm_tasks)"
+            )
         self._prepare_adaptation(pl_module)
         self._module = pl_module
         self._run_config = None  # vectorize is decided again, once, for this run
