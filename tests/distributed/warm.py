@@ -139,7 +139,7 @@ def run_script(
     """``subprocess.run([python, script, *args], capture_output=True, text=True, ...)``, forked from a warm server."""
     env = dict(os.environ if env is None else env)
     key = frozenset((name, value) for name, value in env.items() if name != _SET_PER_TEST)
-    if key not in _servers:
+    if key not in _servers or _servers[key].proc.poll() is not None:  # none yet, or it died (killed, OOM)
         _servers[key] = _Server(env)
     server = _servers[key]
     with tempfile.TemporaryDirectory() as captured:
