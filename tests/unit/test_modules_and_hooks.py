@@ -72,6 +72,30 @@ def test_plain_embedding_layers_beside_collections_are_found_and_named() -> None
     assert find_plain_embedding_layers(model) == {}
 
 
+def test_collections_whose_input_a_torchrec_wrapper_rewrites_are_told_apart() -> None:
+    # Their input is made in the step, so the pipeline starts nothing ahead for them.
+    from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+    from torchrec.modules.mc_modules import LRU_EvictionPolicy, ManagedCollisionCollection, MCHManagedCollisionModule
+
+    from lightning_dembed.modules.discovery import find_embedding_modules, input_rewritten_by_wrapper
+
+    tables = ebc()
+    remapping = ManagedCollisionCollection(
+        {t.name: MCHManagedCollisionModule(zch_size=t.num_embeddings, device=torch.device("cpu"),
+                                           eviction_policy=LRU_EvictionPolicy(), eviction_interval=1)
+         for t in tables.embedding_bag_configs()},
+        tables.embedding_bag_configs(),
+    )
+    model = nn.Module()
+    model.plain = ebc()
+    model.tower = nn.Module()
+    model.tower.remapped = ManagedCollisionEmbeddingBagCollection(tables, remapping)
+    found = find_embedding_modules(model)
+    assert {path: input_rewritten_by_wrapper(model, path) for path in found} == {
+        "plain": False, "tower.remapped._embedding_module": True,
+    }
+
+
 def ebc() -> EmbeddingBagCollection:
     return EmbeddingBagCollection(
         tables=[

@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 __all__ = [
@@ -17,9 +19,13 @@ __all__ = [
     "embedding_configs",
     "find_embedding_modules",
     "find_plain_embedding_layers",
+    "input_rewritten_by_wrapper",
 ]
 
 EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
+# TorchRec modules that hold an embedding collection and rewrite the features before it sees them:
+# managed collision remaps the ids, feature processors compute the weights.
+_INPUT_REWRITING_WRAPPERS = (BaseManagedCollisionEmbeddingCollection, FeatureProcessedEmbeddingBagCollection)
 
 
 def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -60,6 +66,16 @@ def find_plain_embedding_layers(module: nn.Module) -> dict[str, nn.Module]:
         for path, m in module.named_modules()
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and id(m) not in inside
     }
+
+
+def input_rewritten_by_wrapper(module: nn.Module, path: str) -> bool:
+    """Whether the collection at ``path`` is held by a TorchRec module that rewrites its features first.
+
+    Managed-collision collections remap the ids and feature-processed ones compute the weights, so
+    the collection inside never sees the batch's features as the batch holds them.
+    """
+    parent = path.rpartition(".")[0]
+    return isinstance(module.get_submodule(parent), _INPUT_REWRITING_WRAPPERS)
 
 
 def embedding_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:

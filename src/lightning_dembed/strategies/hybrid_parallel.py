@@ -67,7 +67,11 @@ from lightning_dembed.sharding.optimizer import (
     split_saved_optimizer_state,
     table_param_groups,
 )
-from lightning_dembed.modules.discovery import find_embedding_modules, find_plain_embedding_layers
+from lightning_dembed.modules.discovery import (
+    find_embedding_modules,
+    find_plain_embedding_layers,
+    input_rewritten_by_wrapper,
+)
 from lightning_dembed.sharding.planner import default_memory_budget, plan_sharding
 from lightning_dembed.sharding.policy import ShardingPolicy
 from lightning_dembed.sharding.sharders import default_sharders
@@ -560,6 +564,9 @@ class HybridParallelStrategy(DDPStrategy):
                 sharded, FeatureCheck.of(unsharded, path), set(sharding_types.values()), self._check_ids,
                 self._control_group, updates_add_up,
             )
+            # Its input is made in the step (managed collision, feature processors): nothing to start ahead,
+            # and the batch's raw ids, exchanged ahead, would only waste exchanges (and trip TorchRec's range check).
+            lookups[path].prefetching = not input_rewritten_by_wrapper(module, path)
             sharded.forward = lookups[path]
             register_output_order(sharded, unsharded)
             divide_only_row_wise_bags(sharded, unsharded, sharding_types)
