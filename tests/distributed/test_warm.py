@@ -23,6 +23,13 @@ if __name__ == "__main__":
     if sys.argv[1] == "sleep":
         import time
         time.sleep(60)
+    if sys.argv[1] == "straggler":  # a process that outlives the script, as a rank outliving its launcher
+        if os.fork() == 0:
+            import time
+            time.sleep(1)
+            print("straggler done", flush=True)
+            os._exit(0)
+        sys.exit(0)
     sys.exit(int(sys.argv[1]))
 """
 
@@ -40,3 +47,5 @@ def test_a_run_gets_its_argv_cwd_environment_streams_and_exit(tmp_path: Path) ->
     with pytest.raises(subprocess.TimeoutExpired):
         run_script(script, ["sleep"], cwd=tmp_path, timeout=1, env=env)
     assert run_script(script, ["0"], cwd=tmp_path, timeout=60, env=env).returncode == 0
+    # As a caller reading a real run's pipes would, the run waits for what it left behind.
+    assert "straggler done" in run_script(script, ["straggler"], cwd=tmp_path, timeout=60, env=env).stdout
