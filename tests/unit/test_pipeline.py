@@ -159,6 +159,44 @@ def test_a_module_called_with_its_own_split_of_the_batch_stops_prefetching_at_on
     assert not lookup.prefetching and lookup._started == []
 
 
+class _Module:
+    """A sharded module's stages, each done at once: the splits' exchange, then the ids' (TorchRec's two awaits)."""
+
+    training = True
+
+    def create_context(self) -> None:
+        return None
+
+    def input_dist(self, context: None, features: KeyedJaggedTensor) -> _Exchanged:
+        return _Exchanged(_Exchanged(features))
+
+    def compute_and_output_dist(self, context: None, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return features
+
+
+class _Exchanged:
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def wait(self) -> object:
+        return self.result
+
+
+def test_check_ids_checks_the_ids_looked_up_not_those_started_ahead(monkeypatch) -> None:
+    monkeypatch.setattr(lookup_module.dist, "all_reduce", _Count(others=1))
+    monkeypatch.setattr(lookup_module.dist, "get_world_size", lambda group=None: 2)
+    table = EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])
+    lookup = ShardedLookup(module=_Module(), check=FeatureCheck("ebc", [table]), sharding_types={"table_wise"},
+                           check_ids=True, control_group=None, updates_add_up=True)
+    raw = KeyedJaggedTensor(keys=["f"], values=torch.tensor([4000]), lengths=torch.tensor([1]))
+    lookup.prefetch(raw)  # the batch's raw ids, which a managed-collision wrapper remaps before the lookup
+    remapped = KeyedJaggedTensor(keys=["f"], values=torch.tensor([4]), lengths=torch.tensor([1]))
+    with torch.no_grad():
+        assert lookup(remapped).values().tolist() == [4]
+        with pytest.raises(ValueError, match="feature 'f' has id 4000 outside table 't'"):
+            lookup(raw)
+
+
 def test_an_embedding_collections_output_loses_the_padding_rows() -> None:
     # Row-wise tables on gloo look up a short batch padded with empty bags; an EmbeddingCollection's
     # per-feature JaggedTensors must come back with the batch's own rows, as unsharded.

@@ -158,8 +158,6 @@ class ShardedLookup:
     def start(self, features: KeyedJaggedTensor) -> _StartedInput:
         """The input stage: own features, checked, padded to the ranks' largest batch if needed; all-to-alls started."""
         own = self.check.own(features)
-        if self.check_ids:
-            self.check.ids(own)
         rows, versions = features.stride(), _versions(features)
         padded = own
         if self.pads:
@@ -275,6 +273,10 @@ class ShardedLookup:
             started = self.start(features)
         else:
             self.used_ahead += 1
+        if self.check_ids:
+            # The ids looked up, when they are: an input started ahead may never be (a wrapper that
+            # remaps the batch's raw ids, a model that splits the features itself).
+            self.check.ids(started.own)
         dist_input = started.dist_input()
         try:
             output = self.module.compute_and_output_dist(started.context, dist_input)
