@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -110,6 +112,17 @@ class BatchNormStatistics(Callback):
     def on_fit_end(self, trainer: Trainer, module: TinyRecModule) -> None:
         torch.save({"seen": self.seen, "final": self.norm.running_mean.clone()},
                    self.out / f"batch_norm{trainer.global_rank}.pt")
+
+
+class RequeueSignal(Callback):
+    """Sends this rank SIGUSR1 after a batch, as SLURM warns each task of a job about to be stopped."""
+
+    def __init__(self, after_batch_by_rank: dict[int, int]) -> None:
+        self.after_batch_by_rank = after_batch_by_rank
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.after_batch_by_rank.get(trainer.global_rank) == batch_idx:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 class SavePredictions(Callback):
@@ -298,6 +311,8 @@ def main() -> None:
     p.add_argument("--nan-at", type=int, default=None, help="make the loss NaN at this step")
     p.add_argument("--meta-tables", action="store_true", help="build the tables on the meta device")
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
+    p.add_argument("--requeue-signal-after", default=None,
+                   help="RANK:BATCH,...: that rank sends itself SIGUSR1 after that batch (SLURM's requeue warning)")
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
@@ -425,6 +440,8 @@ def main() -> None:
         callbacks.append(GradientAccumulationScheduler({1: 2}))
     if args.prune:
         callbacks.append(ModelPruning("l1_unstructured", amount=0.5))
+    if args.requeue_signal_after:
+        callbacks.append(RequeueSignal(dict(map(int, pair.split(":")) for pair in args.requeue_signal_after.split(","))))
     if args.fail_before_step is not None:
         callbacks += [FailBeforeStep(args.fail_before_step), OnExceptionCheckpoint(str(out), filename="on_exception")]
     trainer = Trainer(

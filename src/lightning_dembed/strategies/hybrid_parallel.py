@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -20,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -209,6 +211,56 @@ class _BatchCountCheck:
             )
 
 
+class _RequeueAtStepStart:
+    """Lightning's SLURM requeue handler, run by every rank at the start of one same training step.
+
+    Lightning runs it from the signal handler, wherever each rank is: its checkpoint, collective
+    here, would pair with whatever collective the other ranks are in (or fall between a backward
+    and its step, where it is refused). The signal now only marks it. Each training step starts
+    an all-reduce of the marks on the control group without waiting; the next step reads it, and
+    where a rank was marked every rank runs the handler then, before the forward. That is one or
+    two steps after the signal, well within SLURM's warning time.
+    """
+
+    def __init__(self, signum: int, handler: Callable[..., Any], group: Any) -> None:
+        self.signum, self.handler, self.group = signum, handler, group
+        self.marked = False
+        self.handled = False  # SLURM signals each task once per run; one checkpoint and requeue
+        self._marks: Optional[torch.Tensor] = None
+        self._work: Any = None
+        signal.signal(signum, self._mark)
+
+    @classmethod
+    def install(cls, environment: Optional[ClusterEnvironment], group: Any) -> Optional[_RequeueAtStepStart]:
+        """Take over Lightning's handler where it has installed one (SLURM with ``auto_requeue``)."""
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return None
+        signum = environment.requeue_signal
+        handler = signal.getsignal(signum) if signum is not None else None
+        return cls(signum, handler, group) if callable(handler) else None
+
+    def _mark(self, signum: int, frame: Any) -> None:
+        self.marked = True
+
+    def at_step_start(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            if int(self._marks) and not self.handled:  # the same on every rank: it is the ranks' maximum
+                self.handled = True
+                self.handler(self.signum, None)
+        self._marks = torch.tensor([int(self.marked and not self.handled)], dtype=torch.int32)
+        self._work = torch.distributed.all_reduce(
+            self._marks, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
+        )
+
+    def close(self) -> None:
+        """Finish the last step's all-reduce (every rank started it) and give the signal back to Lightning."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        signal.signal(self.signum, self.handler)
+
+
 class HybridParallelStrategy(DDPStrategy):
     """Shard every TorchRec embedding module of a LightningModule; keep the dense rest under DDP.
 
@@ -314,6 +366,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._batch_check: Optional[_BatchCountCheck] = None
+        self._requeue: Optional[_RequeueAtStepStart] = None
         self._lengths_agree_in_epoch: Optional[tuple[int, bool]] = None  # (epoch, whether they agree)
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
@@ -651,7 +704,15 @@ class HybridParallelStrategy(DDPStrategy):
     # top of the model; these do the same for the DDP inside DistributedModelParallel.
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # Lightning installs its signal handlers after setup; here they are in place.
+        self._requeue = _RequeueAtStepStart.install(self.cluster_environment, self._control_group)
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._requeue is not None:
+            self._requeue.at_step_start()  # before anything of this step: a checkpoint between two steps
         # The tables are updated inside this step's backward with the learning rate their kernels read
         # in its forward: they take their param groups' current values first.
         if self._table_hyper_parameters is not None:
@@ -742,6 +803,9 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
+        if self._requeue is not None:
+            self._requeue.close()
+            self._requeue = None
         # Exchanges started ahead for batches past max_steps or limit_train_batches: finish them on
         # every rank before the ranks go their own ways.
         if self._pipeline is not None:
@@ -960,6 +1024,9 @@ class HybridParallelStrategy(DDPStrategy):
                 "parameters not; a resume would run that step again and update the tables twice. The checkpoints "
                 "saved before are kept"
             )
+        # Rank 0's path is the checkpoint, as under DDP where rank 0 alone writes: a path made on each
+        # rank (a timestamp, Lightning's next free hpc_ckpt_N while rank 0 creates one) would split the shards.
+        filepath = self.broadcast(str(filepath))
         state = checkpoint["state_dict"]
         meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
         # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
@@ -1220,6 +1287,7 @@ class HybridParallelStrategy(DDPStrategy):
     def teardown(self) -> None:
         # The base teardown moves the module to CPU, which sharded (and meta) tables cannot do.
         self.model = self.lightning_module
+        self._requeue = None  # a failed run skipped on_train_end; Lightning gives its handlers back
         assert self.accelerator is not None
         vars(self.precision_plugin).pop("clip_gradients", None)  # setup_optimizers' check
         self.precision_plugin.teardown()
