@@ -62,13 +62,17 @@ def every_table(sharding: str, **extra) -> str:
     ids=["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"],
 )
 def test_sharded_training_matches_single_process(tmp_path: Path, policy: str) -> None:
-    run_worker(tmp_path, "--steps", str(STEPS), "--policy", policy, "--save", "final.ckpt")
+    proc = run_worker(tmp_path, "--steps", str(STEPS), "--policy", policy, "--save", "final.ckpt", "--model-summary")
     ref_losses, ref_state = reference_run(STEPS, GLOBAL_BATCH, "sgd", LR)
     torch.testing.assert_close(global_losses(tmp_path), ref_losses, rtol=RTOL, atol=ATOL)
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
     plan = torch.load(tmp_path / "rank0.pt")["plan"]
     wanted = json.loads(policy)["sharding_types"]
     assert {t["name"]: t["sharding_type"] for t in plan} == wanted
+    # ModelSummary counts rank 0's shards; the strategy says how many of the tables' parameters those are.
+    replicated = set(wanted.values()) == {"data_parallel"}
+    assert ("ModelSummary counts the sharded tables' parameters that rank 0 holds" in proc.stdout + proc.stderr) \
+        != replicated
     if "placement" in json.loads(policy):
         # Slices stay 4 columns wide at least (FBGEMM), so the 4-wide t3 cannot be split.
         assert all(len(t["ranks"]) == 2 for t in plan if t["embedding_dim"] >= 8), plan

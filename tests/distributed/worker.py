@@ -311,6 +311,7 @@ def main() -> None:
     p.add_argument("--nan-at", type=int, default=None, help="make the loss NaN at this step")
     p.add_argument("--meta-tables", action="store_true", help="build the tables on the meta device")
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
+    p.add_argument("--model-summary", action="store_true", help="Lightning's ModelSummary on")
     p.add_argument("--requeue-signal-after", default=None,
                    help="RANK:BATCH,...: that rank sends itself SIGUSR1 after that batch (SLURM's requeue warning)")
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
@@ -452,7 +453,7 @@ def main() -> None:
         logger=False,
         enable_checkpointing=bool(args.checkpoint_dir) or args.fail_before_step is not None,
         enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=args.model_summary,
         num_sanity_val_steps=0,
         limit_val_batches=None if args.validate_only else (2 if args.val_every else 0),
         val_check_interval=args.val_every,

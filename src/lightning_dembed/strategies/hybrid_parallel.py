@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import (
     GradientAccumulationScheduler,
     ModelPruning,
+    ModelSummary,
     StochasticWeightAveraging,
     WeightAveraging,
 )
@@ -633,7 +634,22 @@ class HybridParallelStrategy(DDPStrategy):
         dmp._ddp_params_and_buffers_to_ignore = list(self._fused_tables)
         self._dmp, self._ddp = dmp, None
         self._pipeline = LookupPipeline(lookups)
+        self._say_what_model_summary_counts(module, sum(
+            p.numel() for path, m in embedding_modules.items() for name, p in m.named_parameters()
+            if plan.plan[path][_table_name(name)].sharding_type != "data_parallel"
+        ))
         return dmp
+
+    def _say_what_model_summary_counts(self, module: "pl.LightningModule", sharded_table_parameters: int) -> None:
+        """ModelSummary counts parameters as rank 0 holds them: say how far that is from the sharded tables' size."""
+        trainer = module.trainer
+        held = sum(p.numel() for p in self._fused_tables.values())
+        summarized = trainer.state.fn == TrainerFn.FITTING and any(isinstance(c, ModelSummary) for c in trainer.callbacks)
+        if summarized and held != sharded_table_parameters:
+            rank_zero_info(
+                f"ModelSummary counts the sharded tables' parameters that rank 0 holds: {held:,} of "
+                f"{sharded_table_parameters:,} (the plan above has every table's size)"
+            )
 
     def _refuse_frozen_replicated_tables(self, summary: PlanSummary) -> None:
         # Replicated tables share one dense kernel trained by DDP and the dense optimizers, which
