@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -234,7 +235,8 @@ class _RequeueAtStepStart:
     @classmethod
     def install(cls, environment: Optional[ClusterEnvironment], group: Any) -> Optional[_RequeueAtStepStart]:
         """Take over Lightning's handler where it has installed one (SLURM with ``auto_requeue``)."""
-        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+        on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue or not on_main_thread:
             return None
         signum = environment.requeue_signal
         handler = signal.getsignal(signum) if signum is not None else None
