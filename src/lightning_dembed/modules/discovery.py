@@ -10,6 +10,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+from torchrec.modules.itep_embedding_modules import ITEPEmbeddingBagCollection, ITEPEmbeddingCollection
 from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -24,8 +25,14 @@ __all__ = [
 
 EMBEDDING_MODULE_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
 # TorchRec modules that hold an embedding collection and rewrite the features before it sees them:
-# managed collision remaps the ids, feature processors compute the weights.
-_INPUT_REWRITING_WRAPPERS = (BaseManagedCollisionEmbeddingCollection, FeatureProcessedEmbeddingBagCollection)
+# managed collision and ITEP (in-training embedding pruning) remap the ids, feature processors
+# compute the weights.
+_INPUT_REWRITING_WRAPPERS = (
+    BaseManagedCollisionEmbeddingCollection,
+    FeatureProcessedEmbeddingBagCollection,
+    ITEPEmbeddingBagCollection,
+    ITEPEmbeddingCollection,
+)
 
 
 def find_embedding_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -71,8 +78,8 @@ def find_plain_embedding_layers(module: nn.Module) -> dict[str, nn.Module]:
 def input_rewritten_by_wrapper(module: nn.Module, path: str) -> bool:
     """Whether the collection at ``path`` is held by a TorchRec module that rewrites its features first.
 
-    Managed-collision collections remap the ids and feature-processed ones compute the weights, so
-    the collection inside never sees the batch's features as the batch holds them.
+    Managed-collision and ITEP collections remap the ids and feature-processed ones compute the
+    weights, so the collection inside never sees the batch's features as the batch holds them.
     """
     parent = path.rpartition(".")[0]
     return isinstance(module.get_submodule(parent), _INPUT_REWRITING_WRAPPERS)
