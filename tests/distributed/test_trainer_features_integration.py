@@ -476,32 +476,39 @@ def test_killed_rank_then_restart_loses_nothing(tmp_path: Path, where: str) -> N
     assert_same_state(full_state(tmp_path / "restarted" / "final.ckpt.full.pt"), ref_state)
 
 
-def test_slurm_requeue_checkpoints_every_rank_at_one_step(tmp_path: Path) -> None:
+def test_slurm_requeue_checkpoints_every_rank_at_one_step_and_the_requeued_job_resumes(tmp_path: Path) -> None:
     """SLURM's requeue warning (SIGUSR1) reaching the ranks after different batches: one checkpoint, between steps.
 
     Lightning saves it from the signal handler, where each rank happens to be; sharded, that save is
-    a collective. The ranks are started as srun starts them: each with its SLURM variables.
+    a collective. The ranks are started as srun starts them, each with its SLURM variables; the
+    requeued job (the same command again) resumes from that checkpoint by itself.
     """
     from lightning_dembed import consolidate_checkpoint
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NAME": "requeue-test", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_PORT": str(port)}
-    args = ["--out", str(tmp_path), "--devices", "2", "--global-batch", str(GLOBAL_BATCH), "--lr", str(LR),
-            "--steps", "6", "--start-method", "popen", "--policy", every_table("row_wise"),
-            "--requeue-signal-after", "1:1,0:2"]
-    ranks = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "worker.py"), *args], cwd=tmp_path,
-                              env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(output[-3000:] for output in outputs)
-    saved = sorted(path.name for path in tmp_path.glob("hpc_ckpt_*"))
-    assert saved == ["hpc_ckpt_1.ckpt"]
+    def srun(*args: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+                 "SLURM_JOB_NAME": "requeue-test", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
+                 "MASTER_PORT": str(port)}
+        command = [sys.executable, str(Path(__file__).parent / "worker.py"), "--out", str(tmp_path), "--devices", "2",
+                   "--global-batch", str(GLOBAL_BATCH), "--lr", str(LR), "--steps", "3", "--max-steps", "6",
+                   "--start-method", "popen", "--policy", every_table("row_wise"), "--optimizer", "adagrad", *args]
+        ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+                 for r in (0, 1)]
+        outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+        assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+
+    srun("--requeue-signal-after", "1:1,0:2")
+    assert sorted(path.name for path in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
     checkpoint = consolidate_checkpoint(tmp_path / "hpc_ckpt_1.ckpt")
     # Marked after batch 1 (rank 1), counted in step 2's all-reduce, read as step 3 starts.
     assert checkpoint["global_step"] == 3
-    _, ref_state = reference_run(3, GLOBAL_BATCH, "sgd", LR, steps_per_epoch=6)
+    _, ref_state = reference_run(3, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=3)
     assert_same_state(checkpoint["state_dict"], ref_state)
+    srun("--save", "final.ckpt")  # requeued: Lightning resumes from hpc_ckpt_1 under SLURM
+    assert len(torch.load(tmp_path / "rank0.pt")["losses"]) == 3  # steps 3 to 5 only
+    _, ref_state = reference_run(6, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=3)
+    assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
