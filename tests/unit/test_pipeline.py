@@ -120,15 +120,19 @@ def _lookup_with_one_input_ahead(monkeypatch, others: int, extra_key: bool = Fal
     features = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
     given = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([1, 2, 5, 6]), lengths=torch.ones(4, dtype=torch.int64)) \
         if extra_key else features  # the batch's KJT holding another module's feature too
-    lookup._started.append(lookup_module._StartedInput(given, features, 2, None, Done(), lookup_module._versions(given)))
+    exchanged = _Exchanged(_Exchanged(features))  # the exchange of the splits, then of the ids: both done
+    lookup._started.append(lookup_module._StartedInput(given, features, 2, None, exchanged, lookup_module._versions(given)))
     return lookup, given, count
 
 
-class Done:
-    """An input exchange already complete."""
+class _Exchanged:
+    """An exchange already done: its result at once."""
 
-    def wait(self) -> "Done":
-        return self
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def wait(self) -> object:
+        return self.result
 
 
 def test_a_rank_given_its_batch_uses_the_input_started_ahead_without_waiting_for_the_others(monkeypatch) -> None:
@@ -172,14 +176,6 @@ class _Module:
 
     def compute_and_output_dist(self, context: None, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return features
-
-
-class _Exchanged:
-    def __init__(self, result: object) -> None:
-        self.result = result
-
-    def wait(self) -> object:
-        return self.result
 
 
 def test_check_ids_checks_the_ids_looked_up_not_those_started_ahead(monkeypatch) -> None:

@@ -636,21 +636,19 @@ class HybridParallelStrategy(DDPStrategy):
         dmp._ddp_params_and_buffers_to_ignore = list(self._fused_tables)
         self._dmp, self._ddp = dmp, None
         self._pipeline = LookupPipeline(lookups)
-        self._say_what_model_summary_counts(module, sum(
-            p.numel() for path, m in embedding_modules.items() for name, p in m.named_parameters()
-            if plan.plan[path][_table_name(name)].sharding_type != "data_parallel"
-        ))
+        self._say_what_model_summary_counts(module.trainer, summary)
         return dmp
 
-    def _say_what_model_summary_counts(self, module: "pl.LightningModule", sharded_table_parameters: int) -> None:
+    def _say_what_model_summary_counts(self, trainer: "pl.Trainer", summary: PlanSummary) -> None:
         """ModelSummary counts parameters as rank 0 holds them: say how far that is from the sharded tables' size."""
-        trainer = module.trainer
+        if trainer.state.fn != TrainerFn.FITTING or not any(isinstance(c, ModelSummary) for c in trainer.callbacks):
+            return
         held = sum(p.numel() for p in self._fused_tables.values())
-        summarized = trainer.state.fn == TrainerFn.FITTING and any(isinstance(c, ModelSummary) for c in trainer.callbacks)
-        if summarized and held != sharded_table_parameters:
+        sharded = sum(t.num_embeddings * t.embedding_dim for t in summary.tables if t.sharding_type != "data_parallel")
+        if held != sharded:
             rank_zero_info(
-                f"ModelSummary counts the sharded tables' parameters that rank 0 holds: {held:,} of "
-                f"{sharded_table_parameters:,} (the plan above has every table's size)"
+                f"ModelSummary counts the sharded tables' parameters that rank 0 holds: {held:,} of {sharded:,} "
+                "(the plan above has every table's size)"
             )
 
     def _refuse_frozen_replicated_tables(self, summary: PlanSummary) -> None:
@@ -1042,9 +1040,6 @@ class HybridParallelStrategy(DDPStrategy):
                 "parameters not; a resume would run that step again and update the tables twice. The checkpoints "
                 "saved before are kept"
             )
-        # Rank 0's path is the checkpoint, as under DDP where rank 0 alone writes: a path made on each
-        # rank (a timestamp, Lightning's next free hpc_ckpt_N while rank 0 creates one) would split the shards.
-        filepath = self.broadcast(str(filepath))
         state = checkpoint["state_dict"]
         meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
         # consolidate_checkpoint marks these to load by assignment, into tables built on meta.
