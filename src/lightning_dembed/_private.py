@@ -50,6 +50,7 @@ __all__ = [
     "sharded_output_keys",  # the order a sharded EmbeddingBagCollection's pooled output comes in
     "undivided_by_mean_pooling",  # the features a sharded EmbeddingBagCollection's mean-pooling divisor skips
     "tensor_version",  # a tensor's in-place modification counter
+    "skip_sigterm_broadcast",  # the fit loop's per-step broadcast of rank 0's SIGTERM flag, off for one run
 ]
 
 
@@ -129,6 +130,17 @@ def stand_down_child_process_observers() -> None:
 def tensor_version(tensor: torch.Tensor) -> int:
     """The count of in-place modifications of ``tensor`` (autograd's version counter)."""
     return tensor._version
+
+
+def skip_sigterm_broadcast(trainer: "pl.Trainer") -> Callable[[], None]:
+    """Stop the fit loop broadcasting rank 0's SIGTERM flag before every training step; returns what undoes it.
+
+    The epoch loop's ``advance`` calls ``_broadcast_sigterm_tensor`` first thing, a blocking
+    broadcast on the default group, so that ranks the signal missed learn of it from rank 0.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._broadcast_sigterm_tensor = lambda: None  # an instance attribute hides the method
+    return lambda: vars(epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
 # -- the fit loop's optimization loop (MetaLearningLoop) -------------------------------------------

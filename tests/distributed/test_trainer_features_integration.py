@@ -501,7 +501,7 @@ def test_slurm_requeue_checkpoints_every_rank_at_one_step_and_the_requeued_job_r
         outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
         assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(output[-3000:] for output in outputs)
 
-    srun("--requeue-signal-after", "1:1,0:2")
+    srun("--signal-after", "1:1,0:2", "--agree-on-signals-every-step")
     assert sorted(path.name for path in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
     checkpoint = consolidate_checkpoint(tmp_path / "hpc_ckpt_1.ckpt")
     # Marked after batch 1 (rank 1), counted in step 2's all-reduce, read as step 3 starts.
@@ -512,3 +512,30 @@ def test_slurm_requeue_checkpoints_every_rank_at_one_step_and_the_requeued_job_r
     assert len(torch.load(tmp_path / "rank0.pt")["losses"]) == 3  # steps 3 to 5 only
     _, ref_state = reference_run(6, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=3)
     assert_same_state(full_state(tmp_path / "final.ckpt.full.pt"), ref_state)
+
+
+def test_sigterm_reaching_ranks_after_different_batches_stops_every_rank_after_one_step(tmp_path: Path) -> None:
+    """SIGTERM (a preemption, scancel, a stopped pod) reaching the ranks after different batches.
+
+    Lightning's handler broadcasts from inside the signal, wherever each rank is: on gloo that
+    aborted on the mismatched collective here and hung `strategy="ddp"` (both probed). Now every
+    rank stops after one same step, OnExceptionCheckpoint saves one whole checkpoint there, and a
+    restart from it ends where an uninterrupted run does.
+    """
+    from lightning_dembed import consolidate_checkpoint
+
+    common = ("--steps", "3", "--max-steps", "6", "--optimizer", "adagrad", "--policy", every_table("row_wise"),
+              "--start-method", "popen")
+    stopped = tmp_path / "stopped"
+    proc = run_worker(stopped, *common, "--signal", "SIGTERM", "--signal-after", "1:0,0:1", "--checkpoint-on-exception",
+                      "--agree-on-signals-every-step")
+    assert "[rank: 1] Received SIGTERM" in proc.stderr and "[rank: 0] Received SIGTERM" in proc.stderr
+    checkpoint = consolidate_checkpoint(stopped / "on_exception.ckpt")
+    # Marked after batch 0 (rank 1), counted in batch 1's all-reduce, read as batch 2 starts; that step ends fit.
+    assert checkpoint["global_step"] == 3
+    _, ref_state = reference_run(3, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=3)
+    assert_same_state(checkpoint["state_dict"], ref_state)
+    restarted = tmp_path / "restarted"
+    run_worker(restarted, *common, "--resume", str(stopped / "on_exception.ckpt"), "--save", "final.ckpt")
+    _, ref_state = reference_run(6, GLOBAL_BATCH, "adagrad", LR, steps_per_epoch=3)
+    assert_same_state(full_state(restarted / "final.ckpt.full.pt"), ref_state)

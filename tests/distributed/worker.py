@@ -114,15 +114,15 @@ class BatchNormStatistics(Callback):
                    self.out / f"batch_norm{trainer.global_rank}.pt")
 
 
-class RequeueSignal(Callback):
-    """Sends this rank SIGUSR1 after a batch, as SLURM warns each task of a job about to be stopped."""
+class SendSignal(Callback):
+    """Sends this rank a signal after a batch, as SLURM warns (SIGUSR1) or stops (SIGTERM) each task of a job."""
 
-    def __init__(self, after_batch_by_rank: dict[int, int]) -> None:
-        self.after_batch_by_rank = after_batch_by_rank
+    def __init__(self, signum: int, after_batch_by_rank: dict[int, int]) -> None:
+        self.signum, self.after_batch_by_rank = signum, after_batch_by_rank
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.after_batch_by_rank.get(trainer.global_rank) == batch_idx:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
 
 class SavePredictions(Callback):
@@ -312,8 +312,12 @@ def main() -> None:
     p.add_argument("--meta-tables", action="store_true", help="build the tables on the meta device")
     p.add_argument("--checkpoint-dir", default=None, help="ModelCheckpoint every step, top 2 by train_loss, last")
     p.add_argument("--model-summary", action="store_true", help="Lightning's ModelSummary on")
-    p.add_argument("--requeue-signal-after", default=None,
-                   help="RANK:BATCH,...: that rank sends itself SIGUSR1 after that batch (SLURM's requeue warning)")
+    p.add_argument("--signal-after", default=None,
+                   help="RANK:BATCH,...: that rank sends itself --signal after that batch")
+    p.add_argument("--signal", default="SIGUSR1", help="SIGUSR1 (SLURM's requeue warning) or SIGTERM (a stop)")
+    p.add_argument("--agree-on-signals-every-step", action="store_true",
+                   help="the ranks agree on signals at every step (not about once a second): a known stop step")
+    p.add_argument("--checkpoint-on-exception", action="store_true", help="OnExceptionCheckpoint into --out")
     p.add_argument("--checkpoint-every-epoch", action="store_true", help="ModelCheckpoint at each epoch end instead")
     p.add_argument("--validate-only", action="store_true", help="trainer.validate, each rank seeded differently")
     p.add_argument("--swa", action="store_true", help="add StochasticWeightAveraging")
@@ -441,17 +445,24 @@ def main() -> None:
         callbacks.append(GradientAccumulationScheduler({1: 2}))
     if args.prune:
         callbacks.append(ModelPruning("l1_unstructured", amount=0.5))
-    if args.requeue_signal_after:
-        callbacks.append(RequeueSignal(dict(map(int, pair.split(":")) for pair in args.requeue_signal_after.split(","))))
+    if args.agree_on_signals_every_step:
+        from lightning_dembed.strategies.hybrid_parallel import _SignalsAtStepStart
+
+        _SignalsAtStepStart.seconds_between_agreements = 0.0
+    if args.signal_after:
+        after_batch_by_rank = dict(map(int, pair.split(":")) for pair in args.signal_after.split(","))
+        callbacks.append(SendSignal(getattr(signal, args.signal), after_batch_by_rank))
     if args.fail_before_step is not None:
-        callbacks += [FailBeforeStep(args.fail_before_step), OnExceptionCheckpoint(str(out), filename="on_exception")]
+        callbacks.append(FailBeforeStep(args.fail_before_step))
+    if args.fail_before_step is not None or args.checkpoint_on_exception:
+        callbacks.append(OnExceptionCheckpoint(str(out), filename="on_exception"))
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.max_steps or args.steps,
         logger=False,
-        enable_checkpointing=bool(args.checkpoint_dir) or args.fail_before_step is not None,
+        enable_checkpointing=bool(args.checkpoint_dir) or args.fail_before_step is not None or args.checkpoint_on_exception,
         enable_progress_bar=False,
         enable_model_summary=args.model_summary,
         num_sanity_val_steps=0,

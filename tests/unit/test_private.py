@@ -156,3 +156,15 @@ def test_model_pruning_resolves_the_modules_it_prunes_in_setup() -> None:
     every = ModelPruning("l1_unstructured")  # every module with a weight or bias
     every.setup(None, module, "fit")
     assert {id(m) for m in private.pruned_modules(every)} == {id(module.dense), id(module.table)}
+
+
+def test_sigterm_broadcast_is_skipped_for_one_run_and_given_back() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
+    epoch_loop = Trainer(accelerator="cpu", logger=False).fit_loop.epoch_loop
+    restore = private.skip_sigterm_broadcast(epoch_loop.trainer)
+    assert epoch_loop._broadcast_sigterm_tensor() is None
+    restore()
+    assert epoch_loop._broadcast_sigterm_tensor.__func__ is _TrainingEpochLoop._broadcast_sigterm_tensor

@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -43,6 +44,7 @@ from lightning_dembed._private import (
     prepare_for_backward,
     pruned_modules,
     register_ddp_comm_hook,
+    skip_sigterm_broadcast,
 )
 from lightning_dembed.checkpoint import (
     CheckpointError,
@@ -213,55 +215,105 @@ class _BatchCountCheck:
             )
 
 
-class _RequeueAtStepStart:
-    """Lightning's SLURM requeue handler, run by every rank at the start of one same training step.
+class _SignalsAtStepStart:
+    """Lightning's SIGTERM and SLURM-requeue handlers, run by every rank at the start of one same training step.
 
-    Lightning runs it from the signal handler, wherever each rank is: its checkpoint, collective
-    here, would pair with whatever collective the other ranks are in (or fall between a backward
-    and its step, where it is refused). The signal now only marks it. Each training step starts
-    an all-reduce of the marks on the control group without waiting; the next step reads it, and
-    where a rank was marked every rank runs the handler then, before the forward. That is one or
-    two steps after the signal, well within SLURM's warning time.
+    Lightning runs them from the signal handler, wherever each rank is. There its SIGTERM handler
+    broadcasts on the default group and the requeue handler saves a checkpoint (a collective
+    here); either pairs with whatever collective the other ranks are in, and gloo aborts on the
+    mismatch. Here a signal only marks. At agreed training steps the ranks start an all-reduce of
+    their marks on the control group without waiting; the next agreed step reads it, and where any
+    rank was marked every rank runs Lightning's handler then, before the forward. After the SIGTERM
+    handler every rank leaves fit at the end of that same step, as Lightning does on the rank that
+    got the signal (its ``SIGTERMException``, whose ``on_exception`` callbacks may save a
+    checkpoint). So the blocking broadcast of rank 0's SIGTERM flag that Lightning's fit loop makes
+    before every step has nothing left to tell, and is skipped while this is installed.
+
+    The steps are agreed about ``seconds_between_agreements`` apart (never more than
+    ``most_steps_between_agreements``): an all-reduce every step cost 5% of a small step's time on
+    two CPU processes. The all-reduce carries the ranks' slowest time per step too, so every rank
+    derives the same next agreed step from the same numbers. A signal takes effect within about
+    twice that time, well within SLURM's requeue warning and the usual 30 s before a SIGKILL.
     """
 
-    def __init__(self, signum: int, handler: Callable[..., Any], group: Any) -> None:
-        self.signum, self.handler, self.group = signum, handler, group
-        self.marked = False
-        self.handled = False  # SLURM signals each task once per run; one checkpoint and requeue
-        self._marks: Optional[torch.Tensor] = None
+    seconds_between_agreements = 1.0
+    most_steps_between_agreements = 100
+
+    def __init__(self, handlers: dict[int, Callable[..., Any]], group: Any, trainer: "pl.Trainer") -> None:
+        self.handlers, self.group = handlers, group
+        self.marked = dict.fromkeys(handlers, False)
+        self.handled = dict.fromkeys(handlers, False)  # each once per run: one checkpoint, one stop
+        self._steps_to_agreement = 0
+        self._steps_since_agreement = 0
+        self._agreed_at: Optional[float] = None  # when the last agreed step started
+        self._shared: Optional[torch.Tensor] = None  # the marks, then the slowest rank's seconds per step
         self._work: Any = None
-        signal.signal(signum, self._mark)
+        for signum in handlers:
+            signal.signal(signum, self._mark)
+        self._restore_sigterm_broadcast = skip_sigterm_broadcast(trainer)
 
     @classmethod
-    def install(cls, environment: Optional[ClusterEnvironment], group: Any) -> Optional[_RequeueAtStepStart]:
-        """Take over Lightning's handler where it has installed one (SLURM with ``auto_requeue``)."""
+    def install(
+        cls, trainer: "pl.Trainer", environment: Optional[ClusterEnvironment], group: Any
+    ) -> Optional[_SignalsAtStepStart]:
+        """Take over the handlers Lightning has installed: SIGTERM's, and on SLURM with ``auto_requeue`` the requeue signal's."""
         on_main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
-        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue or not on_main_thread:
+        if trainer.world_size < 2 or not on_main_thread:
             return None
-        signum = environment.requeue_signal
-        handler = signal.getsignal(signum) if signum is not None else None
-        return cls(signum, handler, group) if callable(handler) else None
+        signums = [signal.SIGTERM]
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            signums.insert(0, environment.requeue_signal)  # the checkpoint before the stop
+        handlers = {signum: signal.getsignal(signum) for signum in signums}
+        handlers = {signum: handler for signum, handler in handlers.items() if callable(handler)}
+        return cls(handlers, group, trainer) if handlers else None
 
     def _mark(self, signum: int, frame: Any) -> None:
-        self.marked = True
+        self.marked[signum] = True
 
     def at_step_start(self) -> None:
+        self._steps_since_agreement += 1
+        if self._steps_to_agreement > 0:
+            self._steps_to_agreement -= 1
+            return
         if self._work is not None:
-            self._work.wait()
-            if int(self._marks) and not self.handled:  # the same on every rank: it is the ranks' maximum
-                self.handled = True
-                self.handler(self.signum, None)
-        self._marks = torch.tensor([int(self.marked and not self.handled)], dtype=torch.int32)
+            self._run_marked_handlers()
+            seconds_per_step = float(self._shared[-1])
+            steps = int(self.seconds_between_agreements / max(seconds_per_step, 1e-9))  # 0 after inf
+            self._steps_to_agreement = min(max(steps, 1), self.most_steps_between_agreements) - 1
+        now = time.perf_counter()
+        # Before a whole step is timed: unknown, so the next step is agreed too.
+        seconds_per_step = math.inf if self._agreed_at is None else (now - self._agreed_at) / self._steps_since_agreement
+        self._agreed_at, self._steps_since_agreement = now, 0
+        self._start_all_reduce(seconds_per_step)
+
+    def _start_all_reduce(self, seconds_per_step: float) -> None:
+        marks = [float(self.marked[signum] and not self.handled[signum]) for signum in self.handlers]
+        self._shared = torch.tensor([*marks, seconds_per_step], dtype=torch.float64)
         self._work = torch.distributed.all_reduce(
-            self._marks, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
+            self._shared, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
         )
 
+    def _run_marked_handlers(self) -> None:
+        self._work.wait()
+        self._work = None
+        for signum, any_rank_marked in zip(self.handlers, self._shared.tolist()):
+            if any_rank_marked and not self.handled[signum]:  # the same on every rank: the ranks' maximum
+                self.handled[signum] = True
+                self.handlers[signum](signum, None)
+
     def close(self) -> None:
-        """Finish the last step's all-reduce (every rank started it) and give the signal back to Lightning."""
+        """At the end of fit (every rank): act on the marks not yet shared, then give everything back to Lightning."""
         if self._work is not None:
-            self._work.wait()
-            self._work = None
-        signal.signal(self.signum, self.handler)
+            self._run_marked_handlers()
+        self._start_all_reduce(0.0)
+        self._run_marked_handlers()
+        self.release()
+
+    def release(self) -> None:
+        """Give the signals and the per-step broadcast back to Lightning (after a failed run: nothing waited for)."""
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        self._restore_sigterm_broadcast()
 
 
 class HybridParallelStrategy(DDPStrategy):
@@ -369,7 +421,7 @@ class HybridParallelStrategy(DDPStrategy):
         self._embedding_paths: list[str] = []
         self._control_group: Optional[torch.distributed.ProcessGroup] = None
         self._batch_check: Optional[_BatchCountCheck] = None
-        self._requeue: Optional[_RequeueAtStepStart] = None
+        self._signals: Optional[_SignalsAtStepStart] = None
         self._lengths_agree_in_epoch: Optional[tuple[int, bool]] = None  # (epoch, whether they agree)
         self._dmp: Optional[DistributedModelParallel] = None
         self._ddp: Optional[DistributedDataParallel] = None
@@ -723,12 +775,13 @@ class HybridParallelStrategy(DDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         # Lightning installs its signal handlers after setup; here they are in place.
-        self._requeue = _RequeueAtStepStart.install(self.cluster_environment, self._control_group)
+        self._signals = _SignalsAtStepStart.install(self.lightning_module.trainer, self.cluster_environment,
+                                                    self._control_group)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._requeue is not None:
-            self._requeue.at_step_start()  # before anything of this step: a checkpoint between two steps
+        if self._signals is not None:
+            self._signals.at_step_start()  # before anything of this step: a checkpoint between two steps
         # The tables are updated inside this step's backward with the learning rate their kernels read
         # in its forward: they take their param groups' current values first.
         if self._table_hyper_parameters is not None:
@@ -819,9 +872,9 @@ class HybridParallelStrategy(DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
-        if self._requeue is not None:
-            self._requeue.close()
-            self._requeue = None
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
         # Exchanges started ahead for batches past max_steps or limit_train_batches: finish them on
         # every rank before the ranks go their own ways.
         if self._pipeline is not None:
@@ -1300,7 +1353,9 @@ class HybridParallelStrategy(DDPStrategy):
     def teardown(self) -> None:
         # The base teardown moves the module to CPU, which sharded (and meta) tables cannot do.
         self.model = self.lightning_module
-        self._requeue = None  # a failed run skipped on_train_end; Lightning gives its handlers back
+        if self._signals is not None:  # a failed run skipped on_train_end
+            self._signals.release()
+            self._signals = None
         assert self.accelerator is not None
         vars(self.precision_plugin).pop("clip_gradients", None)  # setup_optimizers' check
         self.precision_plugin.teardown()
